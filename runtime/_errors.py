@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from typing import Any
+
+
+class EntityRuntimeError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class DefinitionError(EntityRuntimeError, ValueError):
+    """A kind, deriver, subscription or declaration was defined wrongly."""
+
+
+class UnknownKindError(EntityRuntimeError, LookupError):
+    """A kind was used that was never defined."""
+
+    def __init__(self, kind: str, known: list[str]) -> None:
+        self.kind = kind
+        self.known = known
+        listed = ", ".join(repr(k) for k in known) or "none"
+        super().__init__(
+            f"unknown kind {kind!r}; defined kinds: {listed}; "
+            "define it first with Runtime.define_entity()"
+        )
+
+
+class SchemaError(EntityRuntimeError, ValueError):
+    """A state did not validate against its kind's schema; nothing was recorded."""
+
+    def __init__(self, kind: str, entity_id: str, field: str | None, reason: str):
+        self.kind = kind
+        self.entity_id = entity_id
+        self.field = field
+        self.reason = reason
+        where = f"field {field!r} " if field else ""
+        super().__init__(f"{kind}/{entity_id}: {where}{reason}; nothing recorded")
+
+
+class InvalidIdError(EntityRuntimeError, ValueError):
+    """An entity id was not a usable string; nothing was recorded."""
+
+    def __init__(self, kind: str, entity_id: Any, reason: str) -> None:
+        self.kind = kind
+        self.entity_id = entity_id
+        self.reason = reason
+        shown = repr(entity_id)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        super().__init__(f"{kind}: id {shown} {reason}; nothing recorded")
+
+
+class ApplyError(EntityRuntimeError, RuntimeError):
+    """The caller's ``apply`` raised; nothing was recorded.
+
+    The caller's exception is kept as ``__cause__`` and as ``error``.
+    """
+
+    def __init__(self, kind: str, entity_id: str, error: BaseException) -> None:
+        self.kind = kind
+        self.entity_id = entity_id
+        self.error = error
+        super().__init__(
+            f"{kind}/{entity_id}: apply raised {type(error).__name__}: {error}; "
+            "nothing recorded"
+        )
+
+
+class ReadError(EntityRuntimeError, RuntimeError):
+    """A plugin-backed kind's ``read`` raised or returned something unusable."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{kind}: read {reason}; nothing recorded")
+
+
+class RuntimeStoppedError(EntityRuntimeError, RuntimeError):
+    """The runtime is not running (never started, or already stopped)."""
+
+
+class BackpressureError(EntityRuntimeError, RuntimeError):
+    """A consumer stayed full past the producer's timeout; nothing was recorded."""
+
+
+class DeliveryTimeoutError(EntityRuntimeError, TimeoutError):
+    """Waiting for deliveries or a state ran past its timeout."""

@@ -1,0 +1,247 @@
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+SYSTEM_ACTOR = "system"
+"""The actor recorded for writes that no user or automation made."""
+
+_READ_ONLY_HINT = (
+    "runtime states are read-only (they are shared with the store and every "
+    "consumer); build a new value instead, e.g. {**prev, 'field': value}"
+)
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise TypeError(_READ_ONLY_HINT)
+
+
+class ReadOnlyDict(dict[str, Any]):
+    """A ``dict`` that refuses in-place changes.
+
+    States handed out by the runtime (``get``, ``prev``/``next`` of a change,
+    transition values) are shared, not copied, so they are read-only. ``dict(x)``
+    or ``{**x}`` gives a plain, mutable copy of the top level.
+    """
+
+    __slots__ = ()
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return thaw(self)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+class ReadOnlyList(list[Any]):
+    """A ``list`` that refuses in-place changes; see :class:`ReadOnlyDict`."""
+
+    __slots__ = ()
+
+    __setitem__ = __delitem__ = _refuse
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return thaw(self)
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
+
+
+def freeze(value: Any) -> Any:
+    """Return a read-only deep copy of a JSON-compatible value."""
+    if type(value) is ReadOnlyDict or type(value) is ReadOnlyList:
+        return value
+    if isinstance(value, dict):
+        return ReadOnlyDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList([freeze(v) for v in value])
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Return a plain, mutable deep copy of a JSON-compatible value."""
+    if isinstance(value, dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [thaw(v) for v in value]
+    return value
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EntityChanged:
+    """One real change of one entity: the ``ENTITY_CHANGED`` event.
+
+    Built by the runtime after a commit; constructible by keyword so that a
+    deriver or subscriber can be tested alone. ``prev`` is ``None`` on a create
+    and ``next`` is ``None`` on a tombstone. When ``delta`` or
+    ``changed_fields`` are left out they are computed from ``prev`` and ``next``.
+
+    Attributes:
+        kind: the entity kind.
+        id: the entity id.
+        prev: the state before the change, or ``None`` on a create.
+        next: the state after the change, or ``None`` on a tombstone.
+        delta: the changed fields with their new values.
+        changed_fields: the names of the changed fields, in state order.
+        actor: who made the write.
+        occurred_at: when it was committed (timezone-aware UTC).
+        seq: the runtime's sequence number of the change; it increases by one
+            per committed change, so consumers can order events and spot gaps.
+        run_id: the run the write belongs to, if any.
+    """
+
+    kind: str
+    id: str
+    prev: Mapping[str, Any] | None
+    next: Mapping[str, Any] | None
+    delta: Mapping[str, Any] = None  # type: ignore[assignment]
+    changed_fields: tuple[str, ...] = None  # type: ignore[assignment]
+    actor: str = SYSTEM_ACTOR
+    occurred_at: datetime = dataclasses.field(default_factory=_now)
+    seq: int = 0
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.delta is None or self.changed_fields is None:
+            from runtime._diff import diff_states
+
+            delta, fields = diff_states(self.prev, self.next)
+            if self.delta is None:
+                object.__setattr__(self, "delta", delta)
+            if self.changed_fields is None:
+                object.__setattr__(self, "changed_fields", fields)
+        elif not isinstance(self.changed_fields, tuple):
+            object.__setattr__(self, "changed_fields", tuple(self.changed_fields))
+
+    @property
+    def is_create(self) -> bool:
+        """Whether the entity did not exist before this change."""
+        return self.prev is None and self.next is not None
+
+    @property
+    def is_tombstone(self) -> bool:
+        """Whether this change removed the entity."""
+        return self.next is None
+
+
+class Transition:
+    """One row of the transition log: one field of one entity changed once.
+
+    A change of three fields writes three rows sharing one ``seq``. A removal
+    writes one tombstone row with ``field=None``, ``before`` the last state,
+    ``after=None`` and ``tombstone=True``.
+    """
+
+    __slots__ = (
+        "_ts",
+        "actor",
+        "after",
+        "before",
+        "field",
+        "id",
+        "kind",
+        "run_id",
+        "seq",
+        "tombstone",
+    )
+
+    def __init__(
+        self,
+        *,
+        seq: int,
+        kind: str,
+        id: str,
+        field: str | None,
+        before: Any,
+        after: Any,
+        at: datetime | float,
+        actor: str = SYSTEM_ACTOR,
+        run_id: str | None = None,
+        tombstone: bool = False,
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.id = id
+        self.field = field
+        self.before = before
+        self.after = after
+        self._ts = at.timestamp() if isinstance(at, datetime) else float(at)
+        self.actor = actor
+        self.run_id = run_id
+        self.tombstone = tombstone
+
+    @property
+    def at(self) -> datetime:
+        """When the change was committed (timezone-aware UTC)."""
+        return datetime.fromtimestamp(self._ts, UTC)
+
+    @property
+    def timestamp(self) -> float:
+        """``at`` as seconds since the epoch."""
+        return self._ts
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.seq,
+            self.kind,
+            self.id,
+            self.field,
+            self.before,
+            self.after,
+            self._ts,
+            self.actor,
+            self.run_id,
+            self.tombstone,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Transition):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        what = "tombstone" if self.tombstone else f"{self.field}"
+        return (
+            f"Transition(seq={self.seq}, {self.kind}/{self.id} {what}: "
+            f"{self.before!r} -> {self.after!r}, actor={self.actor!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the row as a plain dict (``at`` as an ISO 8601 string)."""
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "id": self.id,
+            "field": self.field,
+            "before": thaw(self.before),
+            "after": thaw(self.after),
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "run_id": self.run_id,
+            "tombstone": self.tombstone,
+        }
+
+
+def unique_in_order(names: Iterable[str]) -> list[str]:
+    """Return ``names`` without repeats, keeping the first occurrence's place."""
+    return list(dict.fromkeys(names))
