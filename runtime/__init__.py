@@ -24,6 +24,7 @@ from runtime._events import (
     freeze,
     thaw,
 )
+from runtime._schema import StateSchema, compile_schema, validate_value
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -41,10 +42,13 @@ __all__ = [
     "ReadOnlyList",
     "RuntimeStoppedError",
     "SchemaError",
+    "StateSchema",
     "Transition",
     "UnknownKindError",
+    "compile_schema",
     "diff_states",
     "freeze",
     "same_value",
     "thaw",
+    "validate_value",
 ]

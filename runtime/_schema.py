@@ -1,0 +1,423 @@
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from runtime._errors import DefinitionError, SchemaError
+from runtime._events import ReadOnlyDict, ReadOnlyList
+
+MAX_DEPTH = 64
+"""How deeply values may nest; deeper values (and cycles) are refused."""
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+_Check = Callable[[Any, str], Any]
+
+
+class _Invalid(Exception):
+    """A value failed a check; ``path`` names where (``status``, ``tags[2]``)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+def _describe(value: Any) -> str:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{shown} ({type(value).__name__})"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_str(value: Any, path: str) -> str:
+    if type(value) is not str:
+        if isinstance(value, str):
+            return _check_str(str(value), path)
+        raise _Invalid(path, f"must be a string, got {_describe(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid(path, "must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _check_int(value: Any, path: str) -> int:
+    if type(value) is not int:
+        raise _Invalid(path, f"must be an integer, got {_describe(value)}")
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _Invalid(path, f"must fit in 64 bits, got {value}")
+    return value
+
+
+def _check_float(value: Any, path: str) -> float:
+    kind = type(value)
+    if kind is int:
+        value = float(_check_int(value, path))
+    elif kind is not float:
+        raise _Invalid(path, f"must be a number, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise _Invalid(path, f"must be a finite number, got {value!r}")
+    return value
+
+
+def _check_bool(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise _Invalid(path, f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _check_none(value: Any, path: str) -> None:
+    if value is not None:
+        raise _Invalid(path, f"must be null, got {_describe(value)}")
+
+
+def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
+    """Return a read-only copy of a JSON-compatible value, or raise ``_Invalid``.
+
+    JSON-compatible means: ``None``, ``bool``, 64-bit ``int``, finite ``float``,
+    ``str``, ``list`` and ``dict`` with string keys, nested at most
+    ``MAX_DEPTH`` levels. Tuples, sets, bytes and other objects are refused,
+    because they would not come back as what went in.
+    """
+    kind = type(value)
+    if kind is str:
+        return _check_str(value, path)
+    if kind is int:
+        return _check_int(value, path)
+    if kind is float:
+        return _check_float(value, path)
+    if value is None or kind is bool:
+        return value
+    if depth >= MAX_DEPTH:
+        raise _Invalid(path, f"nests deeper than {MAX_DEPTH} levels (or is a cycle)")
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _Invalid(
+                    path, f"has a key that is not a string: {_describe(key)}"
+                )
+            _check_str(key, path)
+            out[key] = check_json_value(item, _join(path, key), depth + 1)
+        return ReadOnlyDict(out)
+    if isinstance(value, list):
+        return ReadOnlyList(
+            [
+                check_json_value(item, f"{path}[{i}]", depth + 1)
+                for i, item in enumerate(value)
+            ]
+        )
+    raise _Invalid(path, f"must be a JSON-compatible value, got {_describe(value)}")
+
+
+def _check_any(value: Any, path: str) -> Any:
+    return check_json_value(value, path, 1)
+
+
+class StateSchema:
+    """A compiled schema: validates a state and returns its read-only copy.
+
+    Compiled once per kind from a dataclass, a pydantic model or a msgspec
+    Struct. ``validate`` rejects missing fields (unless the schema gives them a
+    default, which is then filled in), extra fields and wrongly typed values,
+    and refuses values that are not JSON-compatible.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        fields: tuple[str, ...],
+        check: Callable[[Any], ReadOnlyDict],
+    ) -> None:
+        self.source = source
+        self.fields = fields
+        self._check = check
+
+    @property
+    def name(self) -> str:
+        """The schema type's name."""
+        return getattr(self.source, "__name__", repr(self.source))
+
+    def validate(self, value: Any, kind: str, entity_id: str) -> ReadOnlyDict:
+        """Return the validated, read-only state or raise :class:`SchemaError`."""
+        try:
+            return self._check(value)
+        except _Invalid as err:
+            field = err.path or None
+            raise SchemaError(kind, entity_id, field, err.reason) from None
+        except RecursionError:
+            raise SchemaError(
+                kind, entity_id, None, "nests too deeply (or is a cycle)"
+            ) from None
+
+
+def _literal_check(options: tuple[Any, ...]) -> _Check:
+    allowed = {(type(o), o) for o in options}
+    listed = ", ".join(repr(o) for o in options)
+
+    def check(value: Any, path: str) -> Any:
+        try:
+            ok = (type(value), value) in allowed
+        except TypeError:
+            ok = False
+        if not ok:
+            raise _Invalid(path, f"must be one of {listed}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _enum_check(cls: type[enum.Enum]) -> _Check:
+    values = [m.value for m in cls]
+    inner = _literal_check(tuple(values))
+
+    def check(value: Any, path: str) -> Any:
+        if isinstance(value, cls):
+            value = value.value
+        return inner(value, path)
+
+    return check
+
+
+def _union_check(options: list[_Check], names: list[str]) -> _Check:
+    listed = " or ".join(names)
+
+    def check(value: Any, path: str) -> Any:
+        for option in options:
+            try:
+                return option(value, path)
+            except _Invalid:
+                continue
+        raise _Invalid(path, f"must be {listed}, got {_describe(value)}")
+
+    return check
+
+
+def _optional_check(inner: _Check) -> _Check:
+    def check(value: Any, path: str) -> Any:
+        return None if value is None else inner(value, path)
+
+    return check
+
+
+def _list_check(item: _Check) -> _Check:
+    def check(value: Any, path: str) -> Any:
+        if not isinstance(value, list):
+            raise _Invalid(path, f"must be a list, got {_describe(value)}")
+        return ReadOnlyList([item(v, f"{path}[{i}]") for i, v in enumerate(value)])
+
+    return check
+
+
+def _dict_check(item: _Check) -> _Check:
+    def check(value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise _Invalid(path, f"must be a mapping, got {_describe(value)}")
+        out = {}
+        for key, v in value.items():
+            if type(key) is not str:
+                raise _Invalid(
+                    path, f"has a key that is not a string: {_describe(key)}"
+                )
+            out[key] = item(v, _join(path, key))
+        return ReadOnlyDict(out)
+
+    return check
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", None) or repr(annotation)
+
+
+def _compile_annotation(annotation: Any, where: str) -> _Check:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    if annotation is Any or annotation is object:
+        return _check_any
+    if annotation is str:
+        return _check_str
+    if annotation is bool:
+        return _check_bool
+    if annotation is int:
+        return _check_int
+    if annotation is float:
+        return _check_float
+    if annotation is None or annotation is type(None):
+        return _check_none
+    if origin is typing.Annotated:
+        return _compile_annotation(args[0], where)
+    if origin is typing.Literal:
+        return _literal_check(args)
+    if origin is typing.Union or origin is types.UnionType:
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and len(args) == 2:
+            return _optional_check(_compile_annotation(others[0], where))
+        checks = [_compile_annotation(a, where) for a in args]
+        return _union_check(checks, [_type_name(a) for a in args])
+    if origin is list or annotation is list:
+        return _list_check(_compile_annotation(args[0], where) if args else _check_any)
+    if origin is dict or annotation is dict:
+        if args and args[0] is not str:
+            raise DefinitionError(f"{where}: mapping keys must be str, got {args[0]!r}")
+        return _dict_check(_compile_annotation(args[1], where) if args else _check_any)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return _enum_check(annotation)
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        nested = _compile_dataclass(annotation)
+
+        def check(value: Any, path: str) -> Any:
+            return nested(value, path)
+
+        return check
+    raise DefinitionError(
+        f"{where}: unsupported annotation {annotation!r}; use str, int, float, "
+        "bool, None, Any, Literal, list[...], dict[str, ...], unions, enums or "
+        "nested dataclasses"
+    )
+
+
+def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception as err:
+        raise DefinitionError(
+            f"cannot resolve the annotations of {cls.__name__}: {err}"
+        ) from err
+
+    specs: list[tuple[str, _Check, Any]] = []
+    for f in dataclasses.fields(cls):
+        check = _compile_annotation(hints[f.name], f"{cls.__name__}.{f.name}")
+        if f.default is not dataclasses.MISSING:
+            default: Any = ("value", f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = ("factory", f.default_factory)
+        else:
+            default = None
+        specs.append((f.name, check, default))
+    names = {name for name, _, _ in specs}
+    listed = ", ".join(name for name, _, _ in specs)
+
+    def check_record(value: Any, path: str) -> ReadOnlyDict:
+        if not isinstance(value, Mapping):
+            raise _Invalid(path, f"must be a mapping, got {_describe(value)}")
+
+        for key in value:
+            if key not in names:
+                raise _Invalid(
+                    _join(path, str(key)),
+                    f"is not in the schema (expected fields: {listed})",
+                )
+
+        out = {}
+        for name, check, default in specs:
+            if name in value:
+                out[name] = check(value[name], _join(path, name))
+            elif default is None:
+                raise _Invalid(_join(path, name), "is missing")
+            else:
+                how, given = default
+                raw = given() if how == "factory" else given
+                out[name] = check(raw, _join(path, name))
+        return ReadOnlyDict(out)
+
+    return check_record
+
+
+_MSGSPEC_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
+
+
+def _compile_pydantic(model: Any) -> StateSchema:
+    from pydantic import ValidationError
+
+    names = tuple(model.model_fields)
+    listed = ", ".join(names)
+
+    def check(value: Any) -> ReadOnlyDict:
+        if not isinstance(value, Mapping):
+            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
+        for key in value:
+            if key not in names:
+                raise _Invalid(
+                    str(key), f"is not in the schema (expected fields: {listed})"
+                )
+        try:
+            dumped = model.model_validate(dict(value)).model_dump(mode="python")
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise _Invalid(loc, first.get("msg", str(err))) from None
+        return check_json_value(dumped)  # type: ignore[no-any-return]
+
+    return StateSchema(model, names, check)
+
+
+def _compile_msgspec(struct: Any) -> StateSchema:
+    import msgspec
+
+    names = tuple(struct.__struct_fields__)
+    listed = ", ".join(names)
+
+    def check(value: Any) -> ReadOnlyDict:
+        if not isinstance(value, Mapping):
+            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
+        for key in value:
+            if key not in names:
+                raise _Invalid(
+                    str(key), f"is not in the schema (expected fields: {listed})"
+                )
+        try:
+            obj = msgspec.convert(dict(value), type=struct, strict=True)
+        except msgspec.ValidationError as err:
+            found = _MSGSPEC_PATH.search(str(err))
+            raise _Invalid(found.group(1) if found else "", str(err)) from None
+        return check_json_value(msgspec.to_builtins(obj))  # type: ignore[no-any-return]
+
+    return StateSchema(struct, names, check)
+
+
+def compile_schema(spec: Any) -> StateSchema:
+    """Compile a state schema from a dataclass, pydantic model or msgspec Struct.
+
+    Raises:
+        DefinitionError: the schema is none of those, or uses an annotation
+            that cannot describe JSON-compatible data.
+    """
+    if isinstance(spec, StateSchema):
+        return spec
+    if isinstance(spec, type) and dataclasses.is_dataclass(spec):
+        record = _compile_dataclass(spec)
+        names = tuple(f.name for f in dataclasses.fields(spec))
+        return StateSchema(spec, names, lambda value: record(value, ""))
+    if isinstance(spec, type) and hasattr(spec, "model_validate"):
+        return _compile_pydantic(spec)
+    if isinstance(spec, type) and hasattr(spec, "__struct_fields__"):
+        return _compile_msgspec(spec)
+    raise DefinitionError(
+        f"state schema must be a dataclass, a pydantic model or a msgspec Struct, "
+        f"got {spec!r}"
+    )
+
+
+def validate_value(spec: Any, value: Any, what: str = "value") -> ReadOnlyDict:
+    """Validate ``value`` against a schema outside any kind (e.g. a payload).
+
+    Raises:
+        SchemaError: with ``kind`` set to ``what`` and the failing field.
+    """
+    return compile_schema(spec).validate(value, what, "-")
