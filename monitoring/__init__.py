@@ -1,0 +1,158 @@
+"""Monitoring entities on the reactive runtime: incidents, health, catalog systems.
+
+Three kinds, one per way a kind can keep its state:
+
+- ``incident`` is plugin-backed: :class:`IncidentService` keeps incidents and
+  their system links in SQLite, and the runtime reads the reactive subset
+  (``status``, ``severity``, ``system_ids``) from it. Writes go through
+  :func:`write_incident_entity` and :func:`remove_incident_entity`, whose
+  ``apply`` performs the real database write.
+- ``health`` is computed on read: :class:`HealthService` holds each system's
+  checks and their latest results, and a system's ``status``,
+  ``healthy_checks`` and ``total_checks`` are derived from them on every read.
+  Writes go through :func:`evaluate_system` and :func:`record_check_result`.
+- ``catalog-system`` is store-backed: the runtime keeps ``name``,
+  ``description`` and ``metadata`` itself.
+
+Each kind has a pure deriver (``derive_*_events``) that names the trigger
+events a change fires, a payload mapper, and a payload schema per trigger
+(``*_TRIGGER_PAYLOADS``, dataclasses for :func:`runtime.validate_value`).
+:func:`install_monitoring` defines the three kinds on a runtime, registers
+the derivers and subscribes the clean-up that detaches a deleted catalog
+system from every incident (work queue ``incident-system-cleanup``).
+
+Errors raised on purpose derive from :class:`MonitoringError`; a write that
+raises one has written nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from monitoring._catalog import (
+    CATALOG_CREATED,
+    CATALOG_DELETED,
+    CATALOG_SYSTEM_KIND,
+    CATALOG_TRIGGER_PAYLOADS,
+    CATALOG_UPDATED,
+    CatalogSystemPayload,
+    CatalogSystemState,
+    catalog_system_change_to_payload,
+    delete_catalog_system,
+    derive_catalog_system_events,
+    save_catalog_system,
+)
+from monitoring._errors import InvalidInputError, MonitoringError, NotFoundError
+from monitoring._handle import SupportsEntityWrites
+from monitoring._health import (
+    HEALTH_KIND,
+    HEALTH_STATUSES,
+    HEALTH_TRIGGER_PAYLOADS,
+    SYSTEM_DEGRADED,
+    SYSTEM_HEALTH_CHANGED,
+    SYSTEM_HEALTHY,
+    HealthService,
+    HealthState,
+    HealthStatus,
+    SystemDegradedPayload,
+    SystemHealthChangedPayload,
+    SystemHealthyPayload,
+    derive_health_events,
+    evaluate_system,
+    health_change_to_payload,
+    record_check_result,
+    remove_system_health,
+)
+from monitoring._incident import (
+    INCIDENT_CREATED,
+    INCIDENT_KIND,
+    INCIDENT_RESOLVED,
+    INCIDENT_SEVERITIES,
+    INCIDENT_STATUSES,
+    INCIDENT_TRIGGER_PAYLOADS,
+    INCIDENT_UPDATED,
+    IncidentCreatedPayload,
+    IncidentResolvedPayload,
+    IncidentSeverity,
+    IncidentState,
+    IncidentStatus,
+    IncidentUpdatedPayload,
+    create_incident_read,
+    derive_incident_events,
+    incident_change_to_payload,
+    remove_incident_entity,
+    to_incident_entity_state,
+    write_incident_entity,
+)
+from monitoring._incident_service import KEEP, Incident, IncidentService
+from monitoring._wiring import (
+    CLEANUP_WORKER_GROUP,
+    MonitoringHandles,
+    detach_system_from_incidents,
+    install_monitoring,
+    make_system_cleanup_handler,
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "CATALOG_CREATED",
+    "CATALOG_DELETED",
+    "CATALOG_SYSTEM_KIND",
+    "CATALOG_TRIGGER_PAYLOADS",
+    "CATALOG_UPDATED",
+    "CLEANUP_WORKER_GROUP",
+    "HEALTH_KIND",
+    "HEALTH_STATUSES",
+    "HEALTH_TRIGGER_PAYLOADS",
+    "INCIDENT_CREATED",
+    "INCIDENT_KIND",
+    "INCIDENT_RESOLVED",
+    "INCIDENT_SEVERITIES",
+    "INCIDENT_STATUSES",
+    "INCIDENT_TRIGGER_PAYLOADS",
+    "INCIDENT_UPDATED",
+    "KEEP",
+    "SYSTEM_DEGRADED",
+    "SYSTEM_HEALTHY",
+    "SYSTEM_HEALTH_CHANGED",
+    "CatalogSystemPayload",
+    "CatalogSystemState",
+    "HealthService",
+    "HealthState",
+    "HealthStatus",
+    "Incident",
+    "IncidentCreatedPayload",
+    "IncidentResolvedPayload",
+    "IncidentService",
+    "IncidentSeverity",
+    "IncidentState",
+    "IncidentStatus",
+    "IncidentUpdatedPayload",
+    "InvalidInputError",
+    "MonitoringError",
+    "MonitoringHandles",
+    "NotFoundError",
+    "SupportsEntityWrites",
+    "SystemDegradedPayload",
+    "SystemHealthChangedPayload",
+    "SystemHealthyPayload",
+    "catalog_system_change_to_payload",
+    "create_incident_read",
+    "delete_catalog_system",
+    "derive_catalog_system_events",
+    "derive_health_events",
+    "derive_incident_events",
+    "detach_system_from_incidents",
+    "evaluate_system",
+    "health_change_to_payload",
+    "incident_change_to_payload",
+    "install_monitoring",
+    "make_system_cleanup_handler",
+    "record_check_result",
+    "remove_incident_entity",
+    "remove_system_health",
+    "save_catalog_system",
+    "to_incident_entity_state",
+    "write_incident_entity",
+]

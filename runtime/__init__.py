@@ -2,6 +2,7 @@
 
 import logging
 
+from runtime._delivery import Broadcast, DeadLetter, WorkQueue, broadcast, work_queue
 from runtime._diff import diff_states, same_value
 from runtime._errors import (
     ApplyError,
@@ -28,27 +29,49 @@ from runtime._schema import StateSchema, compile_schema, validate_value
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+# The runtime proper lives with the actors that it starts and stops; it is
+# imported last because it builds on everything above.
+from actors._kind import MutationFuture  # noqa: E402
+from actors._runtime import (  # noqa: E402
+    EntityHandle,
+    NonReactiveState,
+    Runtime,
+    StopReport,
+    Unsubscribe,
+)
+
 __all__ = [
     "SYSTEM_ACTOR",
     "ApplyError",
     "BackpressureError",
+    "Broadcast",
+    "DeadLetter",
     "DefinitionError",
     "DeliveryTimeoutError",
     "EntityChanged",
+    "EntityHandle",
     "EntityRuntimeError",
     "InvalidIdError",
+    "MutationFuture",
+    "NonReactiveState",
     "ReadError",
     "ReadOnlyDict",
     "ReadOnlyList",
+    "Runtime",
     "RuntimeStoppedError",
     "SchemaError",
     "StateSchema",
+    "StopReport",
     "Transition",
     "UnknownKindError",
+    "Unsubscribe",
+    "WorkQueue",
+    "broadcast",
     "compile_schema",
     "diff_states",
     "freeze",
     "same_value",
     "thaw",
     "validate_value",
+    "work_queue",
 ]

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+import pykka
+
+from actors._consumers import thread_role
+from actors._mailbox import DeliveryTracker, Mailbox
+from runtime._engine import KindEngine
+from runtime._errors import BackpressureError
+from runtime._events import EntityChanged
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MUTATE = 1
+REMOVE = 2
+
+
+class MutationFuture(concurrent.futures.Future[T], Generic[T]):
+    """The result of a non-blocking mutation.
+
+    ``get(timeout=...)`` blocks the calling thread like pykka's futures;
+    ``await future`` suspends an ``asyncio`` task without blocking its loop.
+    Errors of the mutation (schema, ``apply``, stopped runtime) are raised by
+    both.
+    """
+
+    def get(self, timeout: float | None = None) -> T:
+        """Wait for the mutation and return its result."""
+        try:
+            return self.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"the mutation did not finish within {timeout} seconds"
+            ) from None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+
+class Request:
+    """One mutation or removal on its way to a kind actor."""
+
+    __slots__ = (
+        "actor",
+        "apply",
+        "at",
+        "entity_id",
+        "future",
+        "op",
+        "run_id",
+        "submitted",
+    )
+
+    def __init__(
+        self,
+        op: int,
+        entity_id: str,
+        apply: Callable[..., Any] | None,
+        actor: str,
+        run_id: str | None,
+        at: float | None,
+        future: MutationFuture[Any],
+    ) -> None:
+        self.op = op
+        self.entity_id = entity_id
+        self.apply = apply
+        self.actor = actor
+        self.run_id = run_id
+        self.at = at
+        self.future = future
+        self.submitted = time.perf_counter()
+
+
+class KindActor(pykka.ThreadingActor):
+    """Serialises the mutations of one kind (or of one shard of its ids).
+
+    Every request for an id goes to the same actor, which runs the whole write
+    path for it before taking the next: two writers of one id never diff
+    against the same ``prev``. After a commit the change is handed to the
+    kind's subscribers and deriver stage, and only then is the caller's future
+    resolved, so a caller that sees its result can ``drain`` and find its
+    change delivered.
+
+    Back-pressure: before running a request the actor waits (up to
+    ``backpressure_timeout`` seconds) for room in the deriver stage's mailbox;
+    if none appears, the request fails with :class:`BackpressureError` and
+    nothing is recorded.
+    """
+
+    def __init__(
+        self,
+        engine: KindEngine,
+        shard: int,
+        publish: Callable[[EntityChanged], None],
+        deriver_box: Callable[[], Mailbox | None],
+        tracker: DeliveryTracker,
+        backpressure_timeout: float,
+        mutate_seconds: Any,
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.shard = shard
+        self._publish = publish
+        self._deriver_box = deriver_box
+        self._tracker = tracker
+        self._backpressure_timeout = backpressure_timeout
+        self._mutate_seconds = mutate_seconds
+
+    def on_start(self) -> None:
+        thread_role.kind_shard = (self.engine.kind, self.shard)
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, Request):
+            self._handle(message)
+        else:
+            logger.warning(
+                "kind actor %s/%d got an unexpected message %r",
+                self.engine.kind,
+                self.shard,
+                message,
+            )
+
+    def _handle(self, request: Request) -> None:
+        try:
+            result, change = self._run(request)
+        except BaseException as err:
+            request.future.set_exception(err)
+            self._tracker.finish_mutation()
+            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
+            return
+
+        if change is not None:
+            self._publish(change)
+        request.future.set_result(result)
+        self._tracker.finish_mutation()
+        self._mutate_seconds.observe(time.perf_counter() - request.submitted)
+
+    def _run(self, request: Request) -> tuple[Any, EntityChanged | None]:
+        box = self._deriver_box()
+        if box is not None and not box.wait_for_space(self._backpressure_timeout):
+            raise BackpressureError(
+                f"{self.engine.kind}/{request.entity_id}: the deriver stage has "
+                f"{len(box)} changes waiting and made no room within "
+                f"{self._backpressure_timeout} s; nothing recorded"
+            )
+
+        engine = self.engine
+        if request.op == MUTATE:
+            return engine.mutate(
+                request.entity_id,
+                request.apply,  # type: ignore[arg-type]
+                request.actor,
+                request.run_id,
+                request.at,
+            )
+        change = engine.remove(
+            request.entity_id, request.apply, request.actor, request.run_id, request.at
+        )
+        return change is not None, change

@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryTracker:
+    """Counts, per sequence number, the deliveries not yet finished.
+
+    A change is *open* from its commit until the last consumer it was handed to
+    has finished with it (handled, failed for good or dropped). ``drain`` waits
+    until no change at or below a given sequence is open, which is how
+    ``Runtime.drain`` knows that everything committed so far was delivered.
+    """
+
+    CLOSED = 0
+    ACCEPTING = 1
+    INTERNAL_ONLY = 2
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._open: dict[int, int] = {}
+        self._waiting = 0
+        self._pending = 0
+        self._admission = self.CLOSED
+
+    def set_admission(self, mode: int) -> None:
+        """Open or close the gate for new mutations (see ``admit``)."""
+        with self._cond:
+            self._admission = mode
+
+    def admit(self, internal: bool) -> bool:
+        """Count one submitted mutation, if the gate lets it in.
+
+        While the runtime stops, only mutations made from the runtime's own
+        consumer threads (``internal``) are let in, so that subscribers can
+        finish the cascades of changes that were committed before the stop.
+        """
+        with self._cond:
+            mode = self._admission
+            if mode == self.ACCEPTING or (mode == self.INTERNAL_ONLY and internal):
+                self._pending += 1
+                return True
+            return False
+
+    def finish_mutation(self) -> None:
+        """Mark one admitted mutation as finished (committed or failed)."""
+        with self._cond:
+            self._pending -= 1
+            if self._waiting:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no mutation is pending and nothing is being delivered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._open or self._pending:
+                    remaining = (
+                        None if deadline is None else deadline - time.monotonic()
+                    )
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
+
+    def add(self, seq: int, count: int = 1) -> None:
+        """Count ``count`` more pending deliveries of change ``seq``."""
+        with self._cond:
+            self._open[seq] = self._open.get(seq, 0) + count
+
+    def done(self, seqs: Iterable[int]) -> None:
+        """Mark one pending delivery of each change in ``seqs`` as finished."""
+        with self._cond:
+            opened = self._open
+            for seq in seqs:
+                left = opened[seq] - 1
+                if left:
+                    opened[seq] = left
+                else:
+                    del opened[seq]
+            if self._waiting:
+                self._cond.notify_all()
+
+    def open_count(self) -> int:
+        """The number of changes with deliveries still pending."""
+        with self._cond:
+            return len(self._open)
+
+    def open_up_to(self, seq: int) -> list[int]:
+        """The sequence numbers at or below ``seq`` still being delivered."""
+        with self._cond:
+            return sorted(s for s in self._open if s <= seq)
+
+    def wait(self, seq: int, timeout: float | None) -> bool:
+        """Wait until no change at or below ``seq`` is open; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._open and min(self._open) <= seq:
+                    remaining = (
+                        None if deadline is None else deadline - time.monotonic()
+                    )
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
+
+
+class _Entry:
+    __slots__ = ("item", "key", "queued_at", "seqs")
+
+    def __init__(self, key: Hashable, item: Any, seq: int) -> None:
+        self.key = key
+        self.item = item
+        self.seqs = [seq]
+        self.queued_at = time.perf_counter()
+
+
+Merge = Callable[[Any, Any], Any]
+
+
+class Mailbox:
+    """The bounded, optionally coalescing queue in front of one consumer actor.
+
+    The pykka inbox only carries wake-up messages; the deliveries themselves
+    wait here, so that the bound and the coalescing can be applied.
+
+    Policy when the consumer is behind (``capacity`` entries waiting):
+
+    * coalescing mailboxes (subscribers, trigger handlers) fold a new delivery
+      into the newest waiting delivery with the same key (the entity id), so
+      the consumer still sees every id's latest state, in commit order, and
+      memory stays bounded by ``capacity`` plus one entry per distinct key.
+      Each fold is counted in ``coalesced``. ``merge`` may return ``None`` to
+      say the two deliveries cancel out (an entity created and removed).
+    * non-coalescing mailboxes (the deriver stage) never drop or fold; their
+      producers call ``wait_for_space`` before committing, so a writer is held
+      back (and finally refused, with nothing recorded) instead.
+
+    Thread-safe; any number of producers, one consumer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        tracker: DeliveryTracker,
+        merge: Merge | None = None,
+    ) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.coalesced = 0
+        self._tracker = tracker
+        self._merge = merge
+        self._cond = threading.Condition(threading.Lock())
+        self._entries: deque[_Entry] = deque()
+        self._newest: dict[Hashable, _Entry] = {}
+        self._scheduled = False
+        self._closed = False
+        self.wake: Callable[[], None] = lambda: None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: Hashable, item: Any, seq: int) -> bool:
+        """Queue one delivery; return False if the mailbox is closed."""
+        with self._cond:
+            if self._closed:
+                return False
+
+            newest = self._newest.get(key) if self._merge is not None else None
+            if newest is not None and len(self._entries) >= self.capacity:
+                self._tracker.add(seq)
+                newest.item = self._merge(newest.item, item)  # type: ignore[misc]
+                newest.seqs.append(seq)
+                self.coalesced += 1
+                return True
+
+            self._tracker.add(seq)
+            entry = _Entry(key, item, seq)
+            self._entries.append(entry)
+            if self._merge is not None:
+                self._newest[key] = entry
+            wake = not self._scheduled
+            self._scheduled = True
+
+        if wake:
+            self.wake()
+        return True
+
+    def wait_for_space(self, timeout: float) -> bool:
+        """Wait until fewer than ``capacity`` deliveries wait; False on timeout."""
+        if len(self._entries) < self.capacity:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._entries) >= self.capacity and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def take(self) -> tuple[Any, list[int], float] | None:
+        """Remove the oldest delivery; ``None`` (and unscheduled) when empty."""
+        with self._cond:
+            if not self._entries:
+                self._scheduled = False
+                return None
+
+            entry = self._entries.popleft()
+            if self._newest.get(entry.key) is entry:
+                del self._newest[entry.key]
+            if len(self._entries) < self.capacity:
+                self._cond.notify_all()
+            return entry.item, entry.seqs, entry.queued_at
+
+    def close(self) -> list[tuple[Any, list[int]]]:
+        """Refuse further deliveries and return (and forget) what still waits."""
+        with self._cond:
+            self._closed = True
+            left = [(e.item, e.seqs) for e in self._entries]
+            self._entries.clear()
+            self._newest.clear()
+            self._cond.notify_all()
+            return left

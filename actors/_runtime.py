@@ -1,0 +1,1036 @@
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import pykka
+
+from actors._consumers import (
+    ConsumerActor,
+    Deriver,
+    DeriverStage,
+    WorkGroup,
+    broadcast_process,
+    handler_name,
+    keep_newer,
+    merge_changes,
+    thread_role,
+    trigger_process,
+)
+from actors._kind import MUTATE, REMOVE, KindActor, MutationFuture, Request
+from actors._mailbox import DeliveryTracker, Mailbox
+from runtime._delivery import Broadcast, DeadLetter, WorkQueue
+from runtime._engine import (
+    KindDefinition,
+    KindEngine,
+    check_entity_id,
+    to_timestamp,
+)
+from runtime._errors import (
+    DefinitionError,
+    DeliveryTimeoutError,
+    RuntimeStoppedError,
+    UnknownKindError,
+)
+from runtime._events import SYSTEM_ACTOR, EntityChanged, ReadOnlyDict, Transition
+from runtime._log import TransitionLog
+from runtime._metrics import RuntimeMetrics
+from runtime._schema import compile_schema
+
+logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+NON_REACTIVE_REASONS = ("raw-sample", "sensitive", "externally-owned", "bookkeeping")
+"""The reasons ``declare_non_reactive_state`` accepts."""
+
+_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NonReactiveState:
+    """State that is deliberately not an entity, and why."""
+
+    name: str
+    reason: str
+    note: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StopReport:
+    """What ``stop()`` could not finish.
+
+    Attributes:
+        clean: everything committed was delivered and every thread stopped.
+        undelivered: ``(consumer, seq)`` pairs that never reached a consumer.
+        stuck_consumers: consumers whose handler was still running at the end.
+    """
+
+    clean: bool
+    undelivered: tuple[tuple[str, int], ...] = ()
+    stuck_consumers: tuple[str, ...] = ()
+
+
+class Unsubscribe:
+    """Calling it ends a subscription; calling it again does nothing."""
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self._cancel: Callable[[], None] | None = cancel
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
+
+
+class _Consumer:
+    """One consumer actor and its mailbox (subscriber, trigger handler, ...)."""
+
+    def __init__(self, mailbox: Mailbox, process: Callable[[Any], None]) -> None:
+        self.mailbox = mailbox
+        self.process = process
+        self.ref: pykka.ActorRef[Any] | None = None
+
+
+class _Kind:
+    """Everything the runtime keeps about one kind."""
+
+    def __init__(self, definition: KindDefinition, engine: KindEngine) -> None:
+        self.definition = definition
+        self.engine = engine
+        self.refs: list[pykka.ActorRef[Any]] = []
+        self.boxes: tuple[Mailbox, ...] = ()
+        self.stage: DeriverStage | None = None
+        self.deriver: _Consumer | None = None
+        self.groups: dict[str, tuple[WorkGroup, _Consumer]] = {}
+
+    @property
+    def deriver_box(self) -> Mailbox | None:
+        return None if self.deriver is None else self.deriver.mailbox
+
+
+def _as_timestamp(value: datetime | float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"times must be timezone-aware, got naive {value!r}")
+        return value.timestamp()
+    return float(value)
+
+
+def _as_seconds(window: timedelta | float) -> float:
+    return window.total_seconds() if isinstance(window, timedelta) else float(window)
+
+
+class EntityHandle(Generic[S]):
+    """The typed handle of one kind, returned by ``Runtime.define_entity``.
+
+    Writes go through ``mutate``/``remove`` (blocking) or their ``_async``
+    forms (returning a :class:`MutationFuture`). Reads never block on the
+    kind's actor: they read the store (or call the kind's ``read``) and the
+    transition log directly.
+    """
+
+    def __init__(self, runtime: Runtime, kind: str) -> None:
+        self._rt = runtime
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"EntityHandle({self.kind!r})"
+
+    def mutate(
+        self,
+        entity_id: str,
+        apply: Callable[[dict[str, Any] | None], Any],
+        actor: str = SYSTEM_ACTOR,
+        run_id: str | None = None,
+        at: datetime | float | None = None,
+    ) -> ReadOnlyDict:
+        """Change one entity through the single write path and wait for it.
+
+        ``apply(prev)`` gets a mutable copy of the current state (``None`` if
+        the entity does not exist) and returns the next state. The runtime
+        validates it, diffs it against ``prev`` and, only on a real change,
+        records it and emits one ``EntityChanged``.
+
+        Args:
+            entity_id: the entity's id.
+            apply: builds (or, for a plugin-backed kind, writes) the next state.
+            actor: who makes the write.
+            run_id: the run the write belongs to.
+            at: the time to record (default: the runtime's clock).
+
+        Returns:
+            The validated next state, read-only.
+
+        Raises:
+            SchemaError: the next state failed the schema; nothing recorded.
+            ApplyError: ``apply`` raised; nothing recorded.
+            RuntimeStoppedError: the runtime is not running.
+        """
+        return self.mutate_async(entity_id, apply, actor, run_id, at).get()
+
+    def mutate_async(
+        self,
+        entity_id: str,
+        apply: Callable[[dict[str, Any] | None], Any],
+        actor: str = SYSTEM_ACTOR,
+        run_id: str | None = None,
+        at: datetime | float | None = None,
+    ) -> MutationFuture[ReadOnlyDict]:
+        """Submit a mutation without waiting; see :meth:`mutate`.
+
+        Mutations of one id submitted from one thread are applied in
+        submission order.
+        """
+        if not callable(apply):
+            raise DefinitionError(
+                f"{self.kind}/{entity_id}: apply must be callable, got {apply!r}; "
+                "nothing recorded"
+            )
+        return self._rt._submit(self.kind, MUTATE, entity_id, apply, actor, run_id, at)
+
+    def remove(
+        self,
+        entity_id: str,
+        apply: Callable[[dict[str, Any] | None], Any] | None = None,
+        actor: str = SYSTEM_ACTOR,
+        run_id: str | None = None,
+        at: datetime | float | None = None,
+    ) -> bool:
+        """Remove one entity (the tombstone) and wait for it.
+
+        ``apply(prev)``, if given, performs the caller's own delete. Removing
+        an entity that does not exist is a no-op: ``apply`` is not called.
+
+        Returns:
+            True if the entity existed and was removed.
+        """
+        return bool(self.remove_async(entity_id, apply, actor, run_id, at).get())
+
+    def remove_async(
+        self,
+        entity_id: str,
+        apply: Callable[[dict[str, Any] | None], Any] | None = None,
+        actor: str = SYSTEM_ACTOR,
+        run_id: str | None = None,
+        at: datetime | float | None = None,
+    ) -> MutationFuture[bool]:
+        """Submit a removal without waiting; see :meth:`remove`."""
+        if apply is not None and not callable(apply):
+            raise DefinitionError(
+                f"{self.kind}/{entity_id}: apply must be callable or None, got "
+                f"{apply!r}; nothing recorded"
+            )
+        return self._rt._submit(self.kind, REMOVE, entity_id, apply, actor, run_id, at)
+
+    def get(self, entity_id: str) -> ReadOnlyDict | None:
+        """Return the current state (read-only), or ``None`` if it does not exist."""
+        check_entity_id(self.kind, entity_id)
+        return self._rt._engine(self.kind).read_states([entity_id]).get(entity_id)
+
+    def get_many(self, entity_ids: Iterable[str]) -> dict[str, ReadOnlyDict]:
+        """Return the current states of the ids that exist, in one batched read."""
+        ids = [check_entity_id(self.kind, i) for i in entity_ids]
+        return self._rt._engine(self.kind).read_states(ids)
+
+    def ids(self) -> list[str]:
+        """Return the ids of a store-backed kind's entities."""
+        engine = self._rt._engine(self.kind)
+        if not engine.definition.store_backed:
+            raise DefinitionError(
+                f"{self.kind} is plugin-backed: its ids live in the caller's storage"
+            )
+        return list(engine.store)
+
+    def history(
+        self,
+        entity_id: str,
+        field: str | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+    ) -> list[Transition]:
+        """Return the entity's transition rows in commit order.
+
+        ``since`` is inclusive and ``until`` exclusive. Cost: O(log n + k).
+        """
+        return self._rt.log.history(
+            self.kind, entity_id, field, _as_timestamp(since), _as_timestamp(until)
+        )
+
+    def in_state_since(self, entity_id: str, field: str) -> datetime | None:
+        """When ``field`` last changed, or ``None`` if the entity does not exist."""
+        if self.get(entity_id) is None:
+            return None
+        row = self._rt.log.last_change(self.kind, entity_id, field)
+        return None if row is None else row.at
+
+    def in_state_for(self, entity_id: str, field: str) -> timedelta | None:
+        """How long ``field`` has held its value, by the runtime's clock."""
+        since = self.in_state_since(entity_id, field)
+        if since is None:
+            return None
+        return timedelta(seconds=self._rt.clock() - since.timestamp())
+
+    def transition_count(
+        self, entity_id: str, field: str, window: timedelta | float
+    ) -> int:
+        """Count the changes of ``field`` within the last ``window``."""
+        since = self._rt.clock() - _as_seconds(window)
+        return self._rt.log.count_since(self.kind, entity_id, field, since)
+
+    def wait_until(
+        self,
+        entity_id: str,
+        predicate: Callable[[ReadOnlyDict | None], bool],
+        timeout: float = 5.0,
+    ) -> ReadOnlyDict | None:
+        """Wait until the entity's state satisfies ``predicate``; return it.
+
+        The predicate is checked now and then after each commit of this
+        entity (woken by the commit, never by polling).
+
+        Raises:
+            DeliveryTimeoutError: the predicate did not hold within ``timeout``.
+        """
+        return self._rt._wait_until(self.kind, entity_id, predicate, timeout)
+
+
+class Runtime:
+    """An in-memory runtime of reactive entities on pykka actors.
+
+    Define kinds, derivers and subscribers, then ``start()`` (or use ``with``).
+    Each kind runs on its own actor(s), which serialise the mutations of each
+    id; derivers, trigger handlers and subscribers each run on their own actor
+    behind a bounded mailbox, so a slow consumer never blocks a writer or
+    another consumer.
+
+    Args:
+        clock: returns the current POSIX time in seconds (default
+            ``time.time``); see ``runtime.testing.FakeClock``.
+        mailbox_size: deliveries a consumer may have waiting before its
+            mailbox starts folding changes of the same id together (and, for
+            the deriver stage, before writers are held back).
+        backpressure_timeout: how long a writer waits for a full deriver stage
+            before its mutation is refused.
+        stop_timeout: how long ``stop()`` waits for deliveries to finish.
+        max_dead_letters: how many dead letters are kept (oldest dropped).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] | None = None,
+        mailbox_size: int = 10_000,
+        backpressure_timeout: float = 5.0,
+        stop_timeout: float = 10.0,
+        max_dead_letters: int = 10_000,
+    ) -> None:
+        if mailbox_size < 1:
+            raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
+        self.clock: Callable[[], float] = clock if clock is not None else time.time
+        self.log = TransitionLog()
+        self.metrics = RuntimeMetrics()
+        self.metrics_registry = self.metrics.registry
+        self.metrics.log_rows.set_function(lambda: len(self.log))
+        self._mailbox_size = mailbox_size
+        self._backpressure_timeout = backpressure_timeout
+        self._stop_timeout = stop_timeout
+        self._max_dead_letters = max_dead_letters
+
+        self._lock = threading.RLock()
+        self._state = _NEW
+        self._stop_report: StopReport | None = None
+        self._tracker = DeliveryTracker()
+        self._abort = threading.Event()
+        self._kinds: dict[str, _Kind] = {}
+        self._non_reactive: dict[str, NonReactiveState] = {}
+        self._consumers: list[_Consumer] = []
+        self._trigger_boxes: dict[str, tuple[Mailbox, ...]] = {}
+        self._names: dict[str, int] = {}
+        self._waiters: dict[tuple[str, str], tuple[threading.Event, ...]] = {}
+        self._waiters_lock = threading.Lock()
+        self._dead_letters: list[DeadLetter] = []
+        self._dead_lock = threading.Lock()
+
+    # -- definitions ----------------------------------------------------------
+
+    def define_entity(
+        self,
+        kind: str,
+        state: Any,
+        read: Callable[[list[str]], Mapping[str, Any]] | None = None,
+        *,
+        shards: int = 1,
+    ) -> EntityHandle[Any]:
+        """Define a kind and return its handle.
+
+        Args:
+            kind: a unique, non-empty name.
+            state: the schema of the state (dataclass, pydantic model or
+                msgspec Struct).
+            read: for a plugin-backed kind, ``read(ids) -> {id: state}``
+                reading the caller's own storage; ``None`` for a store-backed
+                kind, whose state the runtime keeps.
+            shards: how many actors share the kind's ids (by hash of the id).
+                One is enough unless a slow ``apply`` of one id must not hold
+                up the others.
+
+        Raises:
+            DefinitionError: empty or duplicate kind, a ``read`` that is not
+                callable, a schema that is not supported, bad ``shards``.
+        """
+        if not isinstance(kind, str) or not kind or not kind.isprintable():
+            raise DefinitionError(
+                f"kind must be a non-empty printable string, got {kind!r}"
+            )
+        if read is not None and not callable(read):
+            raise DefinitionError(
+                f"{kind}: read must be callable (ids -> {{id: state}}) or None, "
+                f"got {read!r}"
+            )
+        if not isinstance(shards, int) or shards < 1:
+            raise DefinitionError(f"{kind}: shards must be 1 or more, got {shards!r}")
+        schema = compile_schema(state)
+
+        with self._lock:
+            self._check_usable("define a kind")
+            if kind in self._kinds:
+                raise DefinitionError(f"kind {kind!r} is already defined")
+
+            definition = KindDefinition(kind, schema, read, shards)
+            engine = KindEngine(
+                definition, self.log, self.metrics, self.clock, self._on_commit
+            )
+            entry = _Kind(definition, engine)
+            self._kinds[kind] = entry
+            if self._state == _RUNNING:
+                self._start_kind(entry)
+
+        logger.debug("defined kind %s (%s)", kind, schema.name)
+        return EntityHandle(self, kind)
+
+    def handle(self, kind: str) -> EntityHandle[Any]:
+        """Return the handle of a defined kind."""
+        self._kind(kind)
+        return EntityHandle(self, kind)
+
+    def kinds(self) -> list[str]:
+        """Return the defined kinds, in definition order."""
+        return list(self._kinds)
+
+    def declare_non_reactive_state(
+        self, name: str, reason: str, note: str = ""
+    ) -> None:
+        """Record state that is deliberately not an entity.
+
+        Args:
+            name: what the state is called.
+            reason: one of ``raw-sample``, ``sensitive``, ``externally-owned``,
+                ``bookkeeping``.
+            note: a free-text explanation.
+        """
+        if not isinstance(name, str) or not name:
+            raise DefinitionError(f"name must be a non-empty string, got {name!r}")
+        if reason not in NON_REACTIVE_REASONS:
+            raise DefinitionError(
+                f"{name}: reason must be one of {', '.join(NON_REACTIVE_REASONS)}, "
+                f"got {reason!r}"
+            )
+        with self._lock:
+            if name in self._non_reactive:
+                raise DefinitionError(f"{name!r} is already declared")
+            self._non_reactive[name] = NonReactiveState(name, reason, note)
+
+    def non_reactive_states(self) -> list[NonReactiveState]:
+        """Return the non-reactive state declarations, in declaration order."""
+        return list(self._non_reactive.values())
+
+    def register_change_deriver(
+        self,
+        kind: str,
+        derive: Callable[[EntityChanged], Iterable[str]],
+        to_payload: Callable[[EntityChanged], Any] | None = None,
+    ) -> None:
+        """Register a pure function from a change to trigger event names.
+
+        Several derivers may serve one kind: their names are united in
+        registration order without repeats. ``to_payload`` builds the payload
+        of the events this deriver names (default: the change itself).
+        """
+        if not callable(derive):
+            raise DefinitionError(f"{kind}: derive must be callable, got {derive!r}")
+        if to_payload is not None and not callable(to_payload):
+            raise DefinitionError(
+                f"{kind}: to_payload must be callable or None, got {to_payload!r}"
+            )
+
+        with self._lock:
+            self._check_usable("register a deriver")
+            entry = self._kind(kind)
+            if entry.stage is None:
+                entry.stage = DeriverStage(
+                    kind, self.metrics, lambda: self._trigger_boxes
+                )
+            entry.stage.derivers = (*entry.stage.derivers, Deriver(derive, to_payload))
+            if entry.deriver is None:
+                mailbox = Mailbox(
+                    self._unique(f"derive:{kind}"), self._mailbox_size, self._tracker
+                )
+                entry.deriver = _Consumer(mailbox, entry.stage.process)
+                if self._state == _RUNNING:
+                    self._start_consumer(entry.deriver)
+
+    def on_entity_changed(
+        self,
+        kind: str,
+        handler: Callable[[EntityChanged], Any],
+        delivery: Broadcast | WorkQueue | None = None,
+        *,
+        name: str | None = None,
+    ) -> Unsubscribe:
+        """Subscribe a handler to every change of a kind.
+
+        The handler runs on its own actor; it sees the changes of each id in
+        commit order. A handler that raises is logged and counted, and (with
+        ``work_queue``) retried, then dead-lettered. If it falls more than the
+        mailbox size behind, queued changes of one id are folded into one
+        (``prev`` of the oldest, ``next`` of the newest), and counted.
+
+        Returns:
+            A callable that ends the subscription (harmless to call twice).
+        """
+        if not callable(handler):
+            raise DefinitionError(f"{kind}: handler must be callable, got {handler!r}")
+        delivery = Broadcast() if delivery is None else delivery
+        if not isinstance(delivery, Broadcast | WorkQueue):
+            raise DefinitionError(
+                f"{kind}: delivery must be broadcast() or work_queue(...), "
+                f"got {delivery!r}"
+            )
+        label = name or handler_name(handler)
+
+        with self._lock:
+            self._check_usable("subscribe")
+            entry = self._kind(kind)
+            if isinstance(delivery, WorkQueue):
+                return self._join_work_group(entry, delivery, label, handler)
+
+            mailbox = Mailbox(
+                self._unique(f"subscriber:{kind}:{label}"),
+                self._mailbox_size,
+                self._tracker,
+                merge_changes,
+            )
+            consumer = _Consumer(
+                mailbox, broadcast_process(kind, label, handler, self.metrics)
+            )
+            self._consumers.append(consumer)
+            if self._state == _RUNNING:
+                self._start_consumer(consumer)
+            entry.boxes = (*entry.boxes, mailbox)
+
+        return Unsubscribe(functools.partial(self._unsubscribe, entry, consumer))
+
+    def on_trigger(
+        self,
+        event: str,
+        handler: Callable[[str, Any, EntityChanged], Any],
+        *,
+        name: str | None = None,
+    ) -> Unsubscribe:
+        """Subscribe ``handler(event, payload, change)`` to a trigger event.
+
+        Runs on its own actor like a subscriber; if it falls more than the
+        mailbox size behind, queued events of the same name and id are folded
+        into the newest one, and counted.
+        """
+        if not isinstance(event, str) or not event:
+            raise DefinitionError(f"event must be a non-empty string, got {event!r}")
+        if not callable(handler):
+            raise DefinitionError(f"{event}: handler must be callable, got {handler!r}")
+        label = name or handler_name(handler)
+
+        with self._lock:
+            self._check_usable("subscribe")
+            mailbox = Mailbox(
+                self._unique(f"trigger:{event}:{label}"),
+                self._mailbox_size,
+                self._tracker,
+                keep_newer,
+            )
+            consumer = _Consumer(mailbox, trigger_process(label, handler, self.metrics))
+            self._consumers.append(consumer)
+            if self._state == _RUNNING:
+                self._start_consumer(consumer)
+            boxes = dict(self._trigger_boxes)
+            boxes[event] = (*boxes.get(event, ()), mailbox)
+            self._trigger_boxes = boxes
+
+        return Unsubscribe(functools.partial(self._untrigger, event, consumer))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> Runtime:
+        """Start every actor; a second call while running does nothing.
+
+        Raises:
+            RuntimeStoppedError: the runtime was stopped (create a new one).
+        """
+        with self._lock:
+            if self._state == _RUNNING:
+                return self
+            self._check_usable("start")
+
+            for entry in self._kinds.values():
+                self._start_kind(entry)
+            for consumer in self._consumers:
+                self._start_consumer(consumer)
+            self._tracker.set_admission(DeliveryTracker.ACCEPTING)
+            self._state = _RUNNING
+
+        logger.info("runtime started with kinds %s", ", ".join(self._kinds) or "none")
+        return self
+
+    def stop(self, timeout: float | None = None) -> StopReport:
+        """Stop accepting writes, deliver what was committed, stop every thread.
+
+        New writes from outside are refused at once; writes that subscribers
+        make while handling earlier changes are still let in, so cascades
+        finish. Waits up to ``timeout`` seconds (default: the runtime's
+        ``stop_timeout``) for every delivery, then stops the actors. What could
+        not be delivered is logged and returned. A second call returns the
+        first call's report.
+        """
+        with self._lock:
+            if self._state in (_STOPPED, _STOPPING):
+                return self._stop_report or StopReport(clean=True)
+            if self._state == _NEW:
+                self._state = _STOPPED
+                self._stop_report = StopReport(clean=True)
+                return self._stop_report
+            self._state = _STOPPING
+
+        if thread_role.__dict__:
+            raise RuntimeStoppedError(
+                "stop() was called from one of the runtime's own threads; call it "
+                "from the thread that owns the runtime"
+            )
+        wait = self._stop_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        tracker = self._tracker
+
+        tracker.set_admission(DeliveryTracker.INTERNAL_ONLY)
+        idle = tracker.wait_idle(wait)
+        tracker.set_admission(DeliveryTracker.CLOSED)
+        tracker.wait_idle(0 if not idle else max(0.0, deadline - time.monotonic()))
+
+        for entry in self._kinds.values():
+            for ref in entry.refs:
+                ref.stop(block=True)
+            entry.refs = []
+
+        self._abort.set()
+        undelivered = []
+        for consumer in self._all_consumers():
+            for _item, seqs in consumer.mailbox.close():
+                undelivered.extend((consumer.mailbox.name, s) for s in seqs)
+                tracker.done(seqs)
+        stuck = self._stop_consumers(self._all_consumers(), deadline)
+
+        report = StopReport(
+            clean=not undelivered and not stuck,
+            undelivered=tuple(undelivered),
+            stuck_consumers=tuple(stuck),
+        )
+        if undelivered:
+            logger.warning(
+                "runtime stopped with %d deliveries undelivered (first: %s)",
+                len(undelivered),
+                ", ".join(f"{n} seq={s}" for n, s in undelivered[:5]),
+            )
+        if stuck:
+            logger.warning(
+                "runtime stopped while handlers still ran in: %s", ", ".join(stuck)
+            )
+        with self._lock:
+            self._state = _STOPPED
+            self._stop_report = report
+        logger.info("runtime stopped (clean=%s)", report.clean)
+        return report
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether the runtime accepts writes."""
+        return self._state == _RUNNING
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait until every change committed so far has been delivered.
+
+        Delivered means: handed to every deriver, trigger handler and
+        subscriber and handled by it (or failed for good: logged, counted,
+        dead-lettered). Changes committed after the call began are not waited
+        for.
+
+        Raises:
+            DeliveryTimeoutError: deliveries were still running after
+                ``timeout`` seconds; the message names the oldest open changes.
+        """
+        if getattr(thread_role, "consumer", None) is not None:
+            raise RuntimeStoppedError(
+                "drain() was called from a consumer's own thread, which would "
+                "wait for itself; call it from outside the runtime's handlers"
+            )
+        target = self.log.last_seq
+        if self._tracker.wait(target, timeout):
+            return
+        waiting = self._tracker.open_up_to(target)
+        behind = [
+            f"{c.mailbox.name} ({len(c.mailbox)} waiting)"
+            for c in self._all_consumers()
+            if len(c.mailbox)
+        ]
+        raise DeliveryTimeoutError(
+            f"{len(waiting)} changes up to seq {target} were still being delivered "
+            f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
+            f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
+        )
+
+    # -- dead letters ---------------------------------------------------------
+
+    def dead_letters(self, worker_group: str | None = None) -> list[DeadLetter]:
+        """Return the dead letters (of one worker group, or all), oldest first."""
+        with self._dead_lock:
+            return [
+                d
+                for d in self._dead_letters
+                if worker_group is None or d.worker_group == worker_group
+            ]
+
+    def replay_dead_letters(self, worker_group: str | None = None) -> int:
+        """Queue dead letters for their worker group again; return how many.
+
+        Letters whose group has no handler any more stay in the list.
+        """
+        with self._lock:
+            self._check_running("replay dead letters")
+            with self._dead_lock:
+                keep, replay = [], []
+                for letter in self._dead_letters:
+                    group = self._kinds[letter.change.kind].groups.get(
+                        letter.worker_group
+                    )
+                    wanted = worker_group is None or letter.worker_group == worker_group
+                    (replay if wanted and group is not None else keep).append(
+                        (letter, group)
+                    )
+                self._dead_letters = [letter for letter, _ in keep]
+
+        for letter, group in replay:
+            change = letter.change
+            group[1].mailbox.put(change.id, change, change.seq)  # type: ignore[index]
+        logger.info("replayed %d dead letters", len(replay))
+        return len(replay)
+
+    def _record_dead_letter(self, letter: DeadLetter) -> None:
+        with self._dead_lock:
+            self._dead_letters.append(letter)
+            overflow = len(self._dead_letters) - self._max_dead_letters
+            if overflow > 0:
+                dropped = self._dead_letters[:overflow]
+                del self._dead_letters[:overflow]
+                logger.warning(
+                    "dead-letter list full: dropped %d oldest (first %s/%s seq=%d)",
+                    overflow,
+                    dropped[0].change.kind,
+                    dropped[0].change.id,
+                    dropped[0].change.seq,
+                )
+
+    # -- internals ------------------------------------------------------------
+
+    def _kind(self, kind: str) -> _Kind:
+        entry = self._kinds.get(kind)
+        if entry is None:
+            raise UnknownKindError(kind, list(self._kinds))
+        return entry
+
+    def _engine(self, kind: str) -> KindEngine:
+        return self._kind(kind).engine
+
+    def _unique(self, name: str) -> str:
+        count = self._names.get(name, 0) + 1
+        self._names[name] = count
+        return name if count == 1 else f"{name}#{count}"
+
+    def _check_usable(self, what: str) -> None:
+        if self._state in (_STOPPING, _STOPPED):
+            raise RuntimeStoppedError(
+                f"cannot {what}: the runtime is stopped; create a new Runtime"
+            )
+
+    def _check_running(self, what: str) -> None:
+        self._check_usable(what)
+        if self._state != _RUNNING:
+            raise RuntimeStoppedError(
+                f"cannot {what}: the runtime is not started; call start() or use "
+                "'with runtime:'"
+            )
+
+    def _all_consumers(self) -> list[_Consumer]:
+        found = list(self._consumers)
+        for entry in self._kinds.values():
+            if entry.deriver is not None:
+                found.append(entry.deriver)
+            found.extend(consumer for _, consumer in entry.groups.values())
+        return found
+
+    def _start_kind(self, entry: _Kind) -> None:
+        if entry.deriver is not None and entry.deriver.ref is None:
+            self._start_consumer(entry.deriver)
+        for _, consumer in entry.groups.values():
+            if consumer.ref is None:
+                self._start_consumer(consumer)
+        for shard in range(entry.definition.shards):
+            ref = KindActor.start(
+                entry.engine,
+                shard,
+                self._publish,
+                lambda entry=entry: entry.deriver_box,
+                self._tracker,
+                self._backpressure_timeout,
+                self.metrics.mutate_seconds,
+            )
+            entry.refs.append(ref)
+
+    def _start_consumer(self, consumer: _Consumer) -> None:
+        if consumer.ref is not None:
+            return
+        mailbox = consumer.mailbox
+        ref = ConsumerActor.start(
+            mailbox,
+            consumer.process,
+            self._tracker,
+            self._abort,
+            self.metrics.delivery_seconds,
+        )
+        consumer.ref = ref
+        mailbox.wake = functools.partial(_wake, ref, mailbox.name)
+        self.metrics.watch_mailbox(mailbox.name, lambda: len(mailbox))
+        if len(mailbox):
+            mailbox.wake()
+
+    def _stop_consumers(self, consumers: list[_Consumer], deadline: float) -> list[str]:
+        futures = []
+        for consumer in consumers:
+            if consumer.ref is not None:
+                futures.append((consumer, consumer.ref.stop(block=False)))
+                consumer.ref = None
+
+        stuck = []
+        for consumer, future in futures:
+            try:
+                future.get(timeout=max(0.05, deadline - time.monotonic()))
+            except pykka.Timeout:
+                stuck.append(consumer.mailbox.name)
+            self.metrics.forget_mailbox(consumer.mailbox.name)
+        return stuck
+
+    def _join_work_group(
+        self,
+        entry: _Kind,
+        spec: WorkQueue,
+        label: str,
+        handler: Callable[[EntityChanged], Any],
+    ) -> Unsubscribe:
+        found = entry.groups.get(spec.worker_group)
+        if found is None:
+            group = WorkGroup(
+                entry.definition.kind,
+                spec,
+                self.metrics,
+                self._abort,
+                self._record_dead_letter,
+            )
+            mailbox = Mailbox(
+                self._unique(f"work_queue:{entry.definition.kind}:{spec.worker_group}"),
+                self._mailbox_size,
+                self._tracker,
+                merge_changes,
+            )
+            consumer = _Consumer(mailbox, group.process)
+            entry.groups[spec.worker_group] = (group, consumer)
+            if self._state == _RUNNING:
+                self._start_consumer(consumer)
+            entry.boxes = (*entry.boxes, mailbox)
+        else:
+            group, consumer = found
+        member = (label, handler)
+        group.handlers = [*group.handlers, member]
+
+        def leave() -> None:
+            with self._lock:
+                group.handlers = [h for h in group.handlers if h is not member]
+                if group.handlers:
+                    return
+                entry.groups.pop(spec.worker_group, None)
+                self._drop_consumer(entry, consumer)
+
+        return Unsubscribe(leave)
+
+    def _unsubscribe(self, entry: _Kind, consumer: _Consumer) -> None:
+        with self._lock:
+            if consumer in self._consumers:
+                self._consumers.remove(consumer)
+            self._drop_consumer(entry, consumer)
+
+    def _drop_consumer(self, entry: _Kind, consumer: _Consumer) -> None:
+        entry.boxes = tuple(b for b in entry.boxes if b is not consumer.mailbox)
+        self._retire(consumer)
+
+    def _untrigger(self, event: str, consumer: _Consumer) -> None:
+        with self._lock:
+            if consumer in self._consumers:
+                self._consumers.remove(consumer)
+            boxes = dict(self._trigger_boxes)
+            left = tuple(b for b in boxes.get(event, ()) if b is not consumer.mailbox)
+            if left:
+                boxes[event] = left
+            else:
+                boxes.pop(event, None)
+            self._trigger_boxes = boxes
+            self._retire(consumer)
+
+    def _retire(self, consumer: _Consumer) -> None:
+        for _, seqs in consumer.mailbox.close():
+            self._tracker.done(seqs)
+        if consumer.ref is not None:
+            consumer.ref.stop(block=False)
+            consumer.ref = None
+            self.metrics.forget_mailbox(consumer.mailbox.name)
+
+    def _submit(
+        self,
+        kind: str,
+        op: int,
+        entity_id: str,
+        apply: Callable[..., Any] | None,
+        actor: str,
+        run_id: str | None,
+        at: datetime | float | None,
+    ) -> MutationFuture[Any]:
+        entry = self._kind(kind)
+        check_entity_id(kind, entity_id)
+        if not isinstance(actor, str) or not actor:
+            raise DefinitionError(
+                f"{kind}/{entity_id}: actor must be a non-empty string, got "
+                f"{actor!r}; nothing recorded"
+            )
+        if run_id is not None and not isinstance(run_id, str):
+            raise DefinitionError(
+                f"{kind}/{entity_id}: run_id must be a string or None, got "
+                f"{run_id!r}; nothing recorded"
+            )
+        ts = None if at is None else to_timestamp(at, self.clock)
+        shards = entry.definition.shards
+        shard = 0 if shards == 1 else hash(entity_id) % shards
+        if getattr(thread_role, "kind_shard", None) == (kind, shard):
+            raise DefinitionError(
+                f"{kind}/{entity_id}: mutate was called from inside an apply of the "
+                "same kind, which would wait for itself; return the state instead, "
+                "or write from a subscriber"
+            )
+
+        internal = bool(thread_role.__dict__)
+        if not self._tracker.admit(internal):
+            self._check_running("write")
+            raise RuntimeStoppedError(
+                f"{kind}/{entity_id}: the runtime is stopping; nothing recorded"
+            )
+        future: MutationFuture[Any] = MutationFuture()
+        try:
+            entry.refs[shard].tell(
+                Request(op, entity_id, apply, actor, run_id, ts, future)
+            )
+        except (pykka.ActorDeadError, IndexError):
+            self._tracker.finish_mutation()
+            raise RuntimeStoppedError(
+                f"{kind}/{entity_id}: the kind's actor is not running; nothing recorded"
+            ) from None
+        return future
+
+    def _on_commit(self, change: EntityChanged) -> None:
+        # NOTE: runs under the log's lock; the tracker count taken here is
+        # what makes drain() wait for a change between commit and hand-off.
+        self._tracker.add(change.seq)
+        waiters = self._waiters.get((change.kind, change.id))
+        if waiters:
+            for event in waiters:
+                event.set()
+
+    def _publish(self, change: EntityChanged) -> None:
+        entry = self._kinds[change.kind]
+        seq = change.seq
+        for box in entry.boxes:
+            box.put(change.id, change, seq)
+        deriver = entry.deriver
+        if deriver is not None:
+            deriver.mailbox.put(seq, change, seq)
+        self._tracker.done((seq,))
+
+    def _wait_until(
+        self,
+        kind: str,
+        entity_id: str,
+        predicate: Callable[[ReadOnlyDict | None], bool],
+        timeout: float,
+    ) -> ReadOnlyDict | None:
+        handle = EntityHandle(self, kind)
+        key = (kind, entity_id)
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters[key] = (*self._waiters.get(key, ()), event)
+
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                state = handle.get(entity_id)
+                if predicate(state):
+                    return state
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeliveryTimeoutError(
+                        f"{kind}/{entity_id}: the predicate did not hold within "
+                        f"{timeout} s; last state: {dict(state) if state else None}"
+                    )
+                event.wait(remaining)
+                event.clear()
+        finally:
+            with self._waiters_lock:
+                left = tuple(e for e in self._waiters.get(key, ()) if e is not event)
+                if left:
+                    self._waiters[key] = left
+                else:
+                    self._waiters.pop(key, None)
+
+
+def _wake(ref: pykka.ActorRef[Any], name: str) -> None:
+    try:
+        ref.tell("wake")
+    except pykka.ActorDeadError:
+        logger.debug("consumer %s is stopped; its mailbox is closed", name)

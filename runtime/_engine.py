@@ -1,0 +1,287 @@
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from runtime._diff import diff_states
+from runtime._errors import ApplyError, InvalidIdError, ReadError, SchemaError
+from runtime._events import EntityChanged, ReadOnlyDict, thaw
+from runtime._log import TransitionLog
+from runtime._metrics import RuntimeMetrics
+from runtime._schema import StateSchema, _Invalid, check_json_value
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 1024
+"""The longest entity id accepted, in characters."""
+
+ReadFn = Callable[[Sequence[str]], Mapping[str, Any]]
+ApplyFn = Callable[[dict[str, Any] | None], Any]
+CommitHook = Callable[[EntityChanged], None]
+
+
+def check_entity_id(kind: str, entity_id: Any) -> str:
+    """Return ``entity_id`` if it is a usable id, or raise :class:`InvalidIdError`.
+
+    Ids are non-empty strings of at most ``MAX_ID_LENGTH`` characters with no
+    control characters, so that they survive logs, files and metric labels.
+    """
+    if type(entity_id) is not str:
+        raise InvalidIdError(kind, entity_id, "must be a string")
+    if not entity_id:
+        raise InvalidIdError(kind, entity_id, "must not be empty")
+    if len(entity_id) > MAX_ID_LENGTH:
+        raise InvalidIdError(
+            kind, entity_id, f"is longer than {MAX_ID_LENGTH} characters"
+        )
+    if not entity_id.isprintable():
+        raise InvalidIdError(
+            kind, entity_id, "contains control or other non-printable characters"
+        )
+    return entity_id
+
+
+def to_timestamp(at: datetime | float | None, clock: Callable[[], float]) -> float:
+    """Return ``at`` as POSIX seconds, or the clock's time when ``at`` is None."""
+    if at is None:
+        return clock()
+    if isinstance(at, datetime):
+        if at.tzinfo is None:
+            raise ValueError(f"'at' must be timezone-aware, got naive {at!r}")
+        return at.timestamp()
+    return float(at)
+
+
+class KindDefinition:
+    """What ``define_entity`` recorded about one kind."""
+
+    def __init__(
+        self, kind: str, schema: StateSchema, read: ReadFn | None, shards: int
+    ) -> None:
+        self.kind = kind
+        self.schema = schema
+        self.read = read
+        self.shards = shards
+
+    @property
+    def store_backed(self) -> bool:
+        """Whether the runtime keeps this kind's current state itself."""
+        return self.read is None
+
+
+class KindEngine:
+    """The single write path of one kind: snapshot, apply, validate, diff, commit.
+
+    Not an actor itself: the kind's actor calls it from its own thread, which
+    is what serialises the mutations of one id. Reads of the store from other
+    threads are safe (single dict operations on immutable states).
+    """
+
+    def __init__(
+        self,
+        definition: KindDefinition,
+        log: TransitionLog,
+        metrics: RuntimeMetrics,
+        clock: Callable[[], float],
+        on_commit: CommitHook,
+    ) -> None:
+        self.definition = definition
+        self.kind = definition.kind
+        self.store: dict[str, ReadOnlyDict] = {}
+        self._log = log
+        self._clock = clock
+        self._on_commit = on_commit
+
+        kind = self.kind
+        self._changed = metrics.mutations.labels(kind, "changed")
+        self._unchanged = metrics.mutations.labels(kind, "unchanged")
+        self._rejected = metrics.mutations.labels(kind, "rejected")
+        self._failed = metrics.mutations.labels(kind, "failed")
+        self._transitions = metrics.transitions.labels(kind)
+        self._changes = metrics.changes.labels(kind)
+        if definition.store_backed:
+            metrics.entities.labels(kind).set_function(lambda: len(self.store))
+
+    def read_states(self, ids: Sequence[str]) -> dict[str, ReadOnlyDict]:
+        """Return the current states of ``ids`` that exist, read-only."""
+        read = self.definition.read
+        if read is None:
+            store = self.store
+            return {i: store[i] for i in ids if i in store}
+
+        try:
+            found = read(list(ids))
+        except Exception as err:
+            raise ReadError(self.kind, f"raised {type(err).__name__}: {err}") from err
+        if not isinstance(found, Mapping):
+            raise ReadError(
+                self.kind,
+                f"returned {type(found).__name__}, expected a mapping of id to state",
+            )
+
+        out = {}
+        for entity_id in ids:
+            state = found.get(entity_id)
+            if state is None:
+                continue
+            try:
+                out[entity_id] = check_json_value(state, "", 1)
+            except _Invalid as err:
+                raise ReadError(
+                    self.kind,
+                    f"returned an unusable state for {entity_id!r}: "
+                    f"{err.path or 'state'} {err.reason}",
+                ) from None
+            if not isinstance(out[entity_id], dict):
+                raise ReadError(
+                    self.kind,
+                    f"returned {type(state).__name__} for {entity_id!r}, "
+                    "expected a mapping",
+                )
+        return out
+
+    def mutate(
+        self,
+        entity_id: str,
+        apply: ApplyFn,
+        actor: str,
+        run_id: str | None,
+        at: float | None,
+    ) -> tuple[ReadOnlyDict, EntityChanged | None]:
+        """Run one mutation; return the validated next state and the change.
+
+        The change is ``None`` when the write changed nothing. Nothing is
+        recorded when ``apply`` raises or its result fails the schema.
+        """
+        prev = self._snapshot(entity_id)
+
+        raw = self._apply(entity_id, apply, prev)
+
+        try:
+            next_state = self.definition.schema.validate(raw, self.kind, entity_id)
+        except SchemaError:
+            self._rejected.inc()
+            raise
+
+        delta, changed_fields = diff_states(prev, next_state)
+        if not changed_fields:
+            self._unchanged.inc()
+            return next_state, None
+
+        change = self._commit(
+            entity_id, prev, next_state, delta, changed_fields, actor, run_id, at
+        )
+        return next_state, change
+
+    def remove(
+        self,
+        entity_id: str,
+        apply: Callable[[dict[str, Any] | None], Any] | None,
+        actor: str,
+        run_id: str | None,
+        at: float | None,
+    ) -> EntityChanged | None:
+        """Remove one entity; return the tombstone change, or ``None``.
+
+        Removing an entity that does not exist is a no-op: ``apply`` is not
+        called and nothing is recorded.
+        """
+        prev = self._snapshot(entity_id)
+        if prev is None:
+            self._unchanged.inc()
+            return None
+
+        if apply is not None:
+            self._apply(entity_id, apply, prev)
+
+        _, changed_fields = diff_states(prev, None)
+        return self._commit(
+            entity_id, prev, None, {}, changed_fields, actor, run_id, at
+        )
+
+    def _snapshot(self, entity_id: str) -> ReadOnlyDict | None:
+        if self.definition.read is None:
+            return self.store.get(entity_id)
+        try:
+            return self.read_states([entity_id]).get(entity_id)
+        except ReadError:
+            self._failed.inc()
+            raise
+
+    def _apply(self, entity_id: str, apply: ApplyFn, prev: ReadOnlyDict | None) -> Any:
+        try:
+            return apply(None if prev is None else thaw(prev))
+        except Exception as err:
+            self._failed.inc()
+            raise ApplyError(self.kind, entity_id, err) from err
+
+    def _commit(
+        self,
+        entity_id: str,
+        prev: ReadOnlyDict | None,
+        next_state: ReadOnlyDict | None,
+        delta: dict[str, Any],
+        changed_fields: tuple[str, ...],
+        actor: str,
+        run_id: str | None,
+        at: float | None,
+    ) -> EntityChanged:
+        ts = self._clock() if at is None else at
+        log = self._log
+
+        with log.lock:
+            seq, rows = log.append_change(
+                self.kind,
+                entity_id,
+                prev,
+                next_state,
+                changed_fields,
+                ts,
+                actor,
+                run_id,
+            )
+            if self.definition.read is None:
+                if next_state is None:
+                    del self.store[entity_id]
+                else:
+                    self.store[entity_id] = next_state
+            change = EntityChanged(
+                kind=self.kind,
+                id=entity_id,
+                prev=prev,
+                next=next_state,
+                delta=ReadOnlyDict(delta),
+                changed_fields=changed_fields,
+                actor=actor,
+                occurred_at=datetime.fromtimestamp(ts, UTC),
+                seq=seq,
+                run_id=run_id,
+            )
+            self._on_commit(change)
+
+        self._changed.inc()
+        self._transitions.inc(len(rows))
+        self._changes.inc()
+        logger.debug(
+            "committed %s/%s seq=%d fields=%s",
+            self.kind,
+            entity_id,
+            seq,
+            changed_fields,
+        )
+        return change
+
+    def restore(self, entity_id: str, state: ReadOnlyDict | None) -> None:
+        """Put a recorded state back in the store (used when restoring)."""
+        if state is None:
+            self.store.pop(entity_id, None)
+        else:
+            self.store[entity_id] = state
+
+
+def monotonic() -> float:
+    """Seconds from a monotonic clock (for latencies, never for timestamps)."""
+    return time.perf_counter()
