@@ -159,8 +159,10 @@ class Mailbox:
         capacity: int,
         tracker: DeliveryTracker,
         merge: Merge | None = None,
+        coalesced_metric: Any = None,
     ) -> None:
         self.name = name
+        self._coalesced_metric = coalesced_metric
         self.capacity = capacity
         self.coalesced = 0
         self._tracker = tracker
@@ -187,6 +189,8 @@ class Mailbox:
                 newest.item = self._merge(newest.item, item)  # type: ignore[misc]
                 newest.seqs.append(seq)
                 self.coalesced += 1
+                if self._coalesced_metric is not None:
+                    self._coalesced_metric.inc()
                 return True
 
             self._tracker.add(seq)

@@ -243,6 +243,11 @@ class EntityHandle(Generic[S]):
         ids = [check_entity_id(self.kind, i) for i in entity_ids]
         return self._rt._engine(self.kind).read_states(ids)
 
+    @property
+    def store_backed(self) -> bool:
+        """Whether the runtime keeps this kind's state (no ``read`` given)."""
+        return self._rt._engine(self.kind).definition.store_backed
+
     def ids(self) -> list[str]:
         """Return the ids of a store-backed kind's entities."""
         engine = self._rt._engine(self.kind)
@@ -483,9 +488,7 @@ class Runtime:
                 )
             entry.stage.derivers = (*entry.stage.derivers, Deriver(derive, to_payload))
             if entry.deriver is None:
-                mailbox = Mailbox(
-                    self._unique(f"derive:{kind}"), self._mailbox_size, self._tracker
-                )
+                mailbox = self._mailbox(f"derive:{kind}", None)
                 entry.deriver = _Consumer(mailbox, entry.stage.process)
                 if self._state == _RUNNING:
                     self._start_consumer(entry.deriver)
@@ -525,12 +528,7 @@ class Runtime:
             if isinstance(delivery, WorkQueue):
                 return self._join_work_group(entry, delivery, label, handler)
 
-            mailbox = Mailbox(
-                self._unique(f"subscriber:{kind}:{label}"),
-                self._mailbox_size,
-                self._tracker,
-                merge_changes,
-            )
+            mailbox = self._mailbox(f"subscriber:{kind}:{label}", merge_changes)
             consumer = _Consumer(
                 mailbox, broadcast_process(kind, label, handler, self.metrics)
             )
@@ -562,12 +560,7 @@ class Runtime:
 
         with self._lock:
             self._check_usable("subscribe")
-            mailbox = Mailbox(
-                self._unique(f"trigger:{event}:{label}"),
-                self._mailbox_size,
-                self._tracker,
-                keep_newer,
-            )
+            mailbox = self._mailbox(f"trigger:{event}:{label}", keep_newer)
             consumer = _Consumer(mailbox, trigger_process(label, handler, self.metrics))
             self._consumers.append(consumer)
             if self._state == _RUNNING:
@@ -679,13 +672,16 @@ class Runtime:
         """Whether the runtime accepts writes."""
         return self._state == _RUNNING
 
-    def drain(self, timeout: float = 5.0) -> None:
+    def drain(self, timeout: float = 5.0, *, until_idle: bool = False) -> None:
         """Wait until every change committed so far has been delivered.
 
         Delivered means: handed to every deriver, trigger handler and
         subscriber and handled by it (or failed for good: logged, counted,
         dead-lettered). Changes committed after the call began are not waited
-        for.
+        for, unless ``until_idle`` is set: then the call waits until no
+        mutation is pending and nothing is being delivered, which includes the
+        cascades of changes that handlers write while handling others (it may
+        never return while other threads keep writing).
 
         Raises:
             DeliveryTimeoutError: deliveries were still running after
@@ -697,7 +693,10 @@ class Runtime:
                 "wait for itself; call it from outside the runtime's handlers"
             )
         target = self.log.last_seq
-        if self._tracker.wait(target, timeout):
+        if until_idle:
+            if self._tracker.wait_idle(timeout):
+                return
+        elif self._tracker.wait(target, timeout):
             return
         waiting = self._tracker.open_up_to(target)
         behind = [
@@ -772,6 +771,16 @@ class Runtime:
 
     def _engine(self, kind: str) -> KindEngine:
         return self._kind(kind).engine
+
+    def _mailbox(self, name: str, merge: Any) -> Mailbox:
+        unique = self._unique(name)
+        return Mailbox(
+            unique,
+            self._mailbox_size,
+            self._tracker,
+            merge,
+            self.metrics.coalesced.labels(unique) if merge is not None else None,
+        )
 
     def _unique(self, name: str) -> str:
         count = self._names.get(name, 0) + 1
@@ -867,10 +876,8 @@ class Runtime:
                 self._abort,
                 self._record_dead_letter,
             )
-            mailbox = Mailbox(
-                self._unique(f"work_queue:{entry.definition.kind}:{spec.worker_group}"),
-                self._mailbox_size,
-                self._tracker,
+            mailbox = self._mailbox(
+                f"work_queue:{entry.definition.kind}:{spec.worker_group}",
                 merge_changes,
             )
             consumer = _Consumer(mailbox, group.process)

@@ -22,7 +22,24 @@ the derivers and subscribes the clean-up that detaches a deleted catalog
 system from every incident (work queue ``incident-system-cleanup``).
 
 Errors raised on purpose derive from :class:`MonitoringError`; a write that
-raises one has written nothing.
+raises one has written nothing. Raised inside a runtime ``apply`` they reach
+the caller wrapped in :class:`runtime.ApplyError` (the original is its
+``error``).
+
+Limitations:
+    - A health write made on :class:`HealthService` directly, outside
+      :func:`evaluate_system`, is never recorded as a change: the runtime
+      reads health from the service, so the next evaluation already sees it
+      as ``prev``.
+    - Only the latest result of each check is kept; the results themselves
+      are declared non-reactive (``raw-sample``), not logged.
+    - Deleting a catalog system detaches it from incidents but leaves its
+      checks and ``health`` entity; use :func:`remove_system_health`.
+    - Detaching a system writes each incident separately, not in one
+      transaction; if the clean-up stops midway, the work queue's retry
+      finishes it, and already detached incidents are unchanged writes.
+    - An incident's title, description and timestamps live only in the
+      service; changing them alone records nothing and fires nothing.
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ from types import TracebackType
 from typing import Any, Final
 
 from monitoring._errors import InvalidInputError, NotFoundError
-from monitoring._incident import INCIDENT_KIND, INCIDENT_SEVERITIES, INCIDENT_STATUSES
+from monitoring._incident import (
+    INCIDENT_KIND,
+    INCIDENT_SEVERITIES,
+    INCIDENT_STATUSES,
+    IncidentSeverity,
+    IncidentStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +74,8 @@ class Incident:
     id: str
     title: str
     description: str | None
-    status: str
-    severity: str
+    status: IncidentStatus
+    severity: IncidentSeverity
     system_ids: tuple[str, ...]
     created_at: datetime
     updated_at: datetime

@@ -131,6 +131,13 @@ def make_system_cleanup_handler(
     def on_catalog_system_changed(change: EntityChanged) -> None:
         if not change.is_tombstone:
             return
+
+        logger.debug(
+            "%s/%s: deleted at seq %d; detaching it from incidents",
+            change.kind,
+            change.id,
+            change.seq,
+        )
         detach_system_from_incidents(
             incidents, service, change.id, run_id=change.run_id
         )

@@ -161,12 +161,13 @@ def test_delete_payload_describes_the_system_as_it_was_last() -> None:
 
 
 def test_payload_metadata_is_a_plain_copy_of_the_state() -> None:
-    change = catalog_change(None, freeze(SHOP))
+    state = freeze(SHOP)
+    change = catalog_change(None, state)
 
     payload = catalog_system_change_to_payload(change)
     payload["metadata"]["team"] = "ops"
 
-    assert change.next["metadata"]["team"] == "web"
+    assert state["metadata"]["team"] == "web"
 
 
 @pytest.mark.parametrize(

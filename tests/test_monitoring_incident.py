@@ -222,14 +222,15 @@ def test_payload_has_an_empty_system_list_when_the_state_has_none() -> None:
 
 
 def test_payload_system_ids_is_a_plain_list_detached_from_the_state() -> None:
-    change = incident_change(prev=freeze(INVESTIGATING), next=freeze(MONITORING))
+    state = freeze(MONITORING)
+    change = incident_change(prev=freeze(INVESTIGATING), next=state)
 
     payload = incident_change_to_payload(change)
     payload["system_ids"].append("b")
 
     assert type(payload["system_ids"]) is list
-    assert isinstance(change.next["system_ids"], ReadOnlyList)
-    assert change.next["system_ids"] == ["a"]
+    assert isinstance(state["system_ids"], ReadOnlyList)
+    assert state["system_ids"] == ["a"]
 
 
 @pytest.mark.parametrize(

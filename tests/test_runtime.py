@@ -1,0 +1,582 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from conftest import Ticket, ticket
+
+from runtime import (
+    SYSTEM_ACTOR,
+    ApplyError,
+    DefinitionError,
+    DeliveryTimeoutError,
+    EntityChanged,
+    InvalidIdError,
+    ReadError,
+    Runtime,
+    RuntimeStoppedError,
+    SchemaError,
+    UnknownKindError,
+)
+from runtime.testing import FakeClock
+
+
+def _record(rt: Runtime) -> list[EntityChanged]:
+    seen: list[EntityChanged] = []
+    rt.on_entity_changed("ticket", seen.append)
+    return seen
+
+
+def _snapshot(rt: Runtime) -> tuple[Any, ...]:
+    """What a failed write must leave untouched: log rows, states, sequence."""
+    rows = [r.to_dict() for batch in rt.log.changes_since(0) for r in batch]
+    states = {
+        k: rt.handle(k).get_many(rt.handle(k).ids())
+        for k in rt.kinds()
+        if rt.handle(k).store_backed
+    }
+    return rows, states, rt.log.last_seq
+
+
+def test_mutate_creates_then_changes_and_records_each_field(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _record(rt)
+
+    with rt:
+        created = tickets.mutate("t-1", lambda prev: ticket())
+        changed = tickets.mutate("t-1", lambda prev: {**prev, "status": "working"})
+        rt.drain()
+
+    assert created == ticket()
+    assert changed["status"] == "working"
+    assert [(c.seq, c.changed_fields) for c in seen] == [
+        (1, ("status", "severity", "tags", "extra")),
+        (2, ("status",)),
+    ]
+    assert seen[0].prev is None
+    assert seen[1].prev == ticket()
+    assert seen[1].delta == {"status": "working"}
+    assert seen[1].actor == SYSTEM_ACTOR
+    assert [(r.seq, r.field, r.before, r.after) for r in tickets.history("t-1")] == [
+        (1, "status", None, "open"),
+        (1, "severity", None, "low"),
+        (1, "tags", None, []),
+        (1, "extra", None, None),
+        (2, "status", "open", "working"),
+    ]
+
+
+def test_unchanged_write_records_nothing_and_emits_no_event(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _record(rt)
+    fired: list[str] = []
+    rt.register_change_deriver("ticket", lambda c: ["ticket.touched"])
+    rt.on_trigger("ticket.touched", lambda e, p, c: fired.append(e))
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=["a"]))
+        rt.drain()
+        before = _snapshot(rt)
+        result = tickets.mutate("t-1", lambda prev: ticket(tags=["a"]))
+        rt.drain()
+
+    assert result == ticket(tags=["a"])
+    assert _snapshot(rt) == before
+    assert len(seen) == 1
+    assert fired == ["ticket.touched"]
+    samples = {
+        s.labels["outcome"]: s.value
+        for m in rt.metrics_registry.collect()
+        if m.name == "entity_runtime_mutations"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert samples["changed"] == 1
+    assert samples["unchanged"] == 1
+
+
+def test_apply_gets_a_mutable_copy_and_cannot_corrupt_the_store(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    def edit_in_place(prev: dict[str, Any] | None) -> dict[str, Any]:
+        assert prev is not None
+        prev["tags"].append("x")
+        prev["status"] = "closed"
+        return prev
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        stored = tickets.get("t-1")
+        tickets.mutate("t-1", edit_in_place)
+
+    assert stored == ticket()
+    assert tickets.get("t-1") == ticket(status="closed", tags=["x"])
+
+
+def test_states_handed_out_are_read_only(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _record(rt)
+
+    with rt:
+        result = tickets.mutate("t-1", lambda prev: ticket(tags=["a"]))
+        rt.drain()
+        got = tickets.get("t-1")
+
+    assert got is not None
+    with pytest.raises(TypeError, match="read-only"):
+        got["status"] = "closed"  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        result["tags"].append("b")
+    with pytest.raises(TypeError, match="read-only"):
+        seen[0].next["tags"].clear()  # type: ignore[index]
+    assert tickets.get("t-1") == ticket(tags=["a"])
+    assert dict(got) == ticket(tags=["a"])
+
+
+def test_remove_records_a_tombstone_and_a_change_with_no_next(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _record(rt)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        removed = tickets.remove("t-1")
+        removed_again = tickets.remove("t-1")
+        rt.drain()
+
+    assert removed is True
+    assert removed_again is False
+    assert tickets.get("t-1") is None
+    assert seen[-1].next is None
+    assert seen[-1].is_tombstone
+    assert seen[-1].prev == ticket()
+    assert len(seen) == 2
+    last = tickets.history("t-1")[-1]
+    assert last.tombstone
+    assert last.field is None
+    assert last.before == ticket()
+
+
+def test_removing_a_missing_entity_does_not_call_apply(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    calls: list[Any] = []
+
+    with rt:
+        removed = tickets.remove("nope", apply=calls.append)
+
+    assert removed is False
+    assert calls == []
+    assert rt.log.last_seq == 0
+
+
+def test_in_state_queries_follow_the_clock(rt: Runtime, clock: FakeClock) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        opened_at = clock.now()
+        clock.advance(60)
+        tickets.mutate("t-1", lambda prev: {**prev, "severity": "high"})
+        clock.advance(30)
+        tickets.mutate("t-1", lambda prev: {**prev, "status": "working"})
+        clock.advance(45)
+        tickets.mutate("t-1", lambda prev: {**prev, "status": "open"})
+        clock.advance(15)
+
+        assert tickets.in_state_since("t-1", "severity") == opened_at + timedelta(
+            seconds=60
+        )
+        assert tickets.in_state_for("t-1", "severity") == timedelta(seconds=90)
+        assert tickets.in_state_for("t-1", "status") == timedelta(seconds=15)
+        assert tickets.transition_count("t-1", "status", timedelta(seconds=60)) == 2
+        assert tickets.transition_count("t-1", "status", timedelta(hours=1)) == 3
+        assert tickets.transition_count("t-1", "status", 10) == 0
+        assert tickets.in_state_since("nope", "status") is None
+        assert tickets.in_state_for("nope", "status") is None
+
+
+def test_history_filters_by_field_and_time(rt: Runtime, clock: FakeClock) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        start = clock.now()
+        for status in ("working", "closed", "open"):
+            clock.advance(10)
+            tickets.mutate("t-1", lambda prev, s=status: ticket(status=s))
+
+    rows = tickets.history(
+        "t-1",
+        field="status",
+        since=start + timedelta(seconds=20),
+        until=start + timedelta(seconds=30),
+    )
+
+    assert [(r.before, r.after) for r in rows] == [("working", "closed")]
+    assert rows[0].at == start + timedelta(seconds=20)
+
+
+def test_mutate_at_records_the_given_time(rt: Runtime, clock: FakeClock) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    when = clock.now() - timedelta(days=1)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(), at=when)
+
+    assert tickets.history("t-1")[0].at == when
+    assert tickets.in_state_for("t-1", "status") == timedelta(days=1)
+
+
+def test_actor_and_run_id_are_recorded(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _record(rt)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(), actor="alice", run_id="run-7")
+        rt.drain()
+
+    assert seen[0].actor == "alice"
+    assert seen[0].run_id == "run-7"
+    assert {(r.actor, r.run_id) for r in tickets.history("t-1")} == {("alice", "run-7")}
+
+
+def test_mutate_async_returns_a_future_usable_from_threads(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        futures = [
+            tickets.mutate_async(f"t-{i}", lambda prev: ticket()) for i in range(50)
+        ]
+        results = [f.get(timeout=5) for f in futures]
+
+    assert results == [ticket()] * 50
+    assert len(tickets.ids()) == 50
+
+
+def test_mutate_async_is_awaitable_from_asyncio(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    async def write_two() -> list[Any]:
+        first = tickets.mutate_async("t-1", lambda prev: ticket())
+        second = tickets.mutate_async("t-2", lambda prev: ticket(status="closed"))
+        return list(await asyncio.gather(first, second))
+
+    with rt:
+        results = asyncio.run(write_two())
+
+    assert [r["status"] for r in results] == ["open", "closed"]
+
+
+def test_mutate_async_failure_is_raised_by_get_and_await(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        future = tickets.mutate_async("t-1", lambda prev: {"status": "bogus"})
+        with pytest.raises(SchemaError):
+            future.get(timeout=5)
+
+        async def awaited() -> None:
+            await tickets.mutate_async("t-1", lambda prev: 1 / 0)
+
+        with pytest.raises(ApplyError):
+            asyncio.run(awaited())
+
+
+def test_get_many_returns_only_existing_entities(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("a", lambda prev: ticket())
+        tickets.mutate("b", lambda prev: ticket(status="closed"))
+
+    assert tickets.get_many(["a", "b", "c"]) == {
+        "a": ticket(),
+        "b": ticket(status="closed"),
+    }
+
+
+def test_wait_until_returns_when_another_thread_makes_the_state_true(
+    rt: Runtime,
+) -> None:
+    import threading
+
+    tickets = rt.define_entity("ticket", Ticket)
+    started = threading.Event()
+
+    def closer() -> None:
+        started.wait()
+        tickets.mutate("t-1", lambda prev: ticket(status="working"))
+        tickets.mutate("t-1", lambda prev: ticket(status="closed"))
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        writer = threading.Thread(target=closer)
+        writer.start()
+        started.set()
+        state = tickets.wait_until(
+            "t-1", lambda s: s is not None and s["status"] == "closed", timeout=5
+        )
+        writer.join()
+
+    assert state is not None
+    assert state["status"] == "closed"
+
+
+def test_wait_until_times_out_with_the_last_state(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        with pytest.raises(DeliveryTimeoutError, match=r"ticket/t-1: .* 0.05 s"):
+            tickets.wait_until("t-1", lambda s: s["status"] == "closed", timeout=0.05)
+
+
+# -- plugin-backed kinds ----------------------------------------------------
+
+
+class _Table:
+    """A caller-owned store for a plugin-backed kind."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.reads: list[list[str]] = []
+
+    def read(self, ids: list[str]) -> dict[str, Any]:
+        self.reads.append(list(ids))
+        return {i: self.rows[i] for i in ids if i in self.rows}
+
+    def write(self, entity_id: str, state: dict[str, Any]) -> dict[str, Any]:
+        self.rows[entity_id] = dict(state)
+        return state
+
+
+def test_plugin_backed_kind_reads_prev_and_lets_apply_write(rt: Runtime) -> None:
+    table = _Table()
+    tickets = rt.define_entity("ticket", Ticket, read=table.read)
+    seen = _record(rt)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: table.write("t-1", ticket()))
+        tickets.mutate(
+            "t-1", lambda prev: table.write("t-1", {**prev, "status": "closed"})
+        )
+        tickets.remove("t-1", apply=lambda prev: table.rows.pop("t-1"))
+        rt.drain()
+
+    assert table.rows == {}
+    assert [c.changed_fields for c in seen][1] == ("status",)
+    assert seen[1].prev == ticket()
+    assert seen[2].next is None
+    assert ["t-1"] in table.reads
+    assert tickets.get("t-1") is None
+
+
+def test_plugin_backed_get_many_is_one_batched_read(rt: Runtime) -> None:
+    table = _Table()
+    table.rows = {"a": ticket(), "b": ticket(status="closed")}
+    tickets = rt.define_entity("ticket", Ticket, read=table.read)
+
+    found = tickets.get_many(["a", "b", "c"])
+
+    assert table.reads == [["a", "b", "c"]]
+    assert set(found) == {"a", "b"}
+
+
+# -- bad input gets a clear error and records nothing ---------------------
+
+
+@pytest.fixture
+def busy(rt: Runtime) -> Runtime:
+    """A started runtime with some recorded history, to check nothing changes."""
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket())
+    tickets.mutate("t-2", lambda prev: ticket(status="working"))
+    tickets.mutate("t-1", lambda prev: ticket(status="closed"))
+    rt.drain()
+    return rt
+
+
+def test_a_state_failing_the_schema_is_rejected_and_nothing_recorded(
+    busy: Runtime,
+) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    with pytest.raises(SchemaError) as caught:
+        tickets.mutate("t-1", lambda prev: {**prev, "severity": "urgent"})
+
+    assert str(caught.value) == (
+        "ticket/t-1: field 'severity' must be one of 'low', 'high', got 'urgent' "
+        "(str); nothing recorded"
+    )
+    assert caught.value.kind == "ticket"
+    assert caught.value.entity_id == "t-1"
+    assert caught.value.field == "severity"
+    assert _snapshot(busy) == before
+
+
+def test_an_apply_that_raises_records_nothing_and_reaches_the_caller(
+    busy: Runtime,
+) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    def broken(prev: Any) -> Any:
+        raise KeyError("no such field")
+
+    with pytest.raises(ApplyError, match=r"^ticket/t-1: apply raised KeyError") as e:
+        tickets.mutate("t-1", broken)
+
+    assert isinstance(e.value.__cause__, KeyError)
+    assert _snapshot(busy) == before
+
+
+def test_an_apply_of_a_removal_that_raises_keeps_the_entity(busy: Runtime) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    with pytest.raises(ApplyError):
+        tickets.remove("t-1", apply=lambda prev: 1 / 0)
+
+    assert _snapshot(busy) == before
+    assert tickets.get("t-1") is not None
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "reason"),
+    [
+        ("", "must not be empty"),
+        (17, "must be a string"),
+        ("x" * 2000, "longer than"),
+        ("a\nb", "non-printable"),
+        ("tab\there", "non-printable"),
+    ],
+)
+def test_bad_ids_are_refused_and_nothing_recorded(
+    busy: Runtime, bad_id: Any, reason: str
+) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    with pytest.raises(InvalidIdError, match=reason):
+        tickets.mutate(bad_id, lambda prev: ticket())
+
+    assert _snapshot(busy) == before
+
+
+def test_unknown_kind_is_an_error_naming_the_known_kinds(busy: Runtime) -> None:
+    with pytest.raises(UnknownKindError, match=r"unknown kind 'tickt'.*'ticket'"):
+        busy.handle("tickt")
+    with pytest.raises(UnknownKindError):
+        busy.on_entity_changed("tickt", print)
+    with pytest.raises(UnknownKindError):
+        busy.register_change_deriver("tickt", lambda c: [])
+
+
+def test_duplicate_or_empty_kind_is_refused(busy: Runtime) -> None:
+    before = _snapshot(busy)
+
+    with pytest.raises(DefinitionError, match="'ticket' is already defined"):
+        busy.define_entity("ticket", Ticket)
+    with pytest.raises(DefinitionError, match="non-empty"):
+        busy.define_entity("", Ticket)
+
+    assert busy.kinds() == ["ticket"]
+    assert _snapshot(busy) == before
+
+
+def test_non_callable_read_or_apply_is_refused(busy: Runtime) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    with pytest.raises(DefinitionError, match="read must be callable"):
+        busy.define_entity("other", Ticket, read={"t-1": ticket()})  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError, match="apply must be callable"):
+        tickets.mutate("t-1", ticket())  # type: ignore[arg-type]
+
+    assert busy.kinds() == ["ticket"]
+    assert _snapshot(busy) == before
+
+
+@pytest.mark.parametrize(
+    ("read", "message"),
+    [
+        (lambda ids: [ticket()], "returned list, expected a mapping"),
+        (lambda ids: {"x-1": "open"}, "returned str for 'x-1'"),
+        (lambda ids: {"x-1": {"a": float("nan")}}, "unusable state"),
+        (lambda ids: 1 / 0, "raised ZeroDivisionError"),
+    ],
+)
+def test_a_read_returning_garbage_is_a_clear_error_and_records_nothing(
+    busy: Runtime, read: Any, message: str
+) -> None:
+    others = busy.define_entity("other", Ticket, read=read)
+    applied: list[Any] = []
+    before = _snapshot(busy)
+
+    with pytest.raises(ReadError, match=message):
+        others.mutate("x-1", lambda prev: applied.append(prev) or ticket())
+
+    assert applied == []
+    assert _snapshot(busy) == before
+
+
+def test_bad_non_reactive_declarations_are_refused(rt: Runtime) -> None:
+    rt.declare_non_reactive_state("check_runs", reason="raw-sample", note="samples")
+
+    with pytest.raises(DefinitionError, match="reason must be one of raw-sample"):
+        rt.declare_non_reactive_state("tokens", reason="secret")
+    with pytest.raises(DefinitionError, match="already declared"):
+        rt.declare_non_reactive_state("check_runs", reason="bookkeeping")
+
+    assert [(d.name, d.reason, d.note) for d in rt.non_reactive_states()] == [
+        ("check_runs", "raw-sample", "samples")
+    ]
+
+
+def test_writing_before_start_or_after_stop_is_a_clear_error(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with pytest.raises(RuntimeStoppedError, match="not started"):
+        tickets.mutate("t-1", lambda prev: ticket())
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket())
+    first = rt.stop()
+    second = rt.stop()
+
+    assert first.clean
+    assert second is first
+    with pytest.raises(RuntimeStoppedError, match="stopped"):
+        tickets.mutate("t-2", lambda prev: ticket())
+    with pytest.raises(RuntimeStoppedError, match="stopped"):
+        rt.start()
+    with pytest.raises(RuntimeStoppedError, match="stopped"):
+        rt.define_entity("other", Ticket)
+    assert tickets.get("t-1") == ticket()
+    assert tickets.get("t-2") is None
+
+
+def test_mutating_the_same_kind_from_inside_apply_is_refused(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    def nested(prev: Any) -> Any:
+        tickets.mutate("t-2", lambda p: ticket())
+        return ticket()
+
+    with rt, pytest.raises(ApplyError, match="would wait for itself"):
+        tickets.mutate("t-1", nested)
+
+    assert rt.log.last_seq == 0
+
+
+def test_the_logger_names_kind_id_and_seq(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with caplog.at_level(logging.DEBUG, logger="runtime"), rt:
+        tickets.mutate("t-9", lambda prev: ticket())
+
+    assert any("ticket/t-9 seq=1" in r.getMessage() for r in caplog.records)

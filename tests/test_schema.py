@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+import pydantic
+import pytest
+
+from runtime import DefinitionError, ReadOnlyDict, SchemaError, compile_schema
+
+
+@dataclass
+class Check:
+    name: str
+    status: Literal["healthy", "degraded"]
+    value: float
+    count: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    history: list[int] = field(default_factory=list)
+    note: str | None = None
+    anything: Any = None
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def _valid(**more: Any) -> dict[str, Any]:
+    return {"name": "cpu", "status": "healthy", "value": 0.5, **more}
+
+
+def test_defaults_are_filled_in_and_the_result_is_read_only() -> None:
+    schema = compile_schema(Check)
+
+    state = schema.validate(_valid(), "check", "c-1")
+
+    assert state == {
+        "name": "cpu",
+        "status": "healthy",
+        "value": 0.5,
+        "count": 0,
+        "labels": {},
+        "history": [],
+        "note": None,
+        "anything": None,
+    }
+    assert isinstance(state, ReadOnlyDict)
+    with pytest.raises(TypeError, match="read-only"):
+        state["count"] = 2  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        state["history"].append(1)
+
+
+def test_validation_copies_so_later_changes_to_the_input_do_not_leak() -> None:
+    schema = compile_schema(Check)
+    raw = _valid(history=[1])
+
+    state = schema.validate(raw, "check", "c-1")
+    raw["history"].append(2)
+
+    assert state["history"] == [1]
+
+
+def test_ints_are_accepted_as_floats_and_stored_as_floats() -> None:
+    state = compile_schema(Check).validate(_valid(value=3), "check", "c-1")
+
+    assert state["value"] == 3.0
+    assert type(state["value"]) is float
+
+
+@pytest.mark.parametrize(
+    ("state", "field", "reason"),
+    [
+        (_valid(status="on fire"), "status", "must be one of 'healthy', 'degraded'"),
+        ({"name": "cpu", "status": "healthy"}, "value", "is missing"),
+        (_valid(colour="red"), "colour", "is not in the schema"),
+        (_valid(count=True), "count", "must be an integer"),
+        (_valid(count=1.5), "count", "must be an integer"),
+        (_valid(value="1"), "value", "must be a number"),
+        (_valid(value=math.nan), "value", "must be a finite number"),
+        (_valid(value=math.inf), "value", "must be a finite number"),
+        (_valid(labels={"a": 1}), "labels.a", "must be a string"),
+        (_valid(labels={1: "a"}), "labels", "key that is not a string"),
+        (_valid(history=(1, 2)), "history", "must be a list"),
+        (_valid(history=[1, "2"]), "history[1]", "must be an integer"),
+        (_valid(anything=b"raw"), "anything", "JSON-compatible"),
+        (_valid(anything={"x": {1, 2}}), "anything.x", "JSON-compatible"),
+        (_valid(anything=[math.nan]), "anything[0]", "finite"),
+        (_valid(anything={2: "x"}), "anything", "key that is not a string"),
+        (_valid(anything=2**70), "anything", "64 bits"),
+        (_valid(name="bad \udc80"), "name", "lone surrogates"),
+    ],
+)
+def test_invalid_states_name_the_field_and_what_was_wrong(
+    state: dict[str, Any], field: str, reason: str
+) -> None:
+    schema = compile_schema(Check)
+
+    with pytest.raises(SchemaError) as caught:
+        schema.validate(state, "check", "c-1")
+
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+    assert str(caught.value).startswith(f"check/c-1: field {field!r}")
+    assert str(caught.value).endswith("nothing recorded")
+
+
+def test_a_state_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(SchemaError, match=r"^check/c-1: must be a mapping, got \["):
+        compile_schema(Check).validate(["cpu"], "check", "c-1")
+
+
+def test_a_cycle_is_refused_not_looped_on() -> None:
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+
+    with pytest.raises(SchemaError, match="deeper than"):
+        compile_schema(Check).validate(_valid(anything=looped), "check", "c-1")
+
+
+def test_enums_are_stored_by_value() -> None:
+    @dataclass
+    class Paint:
+        colour: Colour
+
+    schema = compile_schema(Paint)
+
+    assert schema.validate({"colour": Colour.RED}, "paint", "p")["colour"] == "red"
+    assert schema.validate({"colour": "blue"}, "paint", "p")["colour"] == "blue"
+    with pytest.raises(SchemaError, match="must be one of 'red', 'blue'"):
+        schema.validate({"colour": "green"}, "paint", "p")
+
+
+def test_unsupported_annotations_are_refused_at_definition() -> None:
+    @dataclass
+    class Odd:
+        when: bytes
+
+    with pytest.raises(DefinitionError, match=r"Odd\.when: unsupported annotation"):
+        compile_schema(Odd)
+
+
+def test_a_schema_that_is_not_a_record_type_is_refused() -> None:
+    with pytest.raises(DefinitionError, match="must be a dataclass"):
+        compile_schema(dict)
+
+
+class PydanticCheck(pydantic.BaseModel):
+    name: str
+    status: Literal["healthy", "degraded"]
+    count: int = 0
+
+
+def test_pydantic_models_validate_and_name_the_failing_field() -> None:
+    schema = compile_schema(PydanticCheck)
+
+    state = schema.validate({"name": "cpu", "status": "healthy"}, "check", "c")
+    with pytest.raises(SchemaError) as caught:
+        schema.validate({"name": "cpu", "status": "nope"}, "check", "c")
+    with pytest.raises(SchemaError, match="'extra' is not in the schema"):
+        schema.validate({"name": "a", "status": "healthy", "extra": 1}, "check", "c")
+
+    assert state == {"name": "cpu", "status": "healthy", "count": 0}
+    assert caught.value.field == "status"
+
+
+class StructCheck(msgspec.Struct):
+    name: str
+    status: Literal["healthy", "degraded"]
+    count: int = 0
+
+
+def test_msgspec_structs_validate_and_name_the_failing_field() -> None:
+    schema = compile_schema(StructCheck)
+
+    state = schema.validate({"name": "cpu", "status": "healthy"}, "check", "c")
+    with pytest.raises(SchemaError) as caught:
+        schema.validate({"name": "cpu", "status": "healthy", "count": "1"}, "k", "c")
+
+    assert state == {"name": "cpu", "status": "healthy", "count": 0}
+    assert caught.value.field == "count"
