@@ -5,6 +5,7 @@ import logging
 import threading
 from typing import Any
 
+import pykka
 import pytest
 from conftest import Ticket, ticket
 
@@ -475,6 +476,9 @@ def test_stop_reports_what_a_stuck_subscriber_never_got(
     with caplog.at_level(logging.WARNING):
         report = rt.stop()
     release.set()
+    # The stuck handler's thread was left behind; once released, it ends.
+    for ref in pykka.ActorRegistry.get_all():
+        ref.stop(block=True, timeout=5)
 
     assert not report.clean
     assert [seq for _, seq in report.undelivered] == [2, 3]
