@@ -3,13 +3,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pykka
+from prometheus_client import Gauge, Histogram
 
 from actors._consumers import (
     ConsumerActor,
@@ -26,6 +30,12 @@ from actors._consumers import (
 from actors._kind import MUTATE, REMOVE, KindActor, MutationFuture, Request
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue
+from runtime._durability import (
+    DataDir,
+    RestoredData,
+    freeze_states,
+    restore_into_log,
+)
 from runtime._engine import (
     KindDefinition,
     KindEngine,
@@ -329,6 +339,23 @@ class Runtime:
             before its mutation is refused.
         stop_timeout: how long ``stop()`` waits for deliveries to finish.
         max_dead_letters: how many dead letters are kept (oldest dropped).
+        data_dir: where to keep snapshots and the journal; ``None`` keeps
+            everything in memory only. Restored at ``start()``.
+        journal_fsync: ``"always"`` (every change is on disk before its
+            mutation returns), ``"interval"`` (fsynced in the background at
+            most ``journal_interval`` seconds later) or ``"never"``.
+        journal_interval: see ``journal_fsync``.
+        snapshot_every: take a snapshot after this many changes (``None``:
+            only on demand and at ``stop()``).
+        snapshot_interval: also take one after this many seconds with changes.
+        keep_snapshots: how many snapshots to keep (older ones are pruned,
+            with the journal they make unnecessary).
+        retention_max_age: drop log rows older than this many seconds (by the
+            runtime's clock); ``None`` keeps them whatever their age.
+        retention_max_rows: keep at most this many rows per entity (the newest
+            row of each field always stays); ``None`` for no limit.
+        housekeeping_interval: how often the background thread checks for
+            snapshots and retention, in seconds.
     """
 
     def __init__(
@@ -339,6 +366,15 @@ class Runtime:
         backpressure_timeout: float = 5.0,
         stop_timeout: float = 10.0,
         max_dead_letters: int = 10_000,
+        data_dir: str | os.PathLike[str] | None = None,
+        journal_fsync: str = "always",
+        journal_interval: float = 0.05,
+        snapshot_every: int | None = 100_000,
+        snapshot_interval: float | None = 300.0,
+        keep_snapshots: int = 2,
+        retention_max_age: float | timedelta | None = None,
+        retention_max_rows: int | None = 10_000,
+        housekeeping_interval: float = 1.0,
     ) -> None:
         if mailbox_size < 1:
             raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
@@ -366,6 +402,44 @@ class Runtime:
         self._waiters_lock = threading.Lock()
         self._dead_letters: list[DeadLetter] = []
         self._dead_lock = threading.Lock()
+
+        self._data_dir = (
+            None
+            if data_dir is None
+            else DataDir(data_dir, journal_fsync, journal_interval, keep_snapshots)
+        )
+        if snapshot_every is not None and snapshot_every < 1:
+            raise DefinitionError(
+                f"snapshot_every must be 1 or more (or None), got {snapshot_every}"
+            )
+        if retention_max_rows is not None and retention_max_rows < 1:
+            raise DefinitionError(
+                f"retention_max_rows must be 1 or more (or None), got "
+                f"{retention_max_rows}"
+            )
+        self._snapshot_every = snapshot_every
+        self._snapshot_interval = snapshot_interval
+        self._retention_max_age = (
+            _as_seconds(retention_max_age) if retention_max_age is not None else None
+        )
+        self._retention_max_rows = retention_max_rows
+        self._housekeeping_interval = housekeeping_interval
+        self._housekeeper: threading.Thread | None = None
+        self._housekeeping_stop = threading.Event()
+        self._orphans: dict[str, tuple[bool, dict[str, Any]]] = {}
+        self.restored: RestoredData | None = None
+        """What ``start()`` restored from ``data_dir`` (``None`` without one)."""
+        self._snapshot_seconds = Histogram(
+            "entity_runtime_snapshot_seconds",
+            "Time to capture, encode and write one snapshot.",
+            registry=self.metrics.registry,
+        )
+        self._snapshot_age = Gauge(
+            "entity_runtime_snapshot_age_seconds",
+            "Seconds since the last snapshot was written (NaN before the first).",
+            registry=self.metrics.registry,
+        )
+        self._snapshot_age.set_function(self._seconds_since_snapshot)
 
     # -- definitions ----------------------------------------------------------
 
@@ -418,6 +492,11 @@ class Runtime:
             )
             entry = _Kind(definition, engine)
             self._kinds[kind] = entry
+            if self._data_dir is not None:
+                engine.journal = self._data_dir.journal
+            orphan = self._orphans.pop(kind, None)
+            if orphan is not None and definition.store_backed:
+                engine.store.update(freeze_states(orphan[1]))
             if self._state == _RUNNING:
                 self._start_kind(entry)
 
@@ -583,6 +662,8 @@ class Runtime:
             if self._state == _RUNNING:
                 return self
             self._check_usable("start")
+            if self._data_dir is not None:
+                self._restore(self._data_dir)
 
             for entry in self._kinds.values():
                 self._start_kind(entry)
@@ -590,6 +671,7 @@ class Runtime:
                 self._start_consumer(consumer)
             self._tracker.set_admission(DeliveryTracker.ACCEPTING)
             self._state = _RUNNING
+            self._start_housekeeping()
 
         logger.info("runtime started with kinds %s", ", ".join(self._kinds) or "none")
         return self
@@ -639,6 +721,8 @@ class Runtime:
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
                 tracker.done(seqs)
         stuck = self._stop_consumers(self._all_consumers(), deadline)
+        self._stop_housekeeping()
+        self._close_data_dir()
 
         report = StopReport(
             clean=not undelivered and not stuck,
@@ -709,6 +793,147 @@ class Runtime:
             f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
             f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
         )
+
+    # -- persistence ----------------------------------------------------------
+
+    def snapshot(self) -> Path | None:
+        """Write a snapshot now; return its path (``None`` if nothing changed).
+
+        Raises:
+            RuntimeStoppedError: the runtime has no ``data_dir`` or is not
+                running.
+        """
+        if self._data_dir is None:
+            raise RuntimeStoppedError(
+                "snapshot() needs a data_dir; this runtime keeps everything in "
+                "memory only"
+            )
+        self._check_running("take a snapshot")
+        return self._data_dir.snapshot(
+            self.log, self._capture_states, self._snapshot_seconds
+        )
+
+    def apply_retention(self) -> int:
+        """Drop log rows past the retention limits now; return how many."""
+        older_than = (
+            None
+            if self._retention_max_age is None
+            else self.clock() - self._retention_max_age
+        )
+        return self.log.prune(older_than, self._retention_max_rows)
+
+    def _capture_states(self) -> dict[str, tuple[bool, dict[str, Any]]]:
+        # NOTE: called under the log's lock, which every commit holds while it
+        # updates a store, so the stores and the log agree with each other.
+        kinds: dict[str, tuple[bool, dict[str, Any]]] = dict(self._orphans)
+        for kind, entry in self._kinds.items():
+            backed = entry.definition.store_backed
+            kinds[kind] = (backed, dict(entry.engine.store) if backed else {})
+        return kinds
+
+    def _restore(self, data_dir: DataDir) -> None:
+        data = data_dir.open()
+        try:
+            restore_into_log(self.log, data.changes)
+            self.log.advance_to(data.seq)
+            for kind, states in data.states.items():
+                entry = self._kinds.get(kind)
+                if entry is not None and entry.definition.store_backed:
+                    entry.engine.store.update(freeze_states(states))
+                else:
+                    self._orphans[kind] = (data.store_backed.get(kind, True), states)
+            for kind in self._orphans:
+                logger.warning(
+                    "data dir %s holds kind %s, which is not defined; its %d states "
+                    "are kept and written to later snapshots",
+                    data_dir.directory,
+                    kind,
+                    len(self._orphans[kind][1]),
+                )
+            data_dir.start_journal(data.seq + 1)
+        except BaseException:
+            data_dir.close()
+            raise
+
+        self.restored = data
+        logger.info(
+            "restored %s: seq=%d from %s and %d journal records",
+            data_dir.directory,
+            data.seq,
+            data.snapshot.name if data.snapshot else "no snapshot",
+            data.journal_records,
+        )
+        if data.damaged:
+            # A fresh snapshot makes the damaged files unnecessary, so the next
+            # start does not trip over them again.
+            data_dir.snapshot(self.log, self._capture_states, self._snapshot_seconds)
+
+    def _seconds_since_snapshot(self) -> float:
+        if self._data_dir is None or self._data_dir.last_snapshot_at is None:
+            return math.nan
+        return time.time() - self._data_dir.last_snapshot_at
+
+    def _start_housekeeping(self) -> None:
+        self._housekeeping_stop.clear()
+        self._housekeeper = threading.Thread(
+            target=self._housekeeping_loop,
+            name="entity-runtime-housekeeping",
+            daemon=True,
+        )
+        self._housekeeper.start()
+
+    def _stop_housekeeping(self) -> None:
+        self._housekeeping_stop.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join()
+            self._housekeeper = None
+
+    def _housekeeping_loop(self) -> None:
+        last_retention = time.monotonic()
+        while not self._housekeeping_stop.wait(self._housekeeping_interval):
+            try:
+                if (
+                    time.monotonic() - last_retention
+                    >= 60 * self._housekeeping_interval
+                ):
+                    last_retention = time.monotonic()
+                    self.apply_retention()
+                if self._snapshot_due():
+                    self.apply_retention()
+                    self._data_dir.snapshot(  # type: ignore[union-attr]
+                        self.log, self._capture_states, self._snapshot_seconds
+                    )
+            except Exception:
+                logger.exception("housekeeping failed; will try again")
+
+    def _snapshot_due(self) -> bool:
+        data_dir = self._data_dir
+        if data_dir is None:
+            return False
+        pending = self.log.last_seq - data_dir.last_snapshot_seq
+        if pending <= 0:
+            return False
+        if self._snapshot_every is not None and pending >= self._snapshot_every:
+            return True
+        if self._snapshot_interval is None:
+            return False
+        since = data_dir.last_snapshot_at
+        return since is None or time.time() - since >= self._snapshot_interval
+
+    def _close_data_dir(self) -> None:
+        data_dir = self._data_dir
+        if data_dir is None:
+            return
+        try:
+            self.apply_retention()
+            data_dir.snapshot(self.log, self._capture_states, self._snapshot_seconds)
+        except Exception:
+            logger.exception(
+                "final snapshot of %s failed; the journal still holds every change",
+                data_dir.directory,
+            )
+        finally:
+            data_dir.close()
 
     # -- dead letters ---------------------------------------------------------
 

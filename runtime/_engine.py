@@ -9,7 +9,7 @@ from typing import Any
 from runtime._diff import diff_states
 from runtime._errors import ApplyError, InvalidIdError, ReadError, SchemaError
 from runtime._events import EntityChanged, ReadOnlyDict, thaw
-from runtime._log import TransitionLog
+from runtime._log import TransitionLog, change_rows
 from runtime._metrics import RuntimeMetrics
 from runtime._schema import StateSchema, _Invalid, check_json_value
 
@@ -19,6 +19,7 @@ MAX_ID_LENGTH = 1024
 """The longest entity id accepted, in characters."""
 
 ReadFn = Callable[[Sequence[str]], Mapping[str, Any]]
+JournalFn = Callable[[Any], None]
 ApplyFn = Callable[[dict[str, Any] | None], Any]
 CommitHook = Callable[[EntityChanged], None]
 
@@ -94,6 +95,8 @@ class KindEngine:
         self._log = log
         self._clock = clock
         self._on_commit = on_commit
+        self.journal: JournalFn | None = None
+        """Called with each change's record before it is applied (persistence)."""
 
         kind = self.kind
         self._changed = metrics.mutations.labels(kind, "changed")
@@ -231,19 +234,19 @@ class KindEngine:
     ) -> EntityChanged:
         ts = self._clock() if at is None else at
         log = self._log
+        store_backed = self.definition.read is None
+        spec = change_rows(prev, next_state, changed_fields)
 
         with log.lock:
-            seq, rows = log.append_change(
-                self.kind,
-                entity_id,
-                prev,
-                next_state,
-                changed_fields,
-                ts,
-                actor,
-                run_id,
+            seq = log.last_seq + 1
+            if self.journal is not None:
+                self._journal_change(
+                    seq, entity_id, ts, actor, run_id, store_backed, next_state, spec
+                )
+            rows = log.append_rows(
+                seq, self.kind, entity_id, ts, actor, run_id, spec, changed_fields
             )
-            if self.definition.read is None:
+            if store_backed:
                 if next_state is None:
                     del self.store[entity_id]
                 else:
@@ -273,6 +276,42 @@ class KindEngine:
             changed_fields,
         )
         return change
+
+    def _journal_change(
+        self,
+        seq: int,
+        entity_id: str,
+        ts: float,
+        actor: str,
+        run_id: str | None,
+        store_backed: bool,
+        next_state: ReadOnlyDict | None,
+        spec: list[list[Any]],
+    ) -> None:
+        from runtime._durability import ChangeRecord
+        from runtime._persistence import DataDirError
+
+        record = ChangeRecord(
+            seq,
+            self.kind,
+            entity_id,
+            ts,
+            actor,
+            run_id,
+            store_backed,
+            next_state if store_backed else None,
+            spec,
+        )
+        try:
+            self.journal(record)  # type: ignore[misc]
+        except DataDirError as err:
+            self._failed.inc()
+            raise DataDirError(
+                err.path,
+                f"{self.kind}/{entity_id} seq={seq}: could not journal the change "
+                f"({err.reason}); nothing recorded",
+                err,
+            ) from err
 
     def restore(self, entity_id: str, state: ReadOnlyDict | None) -> None:
         """Put a recorded state back in the store (used when restoring)."""

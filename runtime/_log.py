@@ -55,6 +55,22 @@ def _timestamp(row: Transition) -> float:
     return row.timestamp
 
 
+def change_rows(
+    prev: Mapping[str, Any] | None,
+    next_state: Mapping[str, Any] | None,
+    changed_fields: Sequence[str],
+) -> list[list[Any]]:
+    """Return the ``[field, before, after]`` triples of one change.
+
+    A tombstone is the single triple ``[None, prev, None]``.
+    """
+    if next_state is None:
+        return [[None, prev, None]]
+    if prev is None:
+        return [[f, None, next_state.get(f)] for f in changed_fields]
+    return [[f, prev.get(f), next_state.get(f)] for f in changed_fields]
+
+
 class TransitionLog:
     """The ordered, indexed, in-memory log of every field change.
 
@@ -96,53 +112,67 @@ class TransitionLog:
         A tombstone (``next_state is None``) is one row with ``field=None``.
         ``seq`` is given only when restoring a recorded change; it must be
         higher than every sequence already in the log.
-
-        Callers that must do more under the same lock (the store update) hold
-        ``self.lock`` around the call.
         """
         with self.lock:
             if seq is None:
                 seq = self.last_seq + 1
-            elif seq <= self.last_seq:
+            spec = change_rows(prev, next_state, changed_fields)
+            rows = self.append_rows(
+                seq, kind, entity_id, at, actor, run_id, spec, changed_fields
+            )
+            return seq, rows
+
+    def append_rows(
+        self,
+        seq: int,
+        kind: str,
+        entity_id: str,
+        at: float,
+        actor: str,
+        run_id: str | None,
+        spec: Sequence[Sequence[Any]],
+        changed_fields: Sequence[str],
+    ) -> tuple[Transition, ...]:
+        """Record one change given as ``[field, before, after]`` triples.
+
+        A tombstone is the single triple ``[None, prev, None]``; its
+        ``changed_fields`` are the fields ``prev`` had. Used by the write path
+        (which journals the same triples first) and by restores.
+
+        Raises:
+            ValueError: ``seq`` is not after the log's last sequence.
+        """
+        with self.lock:
+            if seq <= self.last_seq:
                 raise ValueError(
                     f"sequence {seq} is not after the log's last sequence "
                     f"{self.last_seq}"
                 )
 
-            if next_state is None:
-                rows: tuple[Transition, ...] = (
-                    Transition(
-                        seq=seq,
-                        kind=kind,
-                        id=entity_id,
-                        field=None,
-                        before=prev,
-                        after=None,
-                        at=at,
-                        actor=actor,
-                        run_id=run_id,
-                        tombstone=True,
-                    ),
+            rows = tuple(
+                Transition(
+                    seq=seq,
+                    kind=kind,
+                    id=entity_id,
+                    field=field,
+                    before=before,
+                    after=after,
+                    at=at,
+                    actor=actor,
+                    run_id=run_id,
+                    tombstone=field is None,
                 )
-            else:
-                rows = tuple(
-                    Transition(
-                        seq=seq,
-                        kind=kind,
-                        id=entity_id,
-                        field=field,
-                        before=None if prev is None else prev.get(field),
-                        after=next_state.get(field),
-                        at=at,
-                        actor=actor,
-                        run_id=run_id,
-                    )
-                    for field in changed_fields
-                )
+                for field, before, after in spec
+            )
 
             self._index(kind, entity_id, seq, rows, changed_fields)
             self.last_seq = seq
-            return seq, rows
+            return rows
+
+    def advance_to(self, seq: int) -> None:
+        """Continue numbering after ``seq`` (restores with no rows left)."""
+        with self.lock:
+            self.last_seq = max(self.last_seq, seq)
 
     def _index(
         self,
@@ -218,6 +248,79 @@ class TransitionLog:
             found = list(self._changes.irange(minimum=seq, inclusive=(False, True)))
             batches = [self._changes[s] for s in found]
         yield from batches
+
+    def prune(
+        self,
+        older_than: float | None = None,
+        max_rows: int | None = None,
+        batch: int = 200,
+    ) -> int:
+        """Drop old rows; return how many were dropped.
+
+        A row goes when it is older than ``older_than`` (POSIX time) or when
+        its entity has more than ``max_rows`` newer rows. The newest row of
+        each field of an entity always stays, so ``in_state_since`` keeps its
+        answer however long a field has held its value.
+
+        The lock is taken for ``batch`` entities at a time, so writers are
+        never held up for long.
+        """
+        if older_than is None and max_rows is None:
+            return 0
+
+        with self.lock:
+            keys = [
+                key
+                for key, entity in self._entities.items()
+                if (max_rows is not None and len(entity.rows) > max_rows)
+                or (older_than is not None and entity.times[0] < older_than)
+            ]
+
+        dropped = 0
+        for start in range(0, len(keys), batch):
+            with self.lock:
+                for key in keys[start : start + batch]:
+                    dropped += self._prune_entity(key, older_than, max_rows)
+        if dropped:
+            logger.debug("retention dropped %d transition rows", dropped)
+        return dropped
+
+    def _prune_entity(
+        self, key: tuple[str, str], older_than: float | None, max_rows: int | None
+    ) -> int:
+        entity = self._entities.get(key)
+        if entity is None:
+            return 0
+
+        keep_newest = {id(rows[-1]) for rows in entity.by_field.values()}
+        cut = len(entity.rows) - max_rows if max_rows is not None else 0
+        doomed = [
+            row
+            for index, row in enumerate(entity.rows)
+            if id(row) not in keep_newest
+            and (index < cut or (older_than is not None and row.timestamp < older_than))
+        ]
+        if not doomed:
+            return 0
+
+        gone = {id(row) for row in doomed}
+        entity.rows = [r for r in entity.rows if id(r) not in gone]
+        entity.times = [r.timestamp for r in entity.rows]
+        for field, rows in list(entity.by_field.items()):
+            left = [r for r in rows if id(r) not in gone]
+            entity.by_field[field] = left
+        for seq in {row.seq for row in doomed}:
+            left_rows = tuple(r for r in self._changes[seq] if id(r) not in gone)
+            if left_rows:
+                self._changes[seq] = left_rows
+            else:
+                del self._changes[seq]
+        self._row_count -= len(doomed)
+        return len(doomed)
+
+    def snapshot_changes(self) -> list[tuple[Transition, ...]]:
+        """Return every change's rows in sequence order (call under ``lock``)."""
+        return list(self._changes.values())
 
     def entity_keys(self) -> list[tuple[str, str]]:
         """Return every ``(kind, id)`` that has rows in the log."""

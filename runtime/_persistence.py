@@ -1149,11 +1149,14 @@ class JournalWriter:
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def append(self, record: Mapping[str, Any]) -> None:
+    def append(self, record: Mapping[str, Any], *, trusted: bool = False) -> None:
         """Append one record; see the class docstring for what returning means.
 
         Args:
             record: a dict of JSON-compatible values (see :func:`encode_value`).
+            trusted: skip the JSON-compatibility check, for records built only
+                from values that were already validated (the runtime's own);
+                tuples are then written as arrays.
 
         Raises:
             UnencodableValueError: the record cannot be stored; nothing written.
@@ -1165,7 +1168,11 @@ class JournalWriter:
             raise UnencodableValueError(
                 "record", f"must be a dict, got {_describe(record)}"
             )
-        body = encode_value(record, what="record")
+        body = (
+            msgspec.msgpack.encode(record)
+            if trusted
+            else encode_value(record, what="record")
+        )
         if len(body) > _MAX_RECORD:
             raise UnencodableValueError(
                 "record", f"encodes to {len(body)} bytes; 2**32-1 max"

@@ -1,0 +1,363 @@
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from runtime._errors import EntityRuntimeError
+from runtime._events import ReadOnlyDict, Transition, freeze
+from runtime._log import TransitionLog
+from runtime._persistence import (
+    CorruptFileError,
+    DataDirError,
+    DataDirLock,
+    JournalWriter,
+    list_journals,
+    list_snapshots,
+    load_newest_snapshot,
+    prune_snapshots,
+    read_journal,
+    write_snapshot,
+)
+
+logger = logging.getLogger(__name__)
+
+PAYLOAD_FORMAT = 1
+"""The layout of the snapshot payload and journal records written here."""
+
+FSYNC_MODES = ("always", "interval", "never")
+
+
+class RestoreError(EntityRuntimeError, RuntimeError):
+    """The data directory cannot be restored without losing recorded changes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One recorded change, as journalled and restored.
+
+    ``rows`` are ``[field, before, after]`` triples (a tombstone is
+    ``[None, prev, None]``). ``next_state`` is the full state after the change
+    for store-backed kinds (``None`` for a tombstone or a plugin-backed kind).
+    """
+
+    seq: int
+    kind: str
+    id: str
+    ts: float
+    actor: str
+    run_id: str | None
+    store_backed: bool
+    next_state: Any
+    rows: list[list[Any]]
+
+    def encode(self) -> dict[str, Any]:
+        """The journal record of this change."""
+        return {
+            "c": [
+                self.seq,
+                self.kind,
+                self.id,
+                self.ts,
+                self.actor,
+                self.run_id,
+                self.store_backed,
+                self.next_state,
+                self.rows,
+            ]
+        }
+
+    @classmethod
+    def decode(cls, record: Mapping[str, Any]) -> ChangeRecord:
+        """Rebuild a change from its journal record."""
+        seq, kind, entity_id, ts, actor, run_id, store_backed, nxt, rows = record["c"]
+        return cls(seq, kind, entity_id, ts, actor, run_id, store_backed, nxt, rows)
+
+    @property
+    def changed_fields(self) -> list[str]:
+        """The fields the change touched (all of ``prev``'s for a tombstone)."""
+        first = self.rows[0]
+        if first[0] is None:
+            return list(first[1] or ())
+        return [row[0] for row in self.rows]
+
+
+@dataclasses.dataclass
+class RestoredData:
+    """Everything a data directory holds, read without starting a runtime."""
+
+    seq: int = 0
+    states: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    store_backed: dict[str, bool] = dataclasses.field(default_factory=dict)
+    changes: list[ChangeRecord] = dataclasses.field(default_factory=list)
+    snapshot: Path | None = None
+    journal_records: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def damaged(self) -> bool:
+        """Whether a corrupt file was passed over (a torn tail is not damage)."""
+        return bool(self.problems)
+
+
+def _decode_rows(rows: Iterable[Any]) -> list[ChangeRecord]:
+    return [
+        ChangeRecord(seq, kind, i, ts, actor, run_id, False, None, spec)
+        for seq, kind, i, ts, actor, run_id, spec in rows
+    ]
+
+
+def load_data_dir(directory: str | Path) -> RestoredData:
+    """Read the newest valid snapshot and the journal after it.
+
+    Pure reading: takes no lock and changes no file, so it can inspect the data
+    directory of a running runtime.
+
+    Raises:
+        FormatVersionError: a file was written by a newer version.
+        RestoreError: a corrupt snapshot or journal leaves a gap of changes
+            that no other file covers.
+    """
+    directory = Path(directory)
+    data = RestoredData()
+
+    loaded = load_newest_snapshot(directory)
+    for skipped in loaded.skipped if loaded else _all_corrupt(directory):
+        data.problems.append(str(skipped))
+        logger.error("snapshot %s is corrupt (%s); falling back", skipped.path, skipped)
+    if loaded is not None:
+        payload = loaded.payload
+        if payload.get("format", 0) > PAYLOAD_FORMAT:
+            raise RestoreError(
+                f"{loaded.path}: payload format {payload.get('format')} is newer "
+                f"than this version supports ({PAYLOAD_FORMAT})"
+            )
+        data.seq = loaded.seq
+        data.snapshot = loaded.path
+        for kind, info in payload["kinds"].items():
+            data.store_backed[kind] = info["store_backed"]
+            if info["store_backed"]:
+                data.states[kind] = dict(info["states"])
+        data.changes = _decode_rows(payload["changes"])
+
+    replay = read_journal(directory, on_corrupt="stop")
+    if replay.corruption is not None:
+        data.problems.append(str(replay.corruption))
+        logger.error(
+            "journal damaged: %s; restoring the %d records before it",
+            replay.corruption,
+            len(replay.records),
+        )
+
+    expected = data.seq + 1
+    for record in replay.records:
+        change = ChangeRecord.decode(record)
+        if change.seq < expected:
+            continue
+        if change.seq > expected:
+            damage = "; ".join(data.problems) or "no damaged file found"
+            raise RestoreError(
+                f"{directory}: cannot restore without a gap: the newest usable "
+                f"snapshot ends at seq {data.seq} and the journal continues at "
+                f"seq {change.seq} (expected {expected}); move the damaged "
+                f"files aside to start from what is left ({damage})"
+            )
+        _apply(data, change)
+        data.journal_records += 1
+        expected += 1
+
+    if loaded is None and not data.changes and data.problems:
+        logger.error("%s: no valid snapshot and no journal to rebuild from", directory)
+    return data
+
+
+def _all_corrupt(directory: Path) -> list[CorruptFileError]:
+    if list_snapshots(directory):
+        return [
+            CorruptFileError(path, "no snapshot in the directory passes its checks")
+            for path in list_snapshots(directory)[:1]
+        ]
+    return []
+
+
+def _apply(data: RestoredData, change: ChangeRecord) -> None:
+    data.changes.append(change)
+    data.seq = change.seq
+    data.store_backed.setdefault(change.kind, change.store_backed)
+    if not change.store_backed:
+        return
+    states = data.states.setdefault(change.kind, {})
+    if change.next_state is None:
+        states.pop(change.id, None)
+    else:
+        states[change.id] = change.next_state
+
+
+def restore_into_log(log: TransitionLog, changes: Iterable[ChangeRecord]) -> int:
+    """Append restored changes to an empty log; return how many."""
+    count = 0
+    for change in changes:
+        spec = [[f, freeze(before), freeze(after)] for f, before, after in change.rows]
+        log.append_rows(
+            change.seq,
+            change.kind,
+            change.id,
+            change.ts,
+            change.actor,
+            change.run_id,
+            spec,
+            change.changed_fields,
+        )
+        count += 1
+    return count
+
+
+def _encode_change(rows: tuple[Transition, ...]) -> list[Any]:
+    first = rows[0]
+    return [
+        first.seq,
+        first.kind,
+        first.id,
+        first.timestamp,
+        first.actor,
+        first.run_id,
+        [[r.field, r.before, r.after] for r in rows],
+    ]
+
+
+class DataDir:
+    """The runtime's side of a data directory: lock, journal and snapshots.
+
+    Opening takes the directory's lock (refused while another runtime holds
+    it; a crashed holder does not leave it stuck) and checks the directory is
+    writable, so a read-only directory fails at start, not at the first write.
+
+    Every committed change is journalled by :meth:`journal` before it is
+    applied in memory and acknowledged: with ``fsync="always"`` an
+    acknowledged change survives ``kill -9``. Snapshots are written by
+    :meth:`snapshot`, which captures the state under the log's lock (cheap:
+    states and rows are immutable, so only references are copied), rotates the
+    journal at the same point, and encodes and writes outside the lock.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        fsync: str = "always",
+        interval: float = 0.05,
+        keep_snapshots: int = 2,
+    ) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(
+                f"journal_fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}"
+            )
+        if keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be 1 or more, got {keep_snapshots}")
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.interval = interval
+        self.keep_snapshots = keep_snapshots
+        self.last_snapshot_seq = 0
+        self.last_snapshot_at: float | None = None
+        self._lock = DataDirLock(self.directory)
+        self._journal: JournalWriter | None = None
+        self._snapshot_lock = threading.Lock()
+
+    def open(self) -> RestoredData:
+        """Lock the directory and read what it holds."""
+        self._lock.acquire()
+        try:
+            data = load_data_dir(self.directory)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.last_snapshot_seq = data.seq - data.journal_records
+        return data
+
+    def start_journal(self, next_seq: int) -> None:
+        """Start appending to a fresh journal file from ``next_seq``."""
+        self._journal = JournalWriter(
+            self.directory, first_seq=next_seq, fsync=self.fsync, interval=self.interval
+        )
+
+    def journal(self, change: ChangeRecord) -> None:
+        """Append one change; raises :class:`DataDirError` if it cannot."""
+        journal = self._journal
+        if journal is None:
+            raise DataDirError(self.directory, "the journal is not open")
+        journal.append(change.encode(), trusted=True)
+
+    def snapshot(
+        self,
+        log: TransitionLog,
+        capture_states: Callable[[], dict[str, tuple[bool, dict[str, Any]]]],
+        seconds: Any = None,
+    ) -> Path | None:
+        """Write a snapshot of the current state and log; prune old files.
+
+        Returns the snapshot's path, or ``None`` when nothing changed since the
+        last one.
+        """
+        with self._snapshot_lock:
+            started = time.perf_counter()
+
+            with log.lock:
+                seq = log.last_seq
+                if seq == self.last_snapshot_seq and self.last_snapshot_at is not None:
+                    return None
+                kinds = capture_states()
+                changes = log.snapshot_changes()
+                if self._journal is not None:
+                    self._journal.rotate(seq + 1)
+
+            payload = {
+                "format": PAYLOAD_FORMAT,
+                "seq": seq,
+                "kinds": {
+                    kind: {"store_backed": backed, "states": states}
+                    for kind, (backed, states) in kinds.items()
+                },
+                "changes": [_encode_change(rows) for rows in changes],
+            }
+            path = write_snapshot(self.directory, seq, payload)
+            self.last_snapshot_seq = seq
+            self.last_snapshot_at = time.time()
+
+            prune_snapshots(self.directory, keep=self.keep_snapshots)
+            kept = list_snapshots(self.directory)
+            oldest = int(kept[-1].name.split("-")[1].split(".")[0]) if kept else seq
+            if self._journal is not None:
+                self._journal.remove_journals_before(oldest + 1)
+
+            took = time.perf_counter() - started
+            if seconds is not None:
+                seconds.observe(took)
+            logger.info(
+                "snapshot %s at seq=%d: %d changes, %.3f s",
+                path.name,
+                seq,
+                len(changes),
+                took,
+            )
+            return path
+
+    def close(self) -> None:
+        """Flush and close the journal and release the lock; idempotent."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._lock.held:
+            self._lock.release()
+
+    def journal_files(self) -> list[Path]:
+        """The journal files in the directory, in replay order."""
+        return list_journals(self.directory)
+
+
+def freeze_states(states: Mapping[str, Any]) -> dict[str, ReadOnlyDict]:
+    """Return restored states as read-only values."""
+    return {key: freeze(value) for key, value in states.items()}
