@@ -86,6 +86,82 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from runtime import EntityRuntimeError
+    from runtime._durability import load_data_dir
+
+    directory = Path(args.data_dir)
+    if not directory.is_dir():
+        print(f"error: {directory} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        data = load_data_dir(directory)
+    except EntityRuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    ids_by_kind: dict[str, set[str]] = {}
+    for change in data.changes:
+        ids_by_kind.setdefault(change.kind, set()).add(change.id)
+
+    if args.kind is None:
+        print(f"{directory}: seq={data.seq}, {len(data.changes)} changes in the log")
+        if data.snapshot is not None:
+            print(
+                f"snapshot {data.snapshot.name} "
+                f"+ {data.journal_records} journal records"
+            )
+        for problem in data.problems:
+            print(f"damaged: {problem}")
+        kinds = sorted(set(ids_by_kind) | set(data.states))
+        for kind in kinds:
+            backed = data.store_backed.get(kind, True)
+            count = len(data.states.get(kind, {})) if backed else len(ids_by_kind[kind])
+            how = "entities" if backed else "ids in the log (plugin-backed)"
+            print(f"  {kind}: {count} {how}")
+        return 0
+
+    if args.kind not in data.store_backed and args.kind not in ids_by_kind:
+        print(f"error: no kind {args.kind!r} in {directory}", file=sys.stderr)
+        return 2
+    if args.id is None:
+        ids = sorted(data.states.get(args.kind, {}) or ids_by_kind.get(args.kind, ()))
+        for entity_id in ids:
+            print(entity_id)
+        return 0
+
+    state = data.states.get(args.kind, {}).get(args.id)
+    rows = [
+        {
+            "seq": c.seq,
+            "at": datetime.fromtimestamp(c.ts, UTC).isoformat(),
+            "actor": c.actor,
+            "run_id": c.run_id,
+            "field": field,
+            "before": before,
+            "after": after,
+        }
+        for c in data.changes
+        if c.kind == args.kind and c.id == args.id
+        for field, before, after in c.rows
+    ]
+    if state is None and not rows:
+        print(f"error: no entity {args.kind}/{args.id} in {directory}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"kind": args.kind, "id": args.id, "state": state, "history": rows},
+            indent=2,
+            default=str,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the ``entity-runtime`` command."""
     parser = argparse.ArgumentParser(
@@ -104,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run a short monitoring scenario and print its trigger events"
     )
     demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="list the kinds, entities and history kept in a data directory",
+        description="Read a data directory without starting a runtime: with no "
+        "KIND, list kinds and entity counts; with KIND, its ids; with KIND and "
+        "ID, that entity's state and history as JSON.",
+    )
+    inspect.add_argument("--data-dir", required=True, help="the data directory")
+    inspect.add_argument("kind", nargs="?", help="a kind to list")
+    inspect.add_argument("id", nargs="?", help="an entity to show")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
