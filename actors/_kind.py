@@ -3,16 +3,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 import pykka
 
-from actors._consumers import thread_role
+from actors._consumers import WAKE, thread_role
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._engine import KindEngine
-from runtime._errors import BackpressureError
+from runtime._errors import BackpressureError, RuntimeStoppedError
 from runtime._events import EntityChanged
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,43 @@ class Request:
         self.submitted = time.perf_counter()
 
 
+class RequestQueue:
+    """The queue of requests in front of one kind actor.
+
+    Writers append here and wake the actor with one pykka message only when it
+    is idle; the actor then takes every waiting request in one step. A burst
+    of pipelined mutations thus costs one pykka message, not one per mutation.
+    Thread-safe; any number of producers, one consumer.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: deque[Request] = deque()
+        self._scheduled = False
+        self.wake: Callable[[], None] = lambda: None
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def put(self, request: Request) -> None:
+        """Queue one request, waking the actor if it is idle."""
+        with self._lock:
+            self._requests.append(request)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.wake()
+
+    def take_all(self) -> deque[Request] | None:
+        """Take every waiting request; ``None`` (and idle) when there are none."""
+        with self._lock:
+            if not self._requests:
+                self._scheduled = False
+                return None
+            taken, self._requests = self._requests, deque()
+            return taken
+
+
 class KindActor(pykka.ThreadingActor):
     """Serialises the mutations of one kind (or of one shard of its ids).
 
@@ -104,8 +143,10 @@ class KindActor(pykka.ThreadingActor):
         tracker: DeliveryTracker,
         backpressure_timeout: float,
         mutate_seconds: Any,
+        requests: RequestQueue,
     ) -> None:
         super().__init__()
+        self.requests = requests
         self.engine = engine
         self.shard = shard
         self._publish = publish
@@ -117,8 +158,26 @@ class KindActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         thread_role.kind_shard = (self.engine.kind, self.shard)
 
+    def on_stop(self) -> None:
+        left = self.requests.take_all()
+        for request in left or ():
+            request.future.set_exception(
+                RuntimeStoppedError(
+                    f"{self.engine.kind}/{request.entity_id}: the runtime stopped "
+                    "before this mutation ran; nothing recorded"
+                )
+            )
+            self._tracker.finish_mutation()
+
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, Request):
+        if message == WAKE:
+            while True:
+                batch = self.requests.take_all()
+                if batch is None:
+                    return
+                for request in batch:
+                    self._handle(request)
+        elif isinstance(message, Request):
             self._handle(message)
         else:
             logger.warning(

@@ -56,6 +56,23 @@ class DeliveryTracker:
             if self._waiting:
                 self._cond.notify_all()
 
+    def wait_mutations(self, timeout: float | None) -> bool:
+        """Wait until no admitted mutation is pending; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._pending:
+                    remaining = (
+                        None if deadline is None else deadline - time.monotonic()
+                    )
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no mutation is pending and nothing is being delivered."""
         deadline = None if timeout is None else time.monotonic() + timeout

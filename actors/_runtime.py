@@ -27,7 +27,14 @@ from actors._consumers import (
     thread_role,
     trigger_process,
 )
-from actors._kind import MUTATE, REMOVE, KindActor, MutationFuture, Request
+from actors._kind import (
+    MUTATE,
+    REMOVE,
+    KindActor,
+    MutationFuture,
+    Request,
+    RequestQueue,
+)
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue
 from runtime._durability import (
@@ -117,6 +124,7 @@ class _Kind:
         self.definition = definition
         self.engine = engine
         self.refs: list[pykka.ActorRef[Any]] = []
+        self.queues: list[RequestQueue] = []
         self.boxes: tuple[Mailbox, ...] = ()
         self.stage: DeriverStage | None = None
         self.deriver: _Consumer | None = None
@@ -705,14 +713,19 @@ class Runtime:
         tracker = self._tracker
 
         tracker.set_admission(DeliveryTracker.INTERNAL_ONLY)
-        idle = tracker.wait_idle(wait)
+        tracker.wait_idle(wait)
         tracker.set_admission(DeliveryTracker.CLOSED)
-        tracker.wait_idle(0 if not idle else max(0.0, deadline - time.monotonic()))
+        tracker.wait_mutations(max(0.1, deadline - time.monotonic()))
 
+        stuck = []
         for entry in self._kinds.values():
-            for ref in entry.refs:
-                ref.stop(block=True)
+            for shard, ref in enumerate(entry.refs):
+                try:
+                    ref.stop(block=True, timeout=max(0.1, deadline - time.monotonic()))
+                except pykka.Timeout:
+                    stuck.append(f"kind:{entry.engine.kind}/{shard}")
             entry.refs = []
+            entry.queues = []
 
         self._abort.set()
         undelivered = []
@@ -720,7 +733,7 @@ class Runtime:
             for _item, seqs in consumer.mailbox.close():
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
                 tracker.done(seqs)
-        stuck = self._stop_consumers(self._all_consumers(), deadline)
+        stuck += self._stop_consumers(self._all_consumers(), deadline)
         self._stop_housekeeping()
         self._close_data_dir()
 
@@ -1041,6 +1054,7 @@ class Runtime:
             if consumer.ref is None:
                 self._start_consumer(consumer)
         for shard in range(entry.definition.shards):
+            requests = RequestQueue()
             ref = KindActor.start(
                 entry.engine,
                 shard,
@@ -1049,8 +1063,11 @@ class Runtime:
                 self._tracker,
                 self._backpressure_timeout,
                 self.metrics.mutate_seconds,
+                requests,
             )
+            requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
             entry.refs.append(ref)
+            entry.queues.append(requests)
 
     def _start_consumer(self, consumer: _Consumer) -> None:
         if consumer.ref is not None:
