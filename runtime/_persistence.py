@@ -486,7 +486,9 @@ def snapshot_name(seq: int) -> str:
     return f"snapshot-{seq:020d}.snap"
 
 
-def write_snapshot(directory: StrPath, seq: int, payload: Mapping[str, Any]) -> Path:
+def write_snapshot(
+    directory: StrPath, seq: int, payload: Mapping[str, Any], *, trusted: bool = False
+) -> Path:
     """Write a complete snapshot of ``payload`` taken at ``seq``, atomically.
 
     The bytes go to a temporary file in the same directory, which is fsynced,
@@ -500,6 +502,8 @@ def write_snapshot(directory: StrPath, seq: int, payload: Mapping[str, Any]) -> 
         directory: the data directory (must exist).
         seq: the sequence number the payload reflects (0 to 2**64-1).
         payload: a dict of JSON-compatible values; see :func:`encode_value`.
+        trusted: skip the JSON-compatibility check, for payloads built only
+            from values that were already validated (the runtime's own).
 
     Returns:
         The path of the new snapshot.
@@ -517,7 +521,11 @@ def write_snapshot(directory: StrPath, seq: int, payload: Mapping[str, Any]) -> 
             "payload", f"must be a dict, got {_describe(payload)}"
         )
 
-    body = encode_value(payload, what="payload")
+    body = (
+        msgspec.msgpack.encode(payload)
+        if trusted
+        else encode_value(payload, what="payload")
+    )
     crc = zlib.crc32(body, zlib.crc32(_SEQ_LENGTH.pack(seq, len(body))))
     header = _SNAPSHOT_HEADER.pack(
         _SNAPSHOT_MAGIC, SNAPSHOT_VERSION, seq, len(body), crc
