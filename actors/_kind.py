@@ -191,20 +191,21 @@ class KindActor(pykka.ThreadingActor):
         try:
             result, change = self._run(request)
         except BaseException as err:
+            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
             request.future.set_exception(err)
             self._tracker.finish_mutation()
-            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
             return
 
         if change is not None:
             self._publish(change)
+        self._mutate_seconds.observe(time.perf_counter() - request.submitted)
         request.future.set_result(result)
         self._tracker.finish_mutation()
-        self._mutate_seconds.observe(time.perf_counter() - request.submitted)
 
     def _run(self, request: Request) -> tuple[Any, EntityChanged | None]:
         box = self._deriver_box()
         if box is not None and not box.wait_for_space(self._backpressure_timeout):
+            self.engine.count_failed()
             raise BackpressureError(
                 f"{self.engine.kind}/{request.entity_id}: the deriver stage has "
                 f"{len(box)} changes waiting and made no room within "

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pykka
-from prometheus_client import Gauge, Histogram
 
 from actors._consumers import (
     ConsumerActor,
@@ -57,7 +56,11 @@ from runtime._errors import (
 )
 from runtime._events import SYSTEM_ACTOR, EntityChanged, ReadOnlyDict, Transition
 from runtime._log import TransitionLog
-from runtime._metrics import RuntimeMetrics
+from runtime._metrics import (
+    DEFAULT_METRICS_ADDR,
+    DEFAULT_METRICS_PORT,
+    RuntimeMetrics,
+)
 from runtime._schema import compile_schema
 
 logger = logging.getLogger(__name__)
@@ -399,6 +402,7 @@ class Runtime:
         self._lock = threading.RLock()
         self._state = _NEW
         self._stop_report: StopReport | None = None
+        self._stopped = threading.Event()
         self._tracker = DeliveryTracker()
         self._abort = threading.Event()
         self._kinds: dict[str, _Kind] = {}
@@ -437,17 +441,11 @@ class Runtime:
         self._orphans: dict[str, tuple[bool, dict[str, Any]]] = {}
         self.restored: RestoredData | None = None
         """What ``start()`` restored from ``data_dir`` (``None`` without one)."""
-        self._snapshot_seconds = Histogram(
-            "entity_runtime_snapshot_seconds",
-            "Time to capture, encode and write one snapshot.",
-            registry=self.metrics.registry,
+        self._snapshot_seconds = (
+            None
+            if self._data_dir is None
+            else self.metrics.add_snapshot_metrics(self._seconds_since_snapshot)
         )
-        self._snapshot_age = Gauge(
-            "entity_runtime_snapshot_age_seconds",
-            "Seconds since the last snapshot was written (NaN before the first).",
-            registry=self.metrics.registry,
-        )
-        self._snapshot_age.set_function(self._seconds_since_snapshot)
 
     # -- definitions ----------------------------------------------------------
 
@@ -694,20 +692,25 @@ class Runtime:
         not be delivered is logged and returned. A second call returns the
         first call's report.
         """
-        with self._lock:
-            if self._state in (_STOPPED, _STOPPING):
-                return self._stop_report or StopReport(clean=True)
-            if self._state == _NEW:
-                self._state = _STOPPED
-                self._stop_report = StopReport(clean=True)
-                return self._stop_report
-            self._state = _STOPPING
-
         if thread_role.__dict__:
             raise RuntimeStoppedError(
-                "stop() was called from one of the runtime's own threads; call it "
-                "from the thread that owns the runtime"
+                "stop() was called from one of the runtime's own threads, which "
+                "would wait for itself; call it from the thread that owns the runtime"
             )
+        with self._lock:
+            state = self._state
+            if state == _RUNNING:
+                self._state = _STOPPING
+            elif state == _NEW:
+                self._state = _STOPPED
+                self._stop_report = StopReport(clean=True)
+                self._stopped.set()
+        if state != _RUNNING:
+            # Never started, already stopped, or another thread is stopping it:
+            # wait for that stop to finish and share its report.
+            self._stopped.wait()
+            return self._stop_report or StopReport(clean=True)
+
         wait = self._stop_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         tracker = self._tracker
@@ -736,6 +739,7 @@ class Runtime:
         stuck += self._stop_consumers(self._all_consumers(), deadline)
         self._stop_housekeeping()
         self._close_data_dir()
+        self.metrics.close()
 
         report = StopReport(
             clean=not undelivered and not stuck,
@@ -755,6 +759,7 @@ class Runtime:
         with self._lock:
             self._state = _STOPPED
             self._stop_report = report
+        self._stopped.set()
         logger.info("runtime stopped (clean=%s)", report.clean)
         return report
 
@@ -806,6 +811,23 @@ class Runtime:
             f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
             f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
         )
+
+    # -- metrics --------------------------------------------------------------
+
+    def serve_metrics(
+        self, port: int = DEFAULT_METRICS_PORT, addr: str = DEFAULT_METRICS_ADDR
+    ) -> tuple[str, int]:
+        """Serve this runtime's metrics over HTTP until ``stop()``.
+
+        Listens on 127.0.0.1 unless told otherwise; ``port=0`` picks a free
+        port. Returns the ``(host, port)`` actually bound.
+
+        Raises:
+            DefinitionError: a bad port or address; nothing started.
+            MetricsBindError: the address could not be bound (in use, ...).
+        """
+        self._check_usable("serve metrics")
+        return self.metrics.serve(port, addr).address
 
     # -- persistence ----------------------------------------------------------
 

@@ -25,6 +25,7 @@ from runtime._events import (
     freeze,
     thaw,
 )
+from runtime._metrics import MetricsBindError, MetricsServer, RuntimeMetrics
 from runtime._schema import StateSchema, compile_schema, validate_value
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -52,12 +53,15 @@ __all__ = [
     "EntityHandle",
     "EntityRuntimeError",
     "InvalidIdError",
+    "MetricsBindError",
+    "MetricsServer",
     "MutationFuture",
     "NonReactiveState",
     "ReadError",
     "ReadOnlyDict",
     "ReadOnlyList",
     "Runtime",
+    "RuntimeMetrics",
     "RuntimeStoppedError",
     "SchemaError",
     "StateSchema",

@@ -108,6 +108,10 @@ class KindEngine:
         if definition.store_backed:
             metrics.entities.labels(kind).set_function(lambda: len(self.store))
 
+    def count_failed(self) -> None:
+        """Count a mutation refused before it reached the write path."""
+        self._failed.inc()
+
     def read_states(self, ids: Sequence[str]) -> dict[str, ReadOnlyDict]:
         """Return the current states of ``ids`` that exist, read-only."""
         read = self.definition.read
