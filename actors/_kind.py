@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Generic, TypeVar
 
 import pykka
@@ -14,7 +14,7 @@ import pykka
 from actors._consumers import WAKE, thread_role
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._engine import KindEngine
-from runtime._errors import BackpressureError, RuntimeStoppedError
+from runtime._errors import BackpressureError, DurabilityError, RuntimeStoppedError
 from runtime._events import EntityChanged
 
 logger = logging.getLogger(__name__)
@@ -144,9 +144,11 @@ class KindActor(pykka.ThreadingActor):
         backpressure_timeout: float,
         mutate_seconds: Any,
         requests: RequestQueue,
+        sync: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.requests = requests
+        self._sync = sync
         self.engine = engine
         self.shard = shard
         self._publish = publish
@@ -175,8 +177,7 @@ class KindActor(pykka.ThreadingActor):
                 batch = self.requests.take_all()
                 if batch is None:
                     return
-                for request in batch:
-                    self._handle(request)
+                self._handle_batch(batch)
         elif isinstance(message, Request):
             self._handle(message)
         else:
@@ -188,19 +189,63 @@ class KindActor(pykka.ThreadingActor):
             )
 
     def _handle(self, request: Request) -> None:
-        try:
-            result, change = self._run(request)
-        except BaseException as err:
-            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
-            request.future.set_exception(err)
-            self._tracker.finish_mutation()
-            return
+        self._handle_batch((request,))
 
-        if change is not None:
-            self._publish(change)
-        self._mutate_seconds.observe(time.perf_counter() - request.submitted)
-        request.future.set_result(result)
-        self._tracker.finish_mutation()
+    def _handle_batch(self, batch: Iterable[Request]) -> None:
+        outcomes: list[tuple[Request, Any, EntityChanged | None, BaseException | None]]
+        outcomes = []
+        for request in batch:
+            try:
+                result, change = self._run(request)
+            except BaseException as err:
+                outcomes.append((request, None, None, err))
+            else:
+                outcomes.append((request, result, change, None))
+
+        if self._sync is not None and any(o[2] is not None for o in outcomes):
+            outcomes = self._make_durable(outcomes)
+
+        for request, result, change, error in outcomes:
+            if change is not None:
+                self._publish(change)
+            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
+            if error is None:
+                request.future.set_result(result)
+            else:
+                request.future.set_exception(error)
+            self._tracker.finish_mutation()
+
+    def _make_durable(
+        self,
+        outcomes: list[tuple[Request, Any, EntityChanged | None, BaseException | None]],
+    ) -> list[tuple[Request, Any, EntityChanged | None, BaseException | None]]:
+        # Group commit: one fsync makes every change of the burst durable
+        # before any of them is acknowledged or delivered.
+        try:
+            self._sync()  # type: ignore[misc]
+        except Exception as err:
+            logger.exception(
+                "kind actor %s/%d: fsync of the journal failed; %d changes are "
+                "applied in memory but may not be durable",
+                self.engine.kind,
+                self.shard,
+                sum(1 for o in outcomes if o[2] is not None),
+            )
+            return [
+                (
+                    request,
+                    result if change is None else None,
+                    change,
+                    error
+                    if change is None
+                    else DurabilityError(
+                        f"{change.kind}/{change.id} seq={change.seq}: applied in "
+                        f"memory, but the journal could not be made durable: {err}"
+                    ),
+                )
+                for request, result, change, error in outcomes
+            ]
+        return outcomes
 
     def _run(self, request: Request) -> tuple[Any, EntityChanged | None]:
         box = self._deriver_box()

@@ -1086,10 +1086,17 @@ class Runtime:
                 self._backpressure_timeout,
                 self.metrics.mutate_seconds,
                 requests,
+                self._group_sync(),
             )
             requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
             entry.refs.append(ref)
             entry.queues.append(requests)
+
+    def _group_sync(self) -> Callable[[], None] | None:
+        data_dir = self._data_dir
+        if data_dir is None or data_dir.fsync != "always":
+            return None
+        return data_dir.sync
 
     def _start_consumer(self, consumer: _Consumer) -> None:
         if consumer.ref is not None:
@@ -1235,14 +1242,13 @@ class Runtime:
             )
         future: MutationFuture[Any] = MutationFuture()
         try:
-            entry.refs[shard].tell(
-                Request(op, entity_id, apply, actor, run_id, ts, future)
-            )
-        except (pykka.ActorDeadError, IndexError):
+            queue = entry.queues[shard]
+        except IndexError:
             self._tracker.finish_mutation()
             raise RuntimeStoppedError(
                 f"{kind}/{entity_id}: the kind's actor is not running; nothing recorded"
             ) from None
+        queue.put(Request(op, entity_id, apply, actor, run_id, ts, future))
         return future
 
     def _on_commit(self, change: EntityChanged) -> None:

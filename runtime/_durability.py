@@ -285,11 +285,22 @@ class DataDir:
         )
 
     def journal(self, change: ChangeRecord) -> None:
-        """Append one change; raises :class:`DataDirError` if it cannot."""
+        """Append one change; raises :class:`DataDirError` if it cannot.
+
+        With ``fsync="always"`` the change is not durable until :meth:`sync`
+        returns: the kind actors append a whole burst of changes, then sync
+        once before acknowledging any of them (group commit).
+        """
         journal = self._journal
         if journal is None:
             raise DataDirError(self.directory, "the journal is not open")
-        journal.append(change.encode(), trusted=True)
+        journal.append(change.encode(), trusted=True, sync=False)
+
+    def sync(self) -> None:
+        """Make every journalled change durable (see :meth:`journal`)."""
+        journal = self._journal
+        if journal is not None:
+            journal.sync()
 
     def snapshot(
         self,

@@ -84,3 +84,7 @@ class BackpressureError(EntityRuntimeError, RuntimeError):
 
 class DeliveryTimeoutError(EntityRuntimeError, TimeoutError):
     """Waiting for deliveries or a state ran past its timeout."""
+
+
+class DurabilityError(EntityRuntimeError, OSError):
+    """A change was applied in memory but could not be made durable on disk."""

@@ -1157,7 +1157,9 @@ class JournalWriter:
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def append(self, record: Mapping[str, Any], *, trusted: bool = False) -> None:
+    def append(
+        self, record: Mapping[str, Any], *, trusted: bool = False, sync: bool = True
+    ) -> None:
         """Append one record; see the class docstring for what returning means.
 
         Args:
@@ -1165,6 +1167,10 @@ class JournalWriter:
             trusted: skip the JSON-compatibility check, for records built only
                 from values that were already validated (the runtime's own);
                 tuples are then written as arrays.
+            sync: with ``fsync="always"``, fsync before returning. Pass False
+                to append several records and make them durable together with
+                one :meth:`sync` (group commit); the records are then not
+                durable until ``sync`` returns.
 
         Raises:
             UnencodableValueError: the record cannot be stored; nothing written.
@@ -1192,7 +1198,7 @@ class JournalWriter:
         with self._lock:
             self._check_usable()
             self._write_frame(frame)
-            if self.fsync == "always":
+            if self.fsync == "always" and sync:
                 self._fsync_locked()
             else:
                 self._dirty = True
@@ -1207,6 +1213,24 @@ class JournalWriter:
         with self._sync_lock, self._lock:
             self._check_usable()
             self._fsync_locked()
+
+    def sync(self) -> None:
+        """Make every record appended so far durable, without blocking appends.
+
+        The fsync runs outside the append lock, so other threads keep
+        appending meanwhile; a record appended before this call is on disk
+        when it returns, whichever thread's fsync covered it. Does nothing
+        with ``fsync="never"``.
+
+        Raises:
+            DataDirError: the fsync failed; the writer refuses further appends.
+            JournalClosedError: the writer was closed.
+        """
+        if self.fsync == "never":
+            return
+        with self._lock:
+            self._check_usable()
+        self._background_sync()
 
     def rotate(self, first_seq: int) -> Path:
         """Finish the current file and append to a new one from now on.
