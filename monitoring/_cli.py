@@ -162,6 +162,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from bench import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the ``entity-runtime`` command."""
     parser = argparse.ArgumentParser(
@@ -192,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("kind", nargs="?", help="a kind to list")
     inspect.add_argument("id", nargs="?", help="an entity to show")
     inspect.set_defaults(run=_inspect)
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare the runtime with a bare loop and raw pykka on one workload",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a scaled-down workload (under a minute)"
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)"
+    )
+    bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    bench.set_defaults(run=_bench)
     return parser
 
 

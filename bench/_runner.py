@@ -1,0 +1,371 @@
+"""The side-by-side runner behind ``entity-runtime bench``: sizes, report, output."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench._modes import (
+    AMORTISED,
+    PROBE_ROWS,
+    MemoryResult,
+    ModeResult,
+    has_mutate_many,
+    run_limit,
+    run_memory_and_history,
+    run_pykka_ask,
+    run_pykka_batched,
+    run_pykka_pipelined,
+    run_runtime_batched,
+    run_runtime_mutate,
+    run_runtime_pipelined,
+)
+from bench._workload import STATUSES, Plan, build_plan
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of the benchmarks is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """The sizes of one side-by-side run.
+
+    Attributes:
+        size: ``full``, ``quick`` or ``smoke``.
+        mutations: mutations of the throughput workload, per mode.
+        ids: distinct ids they are spread over.
+        memory_changes: four-field changes written for the memory run (so
+            ``4 * memory_changes`` rows); ``history`` is timed on that log.
+        memory_ids: ids of the memory run.
+        history_calls: timed ``history`` calls.
+        batch: mutations per batched call.
+        window: changes per amortised latency sample.
+        limit_repeats: runs of the bare loop; the fastest is the limit.
+    """
+
+    size: str
+    mutations: int
+    ids: int
+    memory_changes: int
+    memory_ids: int
+    history_calls: int
+    batch: int = 100
+    window: int = 100
+    limit_repeats: int = 3
+
+    @property
+    def memory_rows(self) -> int:
+        """Rows the memory run writes once its ids exist."""
+        return 4 * self.memory_changes
+
+
+FULL = BenchConfig("full", 200_000, 10_000, 250_000, 10_000, 2_000)
+QUICK = BenchConfig("quick", 20_000, 1_000, 25_000, 1_000, 1_000)
+# Only checks that the harness runs and counts right; its numbers mean little.
+SMOKE = BenchConfig("smoke", 2_000, 100, 2_000, 100, 200)
+
+
+def run_side_by_side(
+    config: BenchConfig, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run every mode on one workload in this process; return the report.
+
+    The report is JSON-ready: ``workload`` (sizes and how to read the
+    numbers), ``results`` (one entry per mode, plus the ``history`` timing),
+    ``ratios`` and ``checks`` (whether every mode's subscriber and deriver saw
+    what the workload made; a failed check means the harness, not the
+    runtime's speed, is wrong).
+    """
+    say = progress or (lambda _message: None)
+    plan = build_plan(config.mutations, config.ids)
+    notes: list[str] = []
+    results: list[ModeResult] = []
+
+    modes: list[tuple[str, Callable[[], ModeResult]]] = [
+        ("limit", lambda: _best_limit(plan, config)),
+        ("pykka_ask", lambda: run_pykka_ask(plan, config.window)),
+        ("pykka_pipelined", lambda: run_pykka_pipelined(plan, config.window)),
+        (
+            f"pykka_batched_{config.batch}",
+            lambda: run_pykka_batched(plan, config.window, config.batch),
+        ),
+        ("runtime_mutate", lambda: run_runtime_mutate(plan, config.window)),
+        ("runtime_mutate_async", lambda: run_runtime_pipelined(plan, config.window)),
+    ]
+    if has_mutate_many():
+        modes.append(
+            (
+                f"runtime_mutate_many_{config.batch}",
+                lambda: run_runtime_batched(plan, config.window, config.batch),
+            )
+        )
+    else:
+        notes.append(
+            "EntityHandle has no mutate_many: the batched runtime mode is skipped"
+        )
+
+    for name, run in modes:
+        gc.collect()
+        say(f"{name}: {config.mutations:,} mutations")
+        try:
+            results.append(run())
+        except TypeError as err:
+            if not name.startswith("runtime_mutate_many"):
+                raise
+            notes.append(f"mutate_many did not take a list of (id, apply): {err}")
+
+    gc.collect()
+    say(f"memory: {config.memory_rows:,} rows, then history x{config.history_calls}")
+    memory = run_memory_and_history(
+        config.memory_changes, config.memory_ids, config.history_calls
+    )
+    return _report(config, results, memory, notes)
+
+
+def _best_limit(plan: Plan, config: BenchConfig) -> ModeResult:
+    # The limit is the denominator of the ratios, so it is taken at its least
+    # disturbed: the fastest of a few runs (on a busy machine they vary a lot).
+    runs = []
+    for _ in range(config.limit_repeats):
+        gc.collect()
+        runs.append(run_limit(plan, config.window))
+    return max(runs, key=lambda r: r.ops_per_s)
+
+
+def _report(
+    config: BenchConfig,
+    results: list[ModeResult],
+    memory: MemoryResult,
+    notes: list[str],
+) -> dict[str, Any]:
+    by_name = {r.name: r for r in results}
+    limit_ops = by_name["limit"].ops_per_s
+    batched = by_name.get(f"runtime_mutate_many_{config.batch}")
+    blocking_p50 = by_name["runtime_mutate"].percentile(0.5)
+    ask_p50 = by_name["pykka_ask"].percentile(0.5)
+
+    ratios = {
+        "pipelined_vs_limit": by_name["runtime_mutate_async"].ops_per_s / limit_ops,
+        "batched_vs_limit": None if batched is None else batched.ops_per_s / limit_ops,
+        "blocking_vs_pykka_ask": blocking_p50 / ask_p50,
+        "bytes_per_row": memory.bytes_per_row,
+    }
+    problems = _check(config, results)
+    for problem in problems:
+        logger.error("benchmark harness check failed: %s", problem)
+
+    return {
+        "workload": _workload(config, results, memory, notes),
+        "results": [_entry(r) for r in [*results, memory.history]],
+        "ratios": {k: None if v is None else round(v, 4) for k, v in ratios.items()},
+        "checks": {"ok": not problems, "problems": problems},
+    }
+
+
+def _check(config: BenchConfig, results: list[ModeResult]) -> list[str]:
+    limit_events = results[0].events
+    problems = []
+    for result in results:
+        if result.changes_seen != config.mutations:
+            problems.append(
+                f"{result.name}: the subscriber saw {result.changes_seen} changes, "
+                f"the workload made {config.mutations}"
+            )
+        if result.events != limit_events:
+            problems.append(
+                f"{result.name}: the deriver named {result.events}, the bare loop "
+                f"{limit_events}"
+            )
+    return problems
+
+
+def _entry(result: ModeResult) -> dict[str, Any]:
+    return {
+        "name": result.name,
+        "ops_per_s": round(result.ops_per_s, 1),
+        "p50_us": round(result.percentile(0.5), 3),
+        "p99_us": round(result.percentile(0.99), 3),
+        "latency": result.latency,
+        "changes_seen": result.changes_seen,
+    }
+
+
+def _workload(
+    config: BenchConfig,
+    results: list[ModeResult],
+    memory: MemoryResult,
+    notes: list[str],
+) -> dict[str, Any]:
+    scaled = config.size != "full"
+    return {
+        "size": config.size,
+        "scaled_down": scaled,
+        "scale": (
+            f"{config.size}: {config.mutations:,} mutations over {config.ids:,} ids "
+            f"and a {config.memory_rows:,}-row memory log, instead of "
+            f"{FULL.mutations:,} over {FULL.ids:,} and {FULL.memory_rows:,} rows"
+            if scaled
+            else "full size"
+        ),
+        "mutations": config.mutations,
+        "ids": config.ids,
+        "changes_expected": config.mutations,
+        "state_fields": ["status", "severity", "updates"],
+        "statuses": list(STATUSES),
+        "deriver": "create -> x.created, into resolved -> x.resolved, else x.updated",
+        "subscribers": 1,
+        "events": results[0].events,
+        "batch_size": config.batch,
+        "latency": {r.name: r.latency for r in [*results, memory.history]},
+        "latency_note": (
+            f"per_call: each call timed; {AMORTISED}: per-operation time over "
+            f"windows of {config.window} changes seen by the subscriber "
+            "(pipelined modes and the bare loop) or over each batch (batched "
+            "modes); a pipelined subscriber catching up on a backlog makes short "
+            "windows, so read ops/s first"
+        ),
+        "ratio_note": (
+            "pipelined/batched_vs_limit: ops/s over the bare loop's ops/s (the "
+            f"fastest of {config.limit_repeats} runs); "
+            "blocking_vs_pykka_ask: median runtime mutate over median pykka ask; "
+            "bytes_per_row: traced memory growth over rows written"
+        ),
+        "runtime_mailbox_size": max(10_000, config.mutations + 1),
+        "memory": {
+            "rows_written": memory.rows_written,
+            "fields_per_change": 4,
+            "ids": config.memory_ids,
+            "bytes_grown": memory.bytes_grown,
+            "log_rows": memory.log_rows,
+        },
+        "history": {
+            "log_rows": memory.log_rows,
+            "answer_rows": PROBE_ROWS,
+            "calls": config.history_calls,
+        },
+        "repeats": {"limit": config.limit_repeats, "other modes": 1},
+        "python": platform.python_version(),
+        "pykka": importlib.metadata.version("pykka"),
+        "cpus": os.cpu_count(),
+        "notes": notes,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Render a report as the text table the command prints."""
+    workload = report["workload"]
+    limit = next(r for r in report["results"] if r["name"] == "limit")
+    lines = [
+        f"entity-runtime bench ({workload['scale']})",
+        "",
+        f"{'mode':<26}{'ops/s':>13}{'p50 us':>11}{'p99 us':>11}  "
+        f"{'latency':<10}{'vs limit':>9}",
+    ]
+    for entry in report["results"]:
+        is_history = entry["changes_seen"] is None
+        versus = "" if is_history else f"{entry['ops_per_s'] / limit['ops_per_s']:.4f}"
+        lines.append(
+            f"{entry['name']:<26}{entry['ops_per_s']:>13,.0f}"
+            f"{entry['p50_us']:>11.2f}{entry['p99_us']:>11.2f}  "
+            f"{entry['latency']:<10}{versus:>9}"
+        )
+
+    lines += ["", "ratios:"]
+    for name, value in report["ratios"].items():
+        shown = "n/a" if value is None else f"{value:,.4f}"
+        lines.append(f"  {name:<24}{shown}")
+    lines += ["", f"latency: {workload['latency_note']}"]
+    lines += [f"note: {note}" for note in workload["notes"]]
+    if not report["checks"]["ok"]:
+        lines += [f"CHECK FAILED: {p}" for p in report["checks"]["problems"]]
+    return "\n".join(lines)
+
+
+def write_plot(report: dict[str, Any], path: str | Path) -> None:
+    """Write a PNG bar chart of ops/s per mode (log scale).
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    Figure = _figure_class()
+    modes = [r for r in report["results"] if r["changes_seen"] is not None]
+    names = [r["name"] for r in modes]
+    values = [r["ops_per_s"] for r in modes]
+
+    colours = [_COLOURS.get(name.split("_")[0], "tab:gray") for name in names]
+    workload = report["workload"]
+
+    figure = Figure(figsize=(8, 0.5 * len(modes) + 1.5), layout="constrained")
+    axes = figure.subplots()
+    bars = axes.barh(names, values, color=colours)
+    axes.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3)
+    axes.set_xscale("log")
+    axes.set_xlim(right=max(values) * 4)
+    axes.invert_yaxis()
+    axes.set_xlabel("mutations per second (log scale)")
+    axes.set_title(
+        f"entity-runtime bench, {workload['size']}: {workload['mutations']:,} "
+        f"mutations over {workload['ids']:,} ids"
+    )
+    figure.savefig(path, dpi=120)
+
+
+_COLOURS = {"limit": "tab:gray", "pykka": "tab:orange", "runtime": "tab:blue"}
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise MissingExtraError(
+            "--plot needs matplotlib, which is not installed; install the bench "
+            "extra: pip install 'entity-runtime[bench]' (in a checkout: "
+            "pip install -e '.[bench]')"
+        ) from err
+    return Figure
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``entity-runtime bench``; return its exit code.
+
+    Exit codes: 0 done, 1 a harness check failed, 2 ``--plot`` without
+    matplotlib (checked before anything runs).
+    """
+    if args.plot:
+        try:
+            _figure_class()
+        except MissingExtraError as err:
+            print(f"entity-runtime bench: {err}", file=sys.stderr)
+            return 2
+    config = SMOKE if args.smoke else QUICK if args.quick else FULL
+
+    started = time.perf_counter()
+    report = run_side_by_side(config, _progress)
+    _progress(f"done in {time.perf_counter() - started:.1f} s")
+
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if args.plot:
+        write_plot(report, args.plot)
+    return 0 if report["checks"]["ok"] else 1
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)

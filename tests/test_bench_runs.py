@@ -1,0 +1,138 @@
+"""The side-by-side benchmark still runs and counts right; its speed is never judged.
+
+The runner is run once, at its smallest (hidden ``--smoke``) size, through the
+real command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODES = {
+    "limit",
+    "pykka_ask",
+    "pykka_pipelined",
+    "pykka_batched_100",
+    "runtime_mutate",
+    "runtime_mutate_async",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
+    """Run ``entity-runtime bench --smoke --json FILE`` once for this module."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "monitoring._cli", "bench", "--smoke", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    report = json.loads(out.read_text()) if out.exists() else {}
+    return done, report
+
+
+def test_smoke_bench_exits_cleanly_and_prints_the_table(
+    smoke: tuple[Any, dict[str, Any]],
+) -> None:
+    done, _ = smoke
+
+    assert done.returncode == 0, done.stderr
+    assert "ops/s" in done.stdout
+    assert "pipelined_vs_limit" in done.stdout
+    assert "runtime_mutate_async" in done.stdout
+
+
+def test_smoke_bench_json_has_the_report_shape(
+    smoke: tuple[Any, dict[str, Any]],
+) -> None:
+    _, report = smoke
+
+    assert {"workload", "results", "ratios"} <= set(report)
+    assert report["workload"]["size"] == "smoke"
+    assert report["workload"]["scaled_down"] is True
+    names = {r["name"] for r in report["results"]}
+    assert names >= MODES | {"history_10_rows"}
+    for entry in report["results"]:
+        assert {"name", "ops_per_s", "p50_us", "p99_us"} <= set(entry)
+        assert entry["ops_per_s"] > 0, entry
+        assert 0 < entry["p50_us"] <= entry["p99_us"], entry
+
+
+def test_smoke_bench_ratios_are_positive_or_null_without_mutate_many(
+    smoke: tuple[Any, dict[str, Any]],
+) -> None:
+    from runtime import EntityHandle
+
+    _, report = smoke
+    ratios = report["ratios"]
+
+    assert set(ratios) == {
+        "pipelined_vs_limit",
+        "batched_vs_limit",
+        "blocking_vs_pykka_ask",
+        "bytes_per_row",
+    }
+    assert ratios["pipelined_vs_limit"] > 0
+    assert ratios["blocking_vs_pykka_ask"] > 0
+    assert ratios["bytes_per_row"] > 0
+    if hasattr(EntityHandle, "mutate_many"):
+        assert ratios["batched_vs_limit"] > 0
+    else:
+        assert ratios["batched_vs_limit"] is None
+        assert any("mutate_many" in n for n in report["workload"]["notes"])
+
+
+def test_every_mode_subscriber_saw_every_change_of_the_workload(
+    smoke: tuple[Any, dict[str, Any]],
+) -> None:
+    _, report = smoke
+    workload = report["workload"]
+    seen = {r["name"]: r["changes_seen"] for r in report["results"]}
+
+    for mode in MODES:
+        assert seen[mode] == workload["mutations"], mode
+    assert workload["events"]["x.created"] == workload["ids"]
+    assert sum(workload["events"].values()) == workload["mutations"]
+    assert report["checks"] == {"ok": True, "problems": []}
+
+
+def test_plot_without_matplotlib_asks_for_the_bench_extra(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from monitoring._cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+
+    code = main(["bench", "--smoke", "--plot", str(tmp_path / "bench.png")])
+
+    assert code == 2
+    assert "install the bench extra" in capsys.readouterr().err
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_plot_writes_a_png_of_the_report(
+    smoke: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import write_plot
+
+    _, report = smoke
+    path = tmp_path / "bench.png"
+
+    write_plot(report, path)
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
