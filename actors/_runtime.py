@@ -835,11 +835,11 @@ class Runtime:
         """Write a snapshot now; return its path (``None`` if nothing changed).
 
         Raises:
-            RuntimeStoppedError: the runtime has no ``data_dir`` or is not
-                running.
+            DefinitionError: the runtime has no ``data_dir``.
+            RuntimeStoppedError: the runtime is not running.
         """
         if self._data_dir is None:
-            raise RuntimeStoppedError(
+            raise DefinitionError(
                 "snapshot() needs a data_dir; this runtime keeps everything in "
                 "memory only"
             )
@@ -887,6 +887,11 @@ class Runtime:
                 )
             data_dir.start_journal(data.seq + 1)
         except BaseException:
+            # Leave the runtime as it was before start(), so it can be retried.
+            self.log.clear()
+            for entry in self._kinds.values():
+                entry.engine.store.clear()
+            self._orphans.clear()
             data_dir.close()
             raise
 

@@ -97,6 +97,9 @@ class RestoredData:
     snapshot: Path | None = None
     journal_records: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    damaged_files: list[Path] = dataclasses.field(default_factory=list)
+    """Files not (fully) used: corrupt snapshots, and journals from the first
+    damaged record on, including later journals that could not be replayed."""
 
     @property
     def damaged(self) -> bool:
@@ -128,6 +131,7 @@ def load_data_dir(directory: str | Path) -> RestoredData:
     loaded = load_newest_snapshot(directory)
     for skipped in loaded.skipped if loaded else _all_corrupt(directory):
         data.problems.append(str(skipped))
+        data.damaged_files.append(skipped.path)
         logger.error("snapshot %s is corrupt (%s); falling back", skipped.path, skipped)
     if loaded is not None:
         payload = loaded.payload
@@ -144,9 +148,11 @@ def load_data_dir(directory: str | Path) -> RestoredData:
                 data.states[kind] = dict(info["states"])
         data.changes = _decode_rows(payload["changes"])
 
-    replay = read_journal(directory, on_corrupt="stop")
+    replay = read_journal(directory, on_corrupt="stop", after_seq=data.seq)
     if replay.corruption is not None:
         data.problems.append(str(replay.corruption))
+        data.damaged_files.append(replay.corruption.path)
+        data.damaged_files.extend(replay.unread_files)
         logger.error(
             "journal damaged: %s; restoring the %d records before it",
             replay.corruption,
@@ -268,14 +274,26 @@ class DataDir:
         self._snapshot_lock = threading.Lock()
 
     def open(self) -> RestoredData:
-        """Lock the directory and read what it holds."""
+        """Lock the directory and read what it holds.
+
+        Damaged files are renamed aside (``<name>.damaged``), never deleted:
+        the journal must not be appended to after a damaged record, and a
+        corrupt snapshot must not be overwritten by the next one, so that both
+        stay available for inspection.
+        """
         self._lock.acquire()
         try:
             data = load_data_dir(self.directory)
+            for path in data.damaged_files:
+                aside = path.with_name(f"{path.name}.damaged")
+                path.replace(aside)
+                logger.error("moved damaged file %s aside to %s", path, aside.name)
         except BaseException:
             self._lock.release()
             raise
         self.last_snapshot_seq = data.seq - data.journal_records
+        if data.snapshot is not None and data.snapshot.exists():
+            self.last_snapshot_at = data.snapshot.stat().st_mtime
         return data
 
     def start_journal(self, next_seq: int) -> None:

@@ -95,6 +95,14 @@ class TransitionLog:
         """The number of rows in the log."""
         return self._row_count
 
+    def clear(self) -> None:
+        """Forget every row and restart numbering (a failed restore's undo)."""
+        with self.lock:
+            self._changes.clear()
+            self._entities.clear()
+            self._row_count = 0
+            self.last_seq = 0
+
     def append_change(
         self,
         kind: str,

@@ -979,9 +979,16 @@ class JournalReplay:
 
 
 def read_journal(
-    directory: StrPath, *, on_corrupt: OnCorrupt = "raise"
+    directory: StrPath,
+    *,
+    on_corrupt: OnCorrupt = "raise",
+    after_seq: int | None = None,
 ) -> JournalReplay:
     """Read every journal file in ``directory``, in order, verifying each record.
+
+    With ``after_seq``, files whose records all have a seq at or below it (the
+    next file starts at or below ``after_seq + 1``) are not read at all, so
+    damage in a file that a snapshot already covers cannot hide later files.
 
     - An incomplete record (or file header) at the end of the newest file, as a
       crash mid-append leaves it, is dropped and logged at WARNING with the file
@@ -1008,6 +1015,12 @@ def read_journal(
     if on_corrupt not in ("raise", "stop"):
         raise ValueError(f"on_corrupt must be 'raise' or 'stop', got {on_corrupt!r}")
     paths = list_journals(directory)
+    if after_seq is not None:
+        paths = [
+            path
+            for index, path in enumerate(paths)
+            if index + 1 == len(paths) or _first_seq(paths[index + 1]) > after_seq + 1
+        ]
     replay = JournalReplay([], [])
 
     for index, path in enumerate(paths):
