@@ -16,6 +16,7 @@ from runtime._delivery import DeadLetter, WorkQueue
 from runtime._diff import diff_states
 from runtime._events import EntityChanged, ReadOnlyDict
 from runtime._metrics import RuntimeMetrics
+from runtime._secrets import RunSecrets, mask_value
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +282,10 @@ class DeriverStage:
         kind: str,
         metrics: RuntimeMetrics,
         trigger_boxes: Callable[[], Mapping[str, tuple[Mailbox, ...]]],
+        secrets: RunSecrets | None = None,
     ) -> None:
         self.kind = kind
+        self._secrets = secrets
         self.derivers: tuple[Deriver, ...] = ()
         self._metrics = metrics
         self._errors = metrics.deriver_errors.labels(kind)
@@ -310,12 +313,18 @@ class DeriverStage:
                 chosen.setdefault(event, deriver)
 
         fired = []
+        pattern = (
+            None if self._secrets is None else self._secrets.pattern(change.run_id)
+        )
         for event, deriver in chosen.items():
             if deriver.to_payload is None:
                 fired.append((event, change))
                 continue
             try:
-                fired.append((event, deriver.to_payload(change)))
+                payload = deriver.to_payload(change)
+                if pattern is not None:
+                    payload = mask_value(payload, pattern)
+                fired.append((event, payload))
             except Exception:
                 self._errors.inc()
                 logger.exception(

@@ -62,6 +62,7 @@ from runtime._metrics import (
     RuntimeMetrics,
 )
 from runtime._schema import compile_schema
+from runtime._secrets import RunSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +415,7 @@ class Runtime:
         self._waiters_lock = threading.Lock()
         self._dead_letters: list[DeadLetter] = []
         self._dead_lock = threading.Lock()
+        self._secrets = RunSecrets()
 
         self._data_dir = (
             None
@@ -498,6 +500,7 @@ class Runtime:
             )
             entry = _Kind(definition, engine)
             self._kinds[kind] = entry
+            engine.secrets = self._secrets
             if self._data_dir is not None:
                 engine.journal = self._data_dir.journal
             orphan = self._orphans.pop(kind, None)
@@ -569,7 +572,7 @@ class Runtime:
             entry = self._kind(kind)
             if entry.stage is None:
                 entry.stage = DeriverStage(
-                    kind, self.metrics, lambda: self._trigger_boxes
+                    kind, self.metrics, lambda: self._trigger_boxes, self._secrets
                 )
             entry.stage.derivers = (*entry.stage.derivers, Deriver(derive, to_payload))
             if entry.deriver is None:
@@ -811,6 +814,32 @@ class Runtime:
             f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
             f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
         )
+
+    # -- run secrets ----------------------------------------------------------
+
+    def register_run_secrets(self, run_id: str, values: Iterable[str]) -> None:
+        """Register secret values of a run, to be masked in what others see.
+
+        Writes made with this ``run_id`` show every occurrence of these values
+        (as substrings, at any depth, in values and mapping keys) as ``***`` in
+        their transition rows, change events, trigger payloads, error messages
+        and dead letters. The state itself (``get``, the journal's copy of a
+        store-backed state) is the caller's and is not altered. Registering
+        again adds values.
+
+        Raises:
+            DefinitionError: a value is not a string or is shorter than
+                ``runtime.MIN_SECRET_LENGTH`` characters; nothing registered.
+        """
+        self._secrets.register(run_id, values)
+
+    def end_run(self, run_id: str) -> bool:
+        """Forget a run's secrets; return whether it had any.
+
+        Changes committed before are already masked; payloads derived after
+        this call from such a change are masked only by what the change shows.
+        """
+        return self._secrets.end(run_id)
 
     # -- metrics --------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from runtime._events import (
 )
 from runtime._metrics import MetricsBindError, MetricsServer, RuntimeMetrics
 from runtime._schema import StateSchema, compile_schema, validate_value
+from runtime._secrets import MASK, MIN_SECRET_LENGTH
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -43,6 +44,8 @@ from actors._runtime import (  # noqa: E402
 )
 
 __all__ = [
+    "MASK",
+    "MIN_SECRET_LENGTH",
     "SYSTEM_ACTOR",
     "ApplyError",
     "BackpressureError",

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from runtime._events import EntityChanged, ReadOnlyDict, thaw
 from runtime._log import TransitionLog, change_rows
 from runtime._metrics import RuntimeMetrics
 from runtime._schema import StateSchema, _Invalid, check_json_value
+from runtime._secrets import RunSecrets, mask_text, mask_value
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class KindEngine:
         self._on_commit = on_commit
         self.journal: JournalFn | None = None
         """Called with each change's record before it is applied (persistence)."""
+        self.secrets: RunSecrets | None = None
+        """Run secrets to mask in rows, events and errors of writes with a run."""
 
         kind = self.kind
         self._changed = metrics.mutations.labels(kind, "changed")
@@ -165,13 +169,18 @@ class KindEngine:
         """
         prev = self._snapshot(entity_id)
 
-        raw = self._apply(entity_id, apply, prev)
+        raw = self._apply(entity_id, apply, prev, run_id)
 
         try:
             next_state = self.definition.schema.validate(raw, self.kind, entity_id)
-        except SchemaError:
+        except SchemaError as err:
             self._rejected.inc()
-            raise
+            pattern = self._secret_pattern(run_id)
+            if pattern is None:
+                raise
+            raise SchemaError(
+                err.kind, err.entity_id, err.field, mask_text(err.reason, pattern)
+            ) from None
 
         delta, changed_fields = diff_states(prev, next_state)
         if not changed_fields:
@@ -202,7 +211,7 @@ class KindEngine:
             return None
 
         if apply is not None:
-            self._apply(entity_id, apply, prev)
+            self._apply(entity_id, apply, prev, run_id)
 
         _, changed_fields = diff_states(prev, None)
         return self._commit(
@@ -218,12 +227,26 @@ class KindEngine:
             self._failed.inc()
             raise
 
-    def _apply(self, entity_id: str, apply: ApplyFn, prev: ReadOnlyDict | None) -> Any:
+    def _apply(
+        self,
+        entity_id: str,
+        apply: ApplyFn,
+        prev: ReadOnlyDict | None,
+        run_id: str | None = None,
+    ) -> Any:
         try:
             return apply(None if prev is None else thaw(prev))
         except Exception as err:
             self._failed.inc()
-            raise ApplyError(self.kind, entity_id, err) from err
+            failure = ApplyError(self.kind, entity_id, err)
+            pattern = self._secret_pattern(run_id)
+            if pattern is not None:
+                failure.args = (mask_text(str(failure), pattern),)
+            raise failure from err
+
+    def _secret_pattern(self, run_id: str | None) -> re.Pattern[str] | None:
+        secrets = self.secrets
+        return None if secrets is None or run_id is None else secrets.pattern(run_id)
 
     def _commit(
         self,
@@ -240,6 +263,16 @@ class KindEngine:
         log = self._log
         store_backed = self.definition.read is None
         spec = change_rows(prev, next_state, changed_fields)
+        shown_prev, shown_next, shown_delta = prev, next_state, delta
+        pattern = self._secret_pattern(run_id)
+        if pattern is not None:
+            # Rows and events show masked values; the store keeps the state.
+            spec = [
+                [f, mask_value(b, pattern), mask_value(a, pattern)] for f, b, a in spec
+            ]
+            shown_prev = mask_value(prev, pattern)
+            shown_next = mask_value(next_state, pattern)
+            shown_delta = mask_value(delta, pattern)
 
         with log.lock:
             seq = log.last_seq + 1
@@ -258,9 +291,9 @@ class KindEngine:
             change = EntityChanged(
                 kind=self.kind,
                 id=entity_id,
-                prev=prev,
-                next=next_state,
-                delta=ReadOnlyDict(delta),
+                prev=shown_prev,
+                next=shown_next,
+                delta=ReadOnlyDict(shown_delta),
                 changed_fields=changed_fields,
                 actor=actor,
                 occurred_at=datetime.fromtimestamp(ts, UTC),

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Ticket, ticket
+
+from runtime import (
+    MASK,
+    ApplyError,
+    DefinitionError,
+    EntityChanged,
+    Runtime,
+    SchemaError,
+    work_queue,
+)
+
+TOKEN = "sk-live-4f9a8b7c"
+
+
+def _everything_seen(rt: Runtime, kind: str = "ticket") -> dict[str, list[Any]]:
+    seen: dict[str, list[Any]] = {"changes": [], "payloads": []}
+    rt.on_entity_changed(kind, seen["changes"].append)
+    rt.register_change_deriver(
+        kind, lambda c: ["ticket.any"], to_payload=lambda c: {"next": c.next}
+    )
+    rt.on_trigger("ticket.any", lambda e, p, c: seen["payloads"].append(p))
+    return seen
+
+
+def test_secrets_are_masked_in_rows_events_and_payloads_but_not_in_the_state(
+    rt: Runtime,
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    rt.register_run_secrets("run-1", [TOKEN])
+    secret_state = ticket(
+        tags=[f"token={TOKEN}"], extra={"auth": {TOKEN: [f"Bearer {TOKEN}"]}}
+    )
+
+    with rt:
+        returned = tickets.mutate("t-1", lambda prev: secret_state, run_id="run-1")
+        rt.drain()
+
+    shown = json.dumps(
+        [
+            [r.to_dict() for r in tickets.history("t-1")],
+            [[c.prev, c.next, c.delta] for c in seen["changes"]],
+            seen["payloads"],
+        ]
+    )
+    assert TOKEN not in shown
+    assert f"token={MASK}" in shown
+    assert seen["changes"][0].next["extra"] == {"auth": {MASK: [f"Bearer {MASK}"]}}
+    assert returned == secret_state
+    assert tickets.get("t-1") == secret_state
+
+
+def test_writes_of_other_runs_or_without_a_run_are_not_masked(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-2")
+        tickets.mutate("t-2", lambda prev: ticket(tags=[TOKEN]))
+        rt.drain()
+
+    assert [c.next["tags"] for c in seen["changes"]] == [[TOKEN], [TOKEN]]
+
+
+def test_secrets_expire_with_their_run(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+        ended = rt.end_run("run-1")
+        ended_again = rt.end_run("run-1")
+        tickets.mutate("t-2", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+        rt.drain()
+
+    assert ended is True
+    assert ended_again is False
+    assert [c.next["tags"] for c in seen["changes"]] == [[MASK], [TOKEN]]
+
+
+def test_masked_keys_that_collide_stay_distinct(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    other = "pw-secret-2"
+    rt.register_run_secrets("run-1", [TOKEN, other])
+
+    with rt:
+        tickets.mutate(
+            "t-1",
+            lambda prev: ticket(extra={TOKEN: 1, other: 2}),
+            run_id="run-1",
+        )
+        rt.drain()
+
+    assert seen["changes"][0].next["extra"] == {MASK: 1, f"{MASK}#2": 2}
+
+
+def test_error_messages_of_a_run_do_not_leak_its_secrets(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    def leaky(prev: Any) -> Any:
+        raise ValueError(f"could not use {TOKEN}")
+
+    with caplog.at_level(logging.DEBUG), rt:
+        with pytest.raises(SchemaError) as bad_state:
+            tickets.mutate("t-1", lambda prev: {"status": TOKEN}, run_id="run-1")
+        with pytest.raises(ApplyError) as bad_apply:
+            tickets.mutate("t-1", leaky, run_id="run-1")
+
+    assert TOKEN not in str(bad_state.value)
+    assert MASK in str(bad_state.value)
+    assert TOKEN not in str(bad_apply.value)
+    assert TOKEN not in caplog.text
+    assert rt.log.last_seq == 0
+
+
+def test_dead_letters_of_a_run_do_not_hold_its_secrets(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    def failing(change: EntityChanged) -> None:
+        raise RuntimeError(f"cannot send {change.next}")
+
+    rt.on_entity_changed(
+        "ticket", failing, delivery=work_queue("g", max_attempts=1, backoff=0)
+    )
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+        rt.drain()
+
+    letters = rt.dead_letters()
+    assert len(letters) == 1
+    assert TOKEN not in repr(letters[0])
+    assert TOKEN not in json.dumps(letters[0].to_dict())
+
+
+def test_persisted_rows_are_masked(tmp_path: Path) -> None:
+    rt = Runtime(data_dir=tmp_path)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+    restored = Runtime(data_dir=tmp_path)
+    again = restored.define_entity("ticket", Ticket)
+    with restored:
+        rows = [r.to_dict() for r in again.history("t-1")]
+        state = again.get("t-1")
+
+    assert TOKEN not in json.dumps(rows)
+    assert state == ticket(tags=[TOKEN])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["short"], "at least 6"),
+        ([TOKEN, 12345678], "must be a string"),
+        (TOKEN, "wrap it in a list"),
+    ],
+)
+def test_bad_secrets_are_refused_and_nothing_registered(
+    rt: Runtime, values: Any, message: str
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+
+    with pytest.raises(DefinitionError, match=message):
+        rt.register_run_secrets("run-1", values)
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+        rt.drain()
+
+    assert seen["changes"][0].next["tags"] == [TOKEN]
