@@ -96,8 +96,10 @@ class ConsumerActor(pykka.ThreadingActor):
         tracker: DeliveryTracker,
         abort: threading.Event,
         delivery_seconds: Any,
+        restarts: Any = None,
     ) -> None:
         super().__init__()
+        self._restarts = restarts
         self.mailbox = mailbox
         self._process = process
         self._tracker = tracker
@@ -125,8 +127,14 @@ class ConsumerActor(pykka.ThreadingActor):
                 if item is not None:
                     self._process(item)
             except Exception:
+                # Handlers' own failures are caught by the process step; this
+                # is a failure of the runtime's code. The consumer keeps no
+                # state between deliveries, so it carries on with the next.
+                if self._restarts is not None:
+                    self._restarts.inc()
                 logger.exception(
-                    "consumer %s failed outside its handler; seqs=%s",
+                    "consumer %s failed outside its handler on seqs=%s; the "
+                    "delivery is dropped and the consumer carries on",
                     mailbox.name,
                     seqs,
                 )

@@ -14,7 +14,12 @@ import pykka
 from actors._consumers import WAKE, thread_role
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._engine import KindEngine
-from runtime._errors import BackpressureError, DurabilityError, RuntimeStoppedError
+from runtime._errors import (
+    ActorFailedError,
+    BackpressureError,
+    DurabilityError,
+    RuntimeStoppedError,
+)
 from runtime._events import EntityChanged
 
 logger = logging.getLogger(__name__)
@@ -145,8 +150,10 @@ class KindActor(pykka.ThreadingActor):
         mutate_seconds: Any,
         requests: RequestQueue,
         sync: Callable[[], None] | None = None,
+        restarts: Any = None,
     ) -> None:
         super().__init__()
+        self._restarts = restarts
         self.requests = requests
         self._sync = sync
         self.engine = engine
@@ -177,9 +184,15 @@ class KindActor(pykka.ThreadingActor):
                 batch = self.requests.take_all()
                 if batch is None:
                     return
-                self._handle_batch(batch)
+                try:
+                    self._handle_batch(batch)
+                except Exception as bug:
+                    self._recover(batch, bug)
         elif isinstance(message, Request):
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception as bug:
+                self._recover((message,), bug)
         else:
             logger.warning(
                 "kind actor %s/%d got an unexpected message %r",
@@ -207,12 +220,58 @@ class KindActor(pykka.ThreadingActor):
 
         for request, result, change, error in outcomes:
             if change is not None:
-                self._publish(change)
+                self._hand_off(change)
             self._mutate_seconds.observe(time.perf_counter() - request.submitted)
             if error is None:
                 request.future.set_result(result)
             else:
                 request.future.set_exception(error)
+            self._tracker.finish_mutation()
+
+    def _hand_off(self, change: EntityChanged) -> None:
+        try:
+            self._publish(change)
+        except Exception:
+            # The change is committed; a failure to hand it to its consumers
+            # must not hide that from the caller or leave drain() waiting.
+            self._restarts.inc()
+            logger.exception(
+                "kind actor %s/%d: %s/%s seq=%d is committed but could not be "
+                "handed to every consumer",
+                self.engine.kind,
+                self.shard,
+                change.kind,
+                change.id,
+                change.seq,
+            )
+            self._tracker.done((change.seq,))
+
+    def _recover(self, batch: Iterable[Request], bug: Exception) -> None:
+        """Fail back what a failure outside user code left unanswered, then go on.
+
+        The actor keeps no state of its own between bursts (the store and the
+        log are the engine's), so carrying on with the next burst is a restart.
+        """
+        self._restarts.inc()
+        unanswered = [r for r in batch if not r.future.done()]
+        logger.error(
+            "kind actor %s/%d failed outside user code (%s: %s); %d mutations in "
+            "flight are failed back; restarting",
+            self.engine.kind,
+            self.shard,
+            type(bug).__name__,
+            bug,
+            len(unanswered),
+            exc_info=bug,
+        )
+        for request in unanswered:
+            request.future.set_exception(
+                ActorFailedError(
+                    f"{self.engine.kind}/{request.entity_id}: the kind actor failed "
+                    f"({type(bug).__name__}: {bug}) while handling this mutation; "
+                    "it may have been applied: check get() or history()"
+                )
+            )
             self._tracker.finish_mutation()
 
     def _make_durable(

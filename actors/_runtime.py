@@ -51,6 +51,7 @@ from runtime._engine import (
 from runtime._errors import (
     DefinitionError,
     DeliveryTimeoutError,
+    ReentrantCallError,
     RuntimeStoppedError,
     UnknownKindError,
 )
@@ -696,7 +697,7 @@ class Runtime:
         first call's report.
         """
         if thread_role.__dict__:
-            raise RuntimeStoppedError(
+            raise ReentrantCallError(
                 "stop() was called from one of the runtime's own threads, which "
                 "would wait for itself; call it from the thread that owns the runtime"
             )
@@ -714,6 +715,14 @@ class Runtime:
             self._stopped.wait()
             return self._stop_report or StopReport(clean=True)
 
+        try:
+            return self._stop_running(timeout)
+        finally:
+            with self._lock:
+                self._state = _STOPPED
+            self._stopped.set()
+
+    def _stop_running(self, timeout: float | None) -> StopReport:
         wait = self._stop_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         tracker = self._tracker
@@ -793,11 +802,14 @@ class Runtime:
                 ``timeout`` seconds; the message names the oldest open changes.
         """
         if getattr(thread_role, "consumer", None) is not None:
-            raise RuntimeStoppedError(
+            raise ReentrantCallError(
                 "drain() was called from a consumer's own thread, which would "
                 "wait for itself; call it from outside the runtime's handlers"
             )
-        target = self.log.last_seq
+        with self.log.lock:
+            # Under the lock: a commit registers its delivery before releasing
+            # it, so every seq read here is already tracked.
+            target = self.log.last_seq
         if until_idle:
             if self._tracker.wait_idle(timeout):
                 return
@@ -1121,6 +1133,7 @@ class Runtime:
                 self.metrics.mutate_seconds,
                 requests,
                 self._group_sync(),
+                self.metrics.actor_restarts.labels(f"kind:{entry.engine.kind}/{shard}"),
             )
             requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
             entry.refs.append(ref)
@@ -1142,6 +1155,7 @@ class Runtime:
             self._tracker,
             self._abort,
             self.metrics.delivery_seconds,
+            self.metrics.actor_restarts.labels(mailbox.name),
         )
         consumer.ref = ref
         mailbox.wake = functools.partial(_wake, ref, mailbox.name)
@@ -1262,7 +1276,7 @@ class Runtime:
         shards = entry.definition.shards
         shard = 0 if shards == 1 else hash(entity_id) % shards
         if getattr(thread_role, "kind_shard", None) == (kind, shard):
-            raise DefinitionError(
+            raise ReentrantCallError(
                 f"{kind}/{entity_id}: mutate was called from inside an apply of the "
                 "same kind, which would wait for itself; return the state instead, "
                 "or write from a subscriber"

@@ -5,6 +5,7 @@ import logging
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue, broadcast, work_queue
 from runtime._diff import diff_states, same_value
 from runtime._errors import (
+    ActorFailedError,
     ApplyError,
     BackpressureError,
     DefinitionError,
@@ -13,6 +14,7 @@ from runtime._errors import (
     EntityRuntimeError,
     InvalidIdError,
     ReadError,
+    ReentrantCallError,
     RuntimeStoppedError,
     SchemaError,
     UnknownKindError,
@@ -47,6 +49,7 @@ __all__ = [
     "MASK",
     "MIN_SECRET_LENGTH",
     "SYSTEM_ACTOR",
+    "ActorFailedError",
     "ApplyError",
     "BackpressureError",
     "Broadcast",
@@ -65,6 +68,7 @@ __all__ = [
     "ReadError",
     "ReadOnlyDict",
     "ReadOnlyList",
+    "ReentrantCallError",
     "Runtime",
     "RuntimeMetrics",
     "RuntimeStoppedError",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,9 @@ def same_value(a: Any, b: Any) -> bool:
         return all(same_value(a[k], b[k]) for k in a)
     if kind is list or isinstance(a, list):
         return len(a) == len(b) and all(map(same_value, a, b))
+    if kind is float:
+        # 0.0 and -0.0 are equal numbers but different values on the wire.
+        return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
     return bool(a == b)
 
 

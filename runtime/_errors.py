@@ -88,3 +88,15 @@ class DeliveryTimeoutError(EntityRuntimeError, TimeoutError):
 
 class DurabilityError(EntityRuntimeError, OSError):
     """A change was applied in memory but could not be made durable on disk."""
+
+
+class ActorFailedError(EntityRuntimeError, RuntimeError):
+    """An actor failed outside user code while handling a request.
+
+    The actor carries on (it keeps no state of its own); the request may or may
+    not have been applied, and the message says how to check.
+    """
+
+
+class ReentrantCallError(EntityRuntimeError, RuntimeError):
+    """A call from one of the runtime's own threads would wait for itself."""

@@ -280,6 +280,12 @@ class RuntimeMetrics:
             ["actor"],
             registry=r,
         )
+        self.actor_restarts = Counter(
+            "entity_runtime_actor_restarts",
+            "Actors that failed outside user code and carried on.",
+            ["actor"],
+            registry=r,
+        )
         self.mailbox_depth = Gauge(
             "entity_runtime_mailbox_depth",
             "Deliveries waiting in an actor's mailbox.",

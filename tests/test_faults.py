@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from conftest import Ticket, ticket
+
+from actors._consumers import ConsumerActor
+from actors._kind import KindActor
+from runtime import ActorFailedError, EntityChanged, Runtime
+
+
+def _restarts(rt: Runtime, actor: str) -> float:
+    value = rt.metrics_registry.get_sample_value(
+        "entity_runtime_actor_restarts_total", {"actor": actor}
+    )
+    return 0.0 if value is None else value
+
+
+def test_a_kind_actor_failing_outside_user_code_fails_back_and_carries_on(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    original = KindActor._handle_batch
+    broken = threading.Event()
+    broken.set()
+
+    def handle_batch(self: KindActor, batch: Any) -> None:
+        if broken.is_set():
+            broken.clear()
+            raise RuntimeError("simulated bug in the actor loop")
+        original(self, batch)
+
+    monkeypatch.setattr(KindActor, "_handle_batch", handle_batch)
+
+    with caplog.at_level(logging.ERROR), rt:
+        with pytest.raises(ActorFailedError, match=r"ticket/t-1: the kind actor fail"):
+            tickets.mutate("t-1", lambda prev: ticket())
+        after = tickets.mutate("t-2", lambda prev: ticket(status="closed"))
+        rt.drain()
+
+    assert after["status"] == "closed"
+    assert tickets.get("t-1") is None
+    assert _restarts(rt, "kind:ticket/0") == 1
+    assert any("restarting" in r.getMessage() for r in caplog.records)
+
+
+def test_a_hand_off_failure_keeps_the_commit_and_does_not_wedge_drain(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen: list[int] = []
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.seq))
+    calls = {"n": 0}
+    original = Runtime._publish
+
+    def publish(self: Runtime, change: EntityChanged) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated hand-off bug")
+        original(self, change)
+
+    monkeypatch.setattr(Runtime, "_publish", publish)
+
+    with rt:
+        first = tickets.mutate("t-1", lambda prev: ticket())
+        tickets.mutate("t-2", lambda prev: ticket())
+        rt.drain(timeout=5)
+
+    assert first == ticket()
+    assert tickets.get("t-1") == ticket()
+    assert seen == [2]
+    assert _restarts(rt, "kind:ticket/0") == 1
+
+
+def test_a_consumer_failing_outside_its_handler_carries_on(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen: list[int] = []
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.seq), name="audit")
+    original = ConsumerActor.on_receive
+    state = {"failed": False}
+
+    def process_once_broken(self: ConsumerActor, message: Any) -> None:
+        if not state["failed"] and "audit" in self.mailbox.name:
+            state["failed"] = True
+            inner = self._process
+
+            def broken(item: Any) -> None:
+                self._process = inner
+                raise RuntimeError("simulated consumer bug")
+
+            self._process = broken
+        original(self, message)
+
+    monkeypatch.setattr(ConsumerActor, "on_receive", process_once_broken)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        rt.drain()
+        tickets.mutate("t-2", lambda prev: ticket())
+        rt.drain()
+
+    assert seen == [2]
+    assert _restarts(rt, "subscriber:ticket:audit") == 1
