@@ -21,6 +21,12 @@ events a change fires, a payload mapper, and a payload schema per trigger
 the derivers and subscribes the clean-up that detaches a deleted catalog
 system from every incident (work queue ``incident-system-cleanup``).
 
+:class:`Agent` is the monitoring agent built on these kinds: it turns metric
+samples (this machine, Prometheus endpoints, recorded series) into ``check``
+entities, computes each system's ``health`` from its checks, and opens and
+resolves incidents through :class:`IncidentAutomation`; ``entity-runtime
+agent`` runs it.
+
 Errors raised on purpose derive from :class:`MonitoringError`; a write that
 raises one has written nothing. Raised inside a runtime ``apply`` they reach
 the caller wrapped in :class:`runtime.ApplyError` (the original is its
@@ -46,6 +52,46 @@ from __future__ import annotations
 
 import logging
 
+from monitoring._agent import Agent, AgentStats, AgentSummary, RecordClock
+from monitoring._agent_checks import (
+    CHECK_KIND,
+    CheckState,
+    expire_check,
+    new_check_state,
+    step_check,
+    summarise_checks,
+)
+from monitoring._agent_cli import add_agent_parser, run_agent
+from monitoring._agent_config import (
+    DEFAULT_CONFIG_TOML,
+    AgentConfig,
+    AgentConfigError,
+    CheckRule,
+    load_agent_config,
+    parse_duration,
+)
+from monitoring._agent_incidents import (
+    AUTOMATION_WORKER_GROUP,
+    IncidentAutomation,
+    OpenIncident,
+)
+from monitoring._agent_report import IncidentRecord, LabelScore, StatusChange
+from monitoring._agent_sources import (
+    Batch,
+    HostSource,
+    ReplaySource,
+    Sample,
+    ScrapeSource,
+    Selector,
+    SelectorError,
+    SeriesFile,
+    Source,
+    load_label_windows,
+    make_check_id,
+    parse_exposition,
+    parse_timestamp,
+    read_series_file,
+)
 from monitoring._catalog import (
     CATALOG_CREATED,
     CATALOG_DELETED,
@@ -113,12 +159,15 @@ from monitoring._wiring import (
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "AUTOMATION_WORKER_GROUP",
     "CATALOG_CREATED",
     "CATALOG_DELETED",
     "CATALOG_SYSTEM_KIND",
     "CATALOG_TRIGGER_PAYLOADS",
     "CATALOG_UPDATED",
+    "CHECK_KIND",
     "CLEANUP_WORKER_GROUP",
+    "DEFAULT_CONFIG_TOML",
     "HEALTH_KIND",
     "HEALTH_STATUSES",
     "HEALTH_TRIGGER_PAYLOADS",
@@ -133,13 +182,24 @@ __all__ = [
     "SYSTEM_DEGRADED",
     "SYSTEM_HEALTHY",
     "SYSTEM_HEALTH_CHANGED",
+    "Agent",
+    "AgentConfig",
+    "AgentConfigError",
+    "AgentStats",
+    "AgentSummary",
+    "Batch",
     "CatalogSystemPayload",
     "CatalogSystemState",
+    "CheckRule",
+    "CheckState",
     "HealthService",
     "HealthState",
     "HealthStatus",
+    "HostSource",
     "Incident",
+    "IncidentAutomation",
     "IncidentCreatedPayload",
+    "IncidentRecord",
     "IncidentResolvedPayload",
     "IncidentService",
     "IncidentSeverity",
@@ -147,13 +207,25 @@ __all__ = [
     "IncidentStatus",
     "IncidentUpdatedPayload",
     "InvalidInputError",
+    "LabelScore",
     "MonitoringError",
     "MonitoringHandles",
     "NotFoundError",
+    "OpenIncident",
+    "RecordClock",
+    "ReplaySource",
+    "Sample",
+    "ScrapeSource",
+    "Selector",
+    "SelectorError",
+    "SeriesFile",
+    "Source",
+    "StatusChange",
     "SupportsEntityWrites",
     "SystemDegradedPayload",
     "SystemHealthChangedPayload",
     "SystemHealthyPayload",
+    "add_agent_parser",
     "catalog_system_change_to_payload",
     "create_incident_read",
     "delete_catalog_system",
@@ -162,14 +234,26 @@ __all__ = [
     "derive_incident_events",
     "detach_system_from_incidents",
     "evaluate_system",
+    "expire_check",
     "health_change_to_payload",
     "incident_change_to_payload",
     "install_monitoring",
+    "load_agent_config",
+    "load_label_windows",
+    "make_check_id",
     "make_system_cleanup_handler",
+    "new_check_state",
+    "parse_duration",
+    "parse_exposition",
+    "parse_timestamp",
+    "read_series_file",
     "record_check_result",
     "remove_incident_entity",
     "remove_system_health",
+    "run_agent",
     "save_catalog_system",
+    "step_check",
+    "summarise_checks",
     "to_incident_entity_state",
     "write_incident_entity",
 ]

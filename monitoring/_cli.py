@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
 
+    from monitoring import add_agent_parser
+
+    add_agent_parser(commands)
+
     inspect = commands.add_parser(
         "inspect",
         help="list the kinds, entities and history kept in a data directory",

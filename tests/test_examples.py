@@ -52,3 +52,12 @@ def test_demo_command_prints_the_monitoring_triggers() -> None:
         "catalog.deleted",
         "incident.updated",
     ]
+
+
+def test_nab_agent_config_example_is_the_one_the_replay_tests_check() -> None:
+    from test_agent_replay import NAB_CONFIG
+
+    example = (ROOT / "examples" / "nab-agent.toml").read_text()
+
+    body = "\n".join(line for line in example.splitlines() if not line.startswith("#"))
+    assert body.strip() == NAB_CONFIG.strip()

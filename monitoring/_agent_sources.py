@@ -1,0 +1,730 @@
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitoring._agent_config import AgentConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_CHECK_ID = 1024
+"""The longest check id the runtime accepts; longer ids are shortened."""
+
+# Filesystems that hold data; pseudo and read-only image filesystems (proc,
+# tmpfs, squashfs snaps, ...) are always "full" or meaningless and left out.
+_DISK_FSTYPES = frozenset(
+    {
+        "btrfs",
+        "exfat",
+        "ext2",
+        "ext3",
+        "ext4",
+        "f2fs",
+        "hfsplus",
+        "jfs",
+        "nfs",
+        "nfs4",
+        "ntfs",
+        "ntfs3",
+        "overlay",
+        "reiserfs",
+        "vfat",
+        "xfs",
+        "zfs",
+        "bcachefs",
+        "cifs",
+        "fuseblk",
+    }
+)
+
+# Direct connections only: proxy settings in the environment must not send a
+# scrape anywhere but the URL the user gave.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """One metric sample, ready to be judged.
+
+    Attributes:
+        check_id: the id of the check entity it feeds (``system/metric``).
+        system: the system the check belongs to.
+        metric: the series, e.g. ``disk_used_percent{mountpoint="/"}``.
+        name: the metric name that families match on.
+        value: the value (NaN and infinities are possible).
+        at: the record time, POSIX seconds.
+    """
+
+    check_id: str
+    system: str
+    metric: str
+    name: str
+    value: float
+    at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """The samples of one read (a poll, a scrape, or one replayed row).
+
+    ``at`` is the time the batch stands for: the clock follows it.
+    """
+
+    at: float
+    samples: Sequence[Sample]
+
+
+class Source(Protocol):
+    """Where samples come from."""
+
+    description: str
+    """One line for the live view and the summary."""
+
+    replay: bool
+    """True when times come from records (the clock follows the samples)."""
+
+    total: int | None
+    """How many samples a replay holds (``None`` for live sources)."""
+
+    def batches(self, stop: threading.Event) -> Iterator[Batch]:
+        """Yield batches until the source ends or ``stop`` is set."""
+        ...
+
+
+def make_check_id(system: str, metric: str) -> str:
+    """Build a check id that the runtime accepts: printable, at most 1,024 chars.
+
+    Non-printable characters are escaped (``\\x1c``); an id that is still too
+    long keeps its start and ends in a hash of the whole, so it stays unique.
+    """
+    raw = f"{system}/{metric}"
+    if not raw.isprintable():
+        raw = "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
+    if len(raw) > MAX_CHECK_ID:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        raw = f"{raw[: MAX_CHECK_ID - 17]}~{digest}"
+    return raw
+
+
+def series_name(name: str, labels: Mapping[str, str]) -> str:
+    """Format a series as ``name{a="x",b="y"}``, labels sorted; no braces if none."""
+    if not labels:
+        return name
+    inner = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
+    return f"{name}{{{inner}}}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- the machine itself ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _CpuTimes:
+    busy: float
+    total: float
+
+
+def parse_cpu_times(stat: str) -> _CpuTimes:
+    """Read the aggregate ``cpu`` line of ``/proc/stat`` (ticks since boot).
+
+    Busy time is everything but ``idle`` and ``iowait``; ``guest`` times are
+    already inside ``user`` and ``nice`` and are not counted twice.
+    """
+    for line in stat.split("\n"):
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [float(f) for f in fields[1:]]
+            ticks += [0.0] * (8 - len(ticks))
+            total = sum(ticks[:8])
+            idle = ticks[3] + ticks[4]
+            return _CpuTimes(busy=total - idle, total=total)
+    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+
+
+def parse_meminfo(text: str) -> dict[str, float]:
+    """Read ``/proc/meminfo`` into ``{field: bytes}``."""
+    found = {}
+    for line in text.split("\n"):
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            factor = 1024.0 if len(parts) > 1 and parts[1] == "kB" else 1.0
+            found[key.strip()] = float(parts[0]) * factor
+    return found
+
+
+def disk_mounts(mounts: str) -> list[str]:
+    """Pick the mount points of data filesystems from ``/proc/self/mounts``.
+
+    One mount point per device (the shortest path, so bind mounts of the same
+    device are not counted twice); pseudo filesystems are left out.
+    """
+    by_device: dict[str, str] = {}
+    for line in mounts.split("\n"):
+        fields = line.split()
+        if len(fields) < 3 or fields[2] not in _DISK_FSTYPES:
+            continue
+        device = fields[0]
+        mountpoint = _unescape_mount(fields[1])
+        known = by_device.get(device)
+        if known is None or len(mountpoint) < len(known):
+            by_device[device] = mountpoint
+    return sorted(by_device.values())
+
+
+def _unescape_mount(path: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+class HostSource:
+    """This machine's CPU, memory, load and disks, read from ``/proc`` and statvfs.
+
+    Every ``interval`` seconds it yields, for system ``hostname``:
+
+    - ``cpu_used_percent``: busy share of all CPUs since the previous read
+      (from the second read on);
+    - ``memory_used_percent``: ``1 - MemAvailable / MemTotal``;
+    - ``load1_per_cpu``: the 1-minute load average divided by the CPU count;
+    - ``disk_used_percent{mountpoint=...}`` per mounted data filesystem, as
+      ``df`` computes it: used / (used + available to unprivileged users).
+
+    Nothing needs to be installed. A file that cannot be read is logged once
+    and its metrics are left out of that read.
+    """
+
+    replay = False
+    total = None
+
+    def __init__(
+        self,
+        interval: float,
+        *,
+        system: str | None = None,
+        proc: str | os.PathLike[str] = "/proc",
+    ) -> None:
+        self.interval = interval
+        self.system = system or socket.gethostname() or "localhost"
+        self._proc = Path(proc)
+        self._cpu: _CpuTimes | None = None
+        self._cpus = os.cpu_count() or 1
+        self._failed: set[str] = set()
+        self.description = f"this machine ({self.system}), every {interval:g} s"
+
+    def batches(self, stop: threading.Event) -> Iterator[Batch]:
+        """Read the machine now and then every ``interval`` seconds until ``stop``."""
+        while not stop.is_set():
+            now = time.time()
+            yield Batch(now, self.read(now))
+            stop.wait(self.interval)
+
+    def read(self, now: float) -> list[Sample]:
+        """Take one reading of every metric, stamped ``now``."""
+        values: list[tuple[str, dict[str, str], float]] = []
+
+        stat = self._read_text("stat")
+        if stat is not None:
+            cpu = parse_cpu_times(stat)
+            previous, self._cpu = self._cpu, cpu
+            if previous is not None and cpu.total > previous.total:
+                busy = (cpu.busy - previous.busy) / (cpu.total - previous.total)
+                values.append(("cpu_used_percent", {}, 100.0 * busy))
+
+        meminfo = self._read_text("meminfo")
+        if meminfo is not None:
+            memory = parse_meminfo(meminfo)
+            total, available = memory.get("MemTotal"), memory.get("MemAvailable")
+            if total and available is not None:
+                values.append(
+                    ("memory_used_percent", {}, 100.0 * (1 - available / total))
+                )
+
+        loadavg = self._read_text("loadavg")
+        if loadavg is not None:
+            values.append(("load1_per_cpu", {}, float(loadavg.split()[0]) / self._cpus))
+
+        mounts = self._read_text("self/mounts")
+        for mountpoint in disk_mounts(mounts or ""):
+            used = self._disk_used(mountpoint)
+            if used is not None:
+                values.append(("disk_used_percent", {"mountpoint": mountpoint}, used))
+
+        samples = []
+        for name, labels, value in values:
+            metric = series_name(name, labels)
+            check_id = make_check_id(self.system, metric)
+            samples.append(Sample(check_id, self.system, metric, name, value, now))
+        return samples
+
+    def _read_text(self, name: str) -> str | None:
+        path = self._proc / name
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            if name not in self._failed:
+                self._failed.add(name)
+                logger.warning(
+                    "cannot read %s (%s); its metrics are left out", path, err
+                )
+            return None
+
+    def _disk_used(self, mountpoint: str) -> float | None:
+        try:
+            st = os.statvfs(mountpoint)
+        except OSError as err:
+            if mountpoint not in self._failed:
+                self._failed.add(mountpoint)
+                logger.warning("cannot statvfs %s (%s); left out", mountpoint, err)
+            return None
+        used = st.f_blocks - st.f_bfree
+        usable = used + st.f_bavail
+        return None if usable <= 0 else 100.0 * used / usable
+
+
+# -- Prometheus text endpoints -------------------------------------------------
+
+
+_SELECTOR = re.compile(r"^\s*([A-Za-z_:][A-Za-z0-9_:]*)?\s*(?:\{(.*)\})?\s*$", re.S)
+_MATCHER = re.compile(
+    r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)', re.S
+)
+
+
+class SelectorError(ValueError):
+    """A ``--match`` selector is not valid PromQL selector syntax."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A PromQL-style series selector: ``name{label="v", other=~"re.*"}``.
+
+    Supports ``=``, ``!=``, ``=~`` and ``!~``; regular expressions are fully
+    anchored, as in PromQL. ``__name__`` may be matched like any label.
+    """
+
+    text: str
+    matchers: tuple[tuple[str, str, str | re.Pattern[str]], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        """Parse a selector.
+
+        Raises:
+            SelectorError: the text is not a selector; the message quotes it.
+        """
+        found = _SELECTOR.match(text)
+        if not found or not (found.group(1) or found.group(2)):
+            raise SelectorError(
+                f"--match {text!r}: expected a selector such as "
+                "'node_load1' or 'node_filesystem_avail_bytes{mountpoint=\"/\"}'"
+            )
+        matchers: list[tuple[str, str, str | re.Pattern[str]]] = []
+        if found.group(1):
+            matchers.append(("__name__", "=", found.group(1)))
+        body = (found.group(2) or "").strip()
+        position = 0
+        while position < len(body):
+            part = _MATCHER.match(body, position)
+            if not part:
+                raise SelectorError(
+                    f"--match {text!r}: cannot read the label matcher at "
+                    f"{body[position:]!r}"
+                )
+            label, op, raw = part.group(1), part.group(2), part.group(3)
+            value = _unquote(raw)
+            if op in ("=~", "!~"):
+                try:
+                    matchers.append((label, op, re.compile(value)))
+                except re.error as err:
+                    raise SelectorError(
+                        f"--match {text!r}: bad regular expression {value!r}: {err}"
+                    ) from None
+            else:
+                matchers.append((label, op, value))
+            position = part.end()
+        return cls(text, tuple(matchers))
+
+    def matches(self, name: str, labels: Mapping[str, str]) -> bool:
+        """Whether a series with this name and these labels is selected."""
+        for label, op, want in self.matchers:
+            have = name if label == "__name__" else labels.get(label, "")
+            if op == "=":
+                ok = have == want
+            elif op == "!=":
+                ok = have != want
+            elif op == "=~":
+                ok = want.fullmatch(have) is not None  # type: ignore[union-attr]
+            else:
+                ok = want.fullmatch(have) is None  # type: ignore[union-attr]
+            if not ok:
+                return False
+        return True
+
+
+def _unquote(raw: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), raw)
+
+
+def parse_exposition(
+    text: str,
+    *,
+    system: str,
+    at: float,
+    selectors: Sequence[Selector] = (),
+    config: AgentConfig | None = None,
+) -> list[Sample]:
+    """Turn a Prometheus text payload into samples, with ``prometheus_client``.
+
+    A sample is kept when it matches one of ``selectors``; with no
+    selectors, when ``config`` has a family with thresholds for its name.
+    Samples without a timestamp (the usual case) are stamped ``at``. The
+    check's system is the ``instance`` label when present, else ``system``.
+
+    Raises:
+        ValueError: the payload is not valid text exposition format.
+    """
+    samples = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            if selectors:
+                if not any(s.matches(name, labels) for s in selectors):
+                    continue
+            elif config is None or not config.has_family(name):
+                continue
+            owner = labels.get("instance") or system
+            metric = series_name(name, labels)
+            stamp = at if sample.timestamp is None else float(sample.timestamp)
+            samples.append(
+                Sample(
+                    make_check_id(owner, metric),
+                    owner,
+                    metric,
+                    name,
+                    float(sample.value),
+                    stamp,
+                )
+            )
+    return samples
+
+
+class ScrapeSource:
+    """Prometheus text endpoints, scraped every ``interval`` seconds.
+
+    Each scrape's samples that match the selectors become checks (see
+    :func:`parse_exposition`). Each target also yields a synthetic ``up``
+    sample, 1 when the scrape worked and 0 when it failed, so an unreachable
+    target becomes an unhealthy check rather than silence. Only ``http`` and
+    ``https`` URLs are accepted; proxies from the environment are not used.
+    """
+
+    replay = False
+    total = None
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        interval: float,
+        *,
+        selectors: Sequence[Selector] = (),
+        config: AgentConfig | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        for url in urls:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(
+                    f"--scrape {url!r}: expected an http:// or https:// URL"
+                )
+        self.urls = list(urls)
+        self.interval = interval
+        self.selectors = list(selectors)
+        self.config = config
+        self.timeout = timeout
+        self.errors = 0
+        self._failing: set[str] = set()
+        self.description = f"scrape of {', '.join(self.urls)} every {interval:g} s"
+
+    def batches(self, stop: threading.Event) -> Iterator[Batch]:
+        """Scrape every target now, then every ``interval`` seconds, until ``stop``."""
+        while not stop.is_set():
+            now = time.time()
+            samples: list[Sample] = []
+            for url in self.urls:
+                samples.extend(self.scrape(url, now))
+            yield Batch(now, samples)
+            stop.wait(self.interval)
+
+    def scrape(self, url: str, now: float) -> list[Sample]:
+        """Scrape one target once; failures are logged and give ``up`` = 0."""
+        target = urllib.parse.urlsplit(url).netloc
+        try:
+            with _OPENER.open(url, timeout=self.timeout) as response:
+                text = response.read().decode("utf-8", errors="replace")
+            samples = parse_exposition(
+                text,
+                system=target,
+                at=now,
+                selectors=self.selectors,
+                config=self.config,
+            )
+        except (OSError, ValueError, urllib.error.URLError) as err:
+            self.errors += 1
+            if url not in self._failing:
+                logger.warning("scrape of %s failed: %s", url, err)
+            self._failing.add(url)
+            return [self._up(target, 0.0, now)]
+
+        if url in self._failing:
+            self._failing.discard(url)
+            logger.info("scrape of %s works again", url)
+        return [*samples, self._up(target, 1.0, now)]
+
+    def _up(self, target: str, value: float, now: float) -> Sample:
+        metric = series_name("up", {})
+        return Sample(make_check_id(target, metric), target, metric, "up", value, now)
+
+
+# -- recorded CSV series -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SeriesFile:
+    """One recorded ``timestamp,value`` file and what reading it found.
+
+    Attributes:
+        path: the file.
+        label_key: ``<folder>/<file>``, the key NAB's label files use.
+        system: the folder name (the check's system).
+        metric: the file name without ``.csv``.
+        check_id: the check it feeds.
+        times: the record times, in file order (POSIX seconds).
+        values: the values, in file order.
+        invalid: ``(line, reason)`` of each line that could not be read.
+    """
+
+    path: Path
+    label_key: str
+    system: str
+    metric: str
+    check_id: str
+    times: list[float]
+    values: list[float]
+    invalid: list[tuple[int, str]]
+
+    @property
+    def rows(self) -> int:
+        """The number of samples read."""
+        return len(self.times)
+
+
+def parse_timestamp(text: str) -> float:
+    """Parse a record time to POSIX seconds.
+
+    Accepts ISO 8601 dates and times (``2014-02-14 14:30:00``, with ``T``,
+    fractions of a second or an offset) and plain POSIX seconds. A time
+    without an offset is taken as UTC: recorded series such as NAB's carry no
+    zone, so their daylight-saving quirks show up as repeated or backward
+    times rather than being "corrected".
+
+    Raises:
+        ValueError: not a time.
+    """
+    stamp = text.strip()
+    if stamp and (stamp[0].isdigit() and "-" not in stamp and ":" not in stamp):
+        seconds = float(stamp)
+        if not math.isfinite(seconds):
+            raise ValueError(f"not a time: {text!r}")
+        return seconds
+    when = datetime.fromisoformat(stamp)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
+    """Read one ``timestamp,value`` CSV file.
+
+    Handles a UTF-8 byte order mark, CRLF line endings, a missing final
+    newline and blank lines. The first line is a header when its value column
+    is not a number. A line that cannot be read (wrong number of columns, a
+    bad time or value) is skipped, logged with its line number and listed in
+    ``invalid``; rows are kept in file order, repeats and all.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    file = Path(path)
+    text = file.read_bytes().decode("utf-8-sig", errors="replace")
+    times: list[float] = []
+    values: list[float] = []
+    invalid: list[tuple[int, str]] = []
+
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        stamp, comma, raw = line.partition(",")
+        try:
+            if not comma or "," in raw:
+                raise ValueError("expected two columns, timestamp,value")
+            value = float(raw)
+        except ValueError as err:
+            if number == 1 and comma:
+                continue
+            invalid.append((number, str(err)))
+            continue
+        try:
+            at = parse_timestamp(stamp)
+        except ValueError as err:
+            invalid.append((number, str(err)))
+            continue
+        times.append(at)
+        values.append(value)
+
+    for number, reason in invalid[:5]:
+        logger.warning("%s:%d: skipped: %s", file, number, reason)
+    if len(invalid) > 5:
+        logger.warning("%s: %d more unreadable lines skipped", file, len(invalid) - 5)
+
+    system = file.parent.name or "replay"
+    metric = file.stem
+    return SeriesFile(
+        path=file,
+        label_key=f"{file.parent.name}/{file.name}",
+        system=system,
+        metric=metric,
+        check_id=make_check_id(system, metric),
+        times=times,
+        values=values,
+        invalid=invalid,
+    )
+
+
+def find_series_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and directories (searched recursively for ``*.csv``), sorted.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or a directory has no CSV.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.csv") if p.is_file())
+            if not files:
+                raise FileNotFoundError(f"--replay {raw}: no .csv files in it")
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"--replay {raw}: no such file or directory")
+    return list(dict.fromkeys(found))
+
+
+class ReplaySource:
+    """Recorded ``timestamp,value`` series, replayed in record time.
+
+    One check per file, named after the file, in the system named after its
+    folder. The files are merged into one stream ordered by record time (ties
+    in file order), so the checks of one system are judged at the same
+    moments and the clock only moves forward. Within a file, rows keep their
+    file order: a row older than the series' previous one reaches the agent
+    out of order, and the agent skips it (see ``Agent``).
+
+    The whole of each file is read up front (about 40 bytes per sample).
+    """
+
+    replay = True
+
+    def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        self.files = [read_series_file(path) for path in find_series_files(paths)]
+        self.total = sum(f.rows for f in self.files)
+        systems = {f.system for f in self.files}
+        self.description = (
+            f"replay of {len(self.files)} series in {len(systems)} system(s)"
+        )
+
+    def batches(self, stop: threading.Event) -> Iterator[Batch]:
+        """Yield one batch per row, in record time, until the end or ``stop``."""
+        streams = [_rows(index, series) for index, series in enumerate(self.files)]
+        files = self.files
+        for count, (at, index, row) in enumerate(heapq.merge(*streams)):
+            if count % 512 == 0 and stop.is_set():
+                return
+            series = files[index]
+            sample = Sample(
+                series.check_id,
+                series.system,
+                series.metric,
+                series.metric,
+                series.values[row],
+                at,
+            )
+            yield Batch(at, (sample,))
+
+
+def _rows(index: int, series: SeriesFile) -> Iterator[tuple[float, int, int]]:
+    # heapq.merge takes each stream as sorted; a backward row simply comes
+    # out right after its predecessor, and the agent skips it as out of order.
+    for row, at in enumerate(series.times):
+        yield at, index, row
+
+
+def load_label_windows(
+    path: str | os.PathLike[str],
+) -> dict[str, list[tuple[float, float]]]:
+    """Read anomaly windows in NAB's ``combined_windows.json`` format.
+
+    The format is ``{"<folder>/<file>.csv": [["start", "end"], ...]}``, times
+    like ``2014-02-26 13:45:00.000000`` (taken as UTC, like the series).
+
+    Raises:
+        ValueError: not that format; the message names the file and the key.
+        OSError: the file cannot be read.
+    """
+    name = os.fspath(path)
+    try:
+        data = json.loads(Path(name).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: expected an object of file -> windows")
+
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for key, spans in data.items():
+        if not isinstance(spans, list):
+            raise ValueError(f"{name}: {key}: expected a list of [start, end]")
+        parsed = []
+        for span in spans:
+            if not (isinstance(span, list) and len(span) == 2):
+                raise ValueError(f"{name}: {key}: expected [start, end], got {span!r}")
+            try:
+                start, end = parse_timestamp(span[0]), parse_timestamp(span[1])
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{name}: {key}: bad time in {span!r}: {err}"
+                ) from None
+            parsed.append((start, end))
+        windows[key] = parsed
+    return windows
