@@ -743,7 +743,7 @@ class Runtime:
             entry.queues = []
 
         self._abort.set()
-        undelivered = []
+        undelivered: list[tuple[str, int]] = []
         for consumer in self._all_consumers():
             for _item, seqs in consumer.mailbox.close():
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
@@ -1035,7 +1035,8 @@ class Runtime:
         with self._lock:
             self._check_running("replay dead letters")
             with self._dead_lock:
-                keep, replay = [], []
+                keep: list[tuple[DeadLetter, Any]] = []
+                replay: list[tuple[DeadLetter, Any]] = []
                 for letter in self._dead_letters:
                     group = self._kinds[letter.change.kind].groups.get(
                         letter.worker_group
@@ -1325,7 +1326,7 @@ class Runtime:
         predicate: Callable[[ReadOnlyDict | None], bool],
         timeout: float,
     ) -> ReadOnlyDict | None:
-        handle = EntityHandle(self, kind)
+        handle: EntityHandle[Any] = EntityHandle(self, kind)
         key = (kind, entity_id)
         event = threading.Event()
         with self._waiters_lock:

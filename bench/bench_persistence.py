@@ -18,6 +18,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,10 @@ class Check:
     samples: int
 
 
+def _constant(state: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
+    return lambda prev: state
+
+
 def _fill(data_dir: Path, entities: int, changes: int) -> dict[str, float]:
     rt = Runtime(data_dir=data_dir, journal_fsync="never", snapshot_every=None)
     rt.define_entity("check", Check)
@@ -46,18 +51,14 @@ def _fill(data_dir: Path, entities: int, changes: int) -> dict[str, float]:
 
     started = time.perf_counter()
     for round_ in range(changes):
-        status = STATUSES[round_ % 3]
+        state = {
+            "status": STATUSES[round_ % 3],
+            "value": float(round_),
+            "samples": round_,
+        }
         for i in range(entities):
             _, change = engine.mutate(
-                f"check-{i}",
-                lambda prev, r=round_, s=status: {
-                    "status": s,
-                    "value": float(r),
-                    "samples": r,
-                },
-                "bench",
-                None,
-                None,
+                f"check-{i}", _constant(state), "bench", None, None
             )
             if change is not None:
                 rt._publish(change)
@@ -102,11 +103,7 @@ def _mutate_cost(root: Path, mode: str, count: int) -> dict[str, float]:
             started = time.perf_counter()
             checks.mutate(
                 f"check-{i % 100}",
-                lambda prev, i=i: {
-                    "status": STATUSES[i % 3],
-                    "value": float(i),
-                    "samples": i,
-                },
+                _constant({"status": STATUSES[i % 3], "value": float(i), "samples": i}),
             )
             latencies.append(time.perf_counter() - started)
 

@@ -129,7 +129,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"error: no kind {args.kind!r} in {directory}", file=sys.stderr)
         return 2
     if args.id is None:
-        ids = sorted(data.states.get(args.kind, {}) or ids_by_kind.get(args.kind, ()))
+        ids = sorted(data.states.get(args.kind) or ids_by_kind.get(args.kind, set()))
         for entity_id in ids:
             print(entity_id)
         return 0

@@ -75,7 +75,7 @@ def work_queue(
         base = float(backoff)
 
         def pause(attempt: int) -> float:
-            return min(max_backoff, base * 2 ** (attempt - 1))
+            return min(max_backoff, base * 2.0 ** (attempt - 1))
 
     else:
         raise DefinitionError(

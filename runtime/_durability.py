@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -252,7 +253,7 @@ class DataDir:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike[str],
         fsync: str = "always",
         interval: float = 0.05,
         keep_snapshots: int = 2,
@@ -299,7 +300,10 @@ class DataDir:
     def start_journal(self, next_seq: int) -> None:
         """Start appending to a fresh journal file from ``next_seq``."""
         self._journal = JournalWriter(
-            self.directory, first_seq=next_seq, fsync=self.fsync, interval=self.interval
+            self.directory,
+            first_seq=next_seq,
+            fsync=self.fsync,  # type: ignore[arg-type]
+            interval=self.interval,
         )
 
     def journal(self, change: ChangeRecord) -> None:

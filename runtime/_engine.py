@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 1024
 """The longest entity id accepted, in characters."""
 
-ReadFn = Callable[[Sequence[str]], Mapping[str, Any]]
+ReadFn = Callable[[list[str]], Mapping[str, Any]]
 JournalFn = Callable[[Any], None]
 ApplyFn = Callable[[dict[str, Any] | None], Any]
 CommitHook = Callable[[EntityChanged], None]

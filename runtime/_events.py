@@ -36,7 +36,8 @@ class ReadOnlyDict(dict[str, Any]):
         return dict(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
-        return thaw(self)
+        copied: dict[str, Any] = thaw(self)
+        return copied
 
     def __reduce__(self) -> Any:
         return (dict, (dict(self),))
@@ -55,7 +56,8 @@ class ReadOnlyList(list[Any]):
         return list(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return thaw(self)
+        copied: list[Any] = thaw(self)
+        return copied
 
     def __reduce__(self) -> Any:
         return (list, (list(self),))

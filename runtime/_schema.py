@@ -70,7 +70,7 @@ def _check_float(value: Any, path: str) -> float:
         raise _Invalid(path, f"must be a number, got {_describe(value)}")
     if not math.isfinite(value):
         raise _Invalid(path, f"must be a finite number, got {value!r}")
-    return value
+    return float(value)
 
 
 def _check_bool(value: Any, path: str) -> bool:
