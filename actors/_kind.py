@@ -52,6 +52,61 @@ class MutationFuture(concurrent.futures.Future[T], Generic[T]):
         return asyncio.wrap_future(self).__await__()
 
 
+class BatchResult:
+    """Collects the results of one ``mutate_many`` call.
+
+    Each request of the batch reports into its own slot; the caller waits once
+    for all of them instead of once per mutation.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.results: list[Any] = [None] * size
+        self.errors: dict[int, BaseException] = {}
+        self._left = size
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if size == 0:
+            self._done.set()
+
+    def slot(self, index: int) -> _Slot:
+        """The future-like slot for the request at ``index``."""
+        return _Slot(self, index)
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every request of the batch has finished."""
+        return self._done.wait(timeout)
+
+
+class _Slot:
+    """One request's place in a :class:`BatchResult` (a minimal future)."""
+
+    __slots__ = ("_batch", "_filled", "_index")
+
+    def __init__(self, batch: BatchResult, index: int) -> None:
+        self._batch = batch
+        self._index = index
+        self._filled = False
+
+    def done(self) -> bool:
+        return self._filled
+
+    def set_result(self, result: Any) -> None:
+        self._batch.results[self._index] = result
+        self._filled = True
+        self._batch._finish()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._batch.errors[self._index] = error
+        self._filled = True
+        self._batch._finish()
+
+
 class Request:
     """One mutation or removal on its way to a kind actor."""
 
@@ -74,7 +129,7 @@ class Request:
         actor: str,
         run_id: str | None,
         at: float | None,
-        future: MutationFuture[Any],
+        future: MutationFuture[Any] | _Slot,
     ) -> None:
         self.op = op
         self.entity_id = entity_id
@@ -108,6 +163,15 @@ class RequestQueue:
         """Queue one request, waking the actor if it is idle."""
         with self._lock:
             self._requests.append(request)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.wake()
+
+    def put_many(self, requests: list[Request]) -> None:
+        """Queue several requests at once, waking the actor if it is idle."""
+        with self._lock:
+            self._requests.extend(requests)
             if self._scheduled:
                 return
             self._scheduled = True

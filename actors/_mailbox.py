@@ -35,8 +35,8 @@ class DeliveryTracker:
         with self._cond:
             self._admission = mode
 
-    def admit(self, internal: bool) -> bool:
-        """Count one submitted mutation, if the gate lets it in.
+    def admit(self, internal: bool, count: int = 1) -> bool:
+        """Count ``count`` submitted mutations, if the gate lets them in.
 
         While the runtime stops, only mutations made from the runtime's own
         consumer threads (``internal``) are let in, so that subscribers can
@@ -45,7 +45,7 @@ class DeliveryTracker:
         with self._cond:
             mode = self._admission
             if mode == self.ACCEPTING or (mode == self.INTERNAL_ONLY and internal):
-                self._pending += 1
+                self._pending += count
                 return True
             return False
 

@@ -98,5 +98,24 @@ class ActorFailedError(EntityRuntimeError, RuntimeError):
     """
 
 
+class MutationBatchError(EntityRuntimeError, RuntimeError):
+    """Some mutations of a ``mutate_many`` call failed; the others were applied.
+
+    Attributes:
+        results: one entry per item, in order: the next state, or ``None``
+            where the item failed.
+        errors: the failed items' errors, by index.
+    """
+
+    def __init__(self, results: list[Any], errors: dict[int, BaseException]) -> None:
+        self.results = results
+        self.errors = errors
+        first = min(errors)
+        super().__init__(
+            f"{len(errors)} of {len(results)} mutations failed (the others were "
+            f"applied); first, item {first}: {errors[first]}"
+        )
+
+
 class ReentrantCallError(EntityRuntimeError, RuntimeError):
     """A call from one of the runtime's own threads would wait for itself."""

@@ -15,6 +15,7 @@ from runtime import (
     DeliveryTimeoutError,
     EntityChanged,
     InvalidIdError,
+    MutationBatchError,
     ReadError,
     Runtime,
     RuntimeStoppedError,
@@ -580,3 +581,61 @@ def test_the_logger_names_kind_id_and_seq(
         tickets.mutate("t-9", lambda prev: ticket())
 
     assert any("ticket/t-9 seq=1" in r.getMessage() for r in caplog.records)
+
+
+def test_mutate_many_applies_every_item_in_order_with_its_own_event(
+    rt: Runtime,
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket, shards=3)
+    seen = _record(rt)
+    items = [(f"t-{i % 4}", lambda prev, i=i: ticket(tags=[str(i)])) for i in range(20)]
+
+    with rt:
+        results = tickets.mutate_many(items, actor="batch")
+        rt.drain()
+
+    assert [r["tags"] for r in results] == [[str(i)] for i in range(20)]
+    assert sorted(c.seq for c in seen) == list(range(1, 21))
+    for entity in range(4):
+        mine = [c for c in seen if c.id == f"t-{entity}"]
+        assert [c.next["tags"][0] for c in mine] == [
+            str(i) for i in range(20) if i % 4 == entity
+        ]
+    assert {c.actor for c in seen} == {"batch"}
+
+
+def test_mutate_many_reports_failed_items_and_applies_the_others(
+    rt: Runtime,
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    items = [
+        ("t-1", lambda prev: ticket()),
+        ("t-2", lambda prev: {"status": "bogus"}),
+        ("t-3", lambda prev: 1 / 0),
+        ("t-4", lambda prev: ticket(status="closed")),
+    ]
+
+    with rt, pytest.raises(MutationBatchError) as caught:
+        tickets.mutate_many(items)
+
+    assert set(caught.value.errors) == {1, 2}
+    assert isinstance(caught.value.errors[1], SchemaError)
+    assert isinstance(caught.value.errors[2], ApplyError)
+    assert caught.value.results[0] == ticket()
+    assert caught.value.results[3] == ticket(status="closed")
+    assert "2 of 4 mutations failed (the others were applied)" in str(caught.value)
+    assert sorted(tickets.ids()) == ["t-1", "t-4"]
+
+
+def test_mutate_many_with_a_bad_item_applies_nothing(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        with pytest.raises(InvalidIdError):
+            tickets.mutate_many([("t-1", lambda prev: ticket()), ("", lambda p: p)])
+        with pytest.raises(DefinitionError, match="item 1 must be an"):
+            tickets.mutate_many([("t-1", lambda prev: ticket()), ("t-2", None)])  # type: ignore[list-item]
+        empty = tickets.mutate_many([])
+
+    assert empty == []
+    assert rt.log.last_seq == 0
