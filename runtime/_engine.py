@@ -8,7 +8,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runtime._diff import diff_states
-from runtime._errors import ApplyError, InvalidIdError, ReadError, SchemaError
+from runtime._errors import (
+    ApplyError,
+    InvalidIdError,
+    InvalidTimeError,
+    ReadError,
+    SchemaError,
+)
 from runtime._events import EntityChanged, ReadOnlyDict, thaw
 from runtime._log import TransitionLog, change_rows
 from runtime._metrics import RuntimeMetrics
@@ -47,15 +53,38 @@ def check_entity_id(kind: str, entity_id: Any) -> str:
     return entity_id
 
 
+_MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
 def to_timestamp(at: datetime | float | None, clock: Callable[[], float]) -> float:
-    """Return ``at`` as POSIX seconds, or the clock's time when ``at`` is None."""
+    """Return ``at`` as POSIX seconds, or the clock's time when ``at`` is None.
+
+    Raises:
+        InvalidTimeError: ``at`` is naive, not a number, not finite, or outside
+            the years 1 to 9999 (which a ``datetime`` cannot show).
+    """
     if at is None:
-        return clock()
+        return check_timestamp(clock(), "the runtime's clock")
     if isinstance(at, datetime):
         if at.tzinfo is None:
-            raise ValueError(f"'at' must be timezone-aware, got naive {at!r}")
+            raise InvalidTimeError(f"'at' must be timezone-aware, got naive {at!r}")
         return at.timestamp()
-    return float(at)
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise InvalidTimeError(
+            f"'at' must be a datetime or POSIX seconds, got {type(at).__name__}"
+        )
+    return check_timestamp(float(at), "'at'")
+
+
+def check_timestamp(ts: float, what: str) -> float:
+    """Return ``ts`` if it is a usable POSIX time, else raise InvalidTimeError."""
+    if not _MIN_TS <= ts <= _MAX_TS:  # also false for NaN
+        raise InvalidTimeError(
+            f"{what} gave {ts!r}, which is not a time between the years 1 and 9999 "
+            "(POSIX seconds expected; milliseconds?); nothing recorded"
+        )
+    return ts
 
 
 class KindDefinition:
@@ -259,7 +288,7 @@ class KindEngine:
         run_id: str | None,
         at: float | None,
     ) -> EntityChanged:
-        ts = self._clock() if at is None else at
+        ts = check_timestamp(self._clock(), "the runtime's clock") if at is None else at
         log = self._log
         store_backed = self.definition.read is None
         spec = change_rows(prev, next_state, changed_fields)

@@ -49,6 +49,10 @@ class InvalidIdError(EntityRuntimeError, ValueError):
         super().__init__(f"{kind}: id {shown} {reason}; nothing recorded")
 
 
+class InvalidTimeError(EntityRuntimeError, ValueError):
+    """A time given for a change (or read from the clock) cannot be recorded."""
+
+
 class ApplyError(EntityRuntimeError, RuntimeError):
     """The caller's ``apply`` raised; nothing was recorded.
 

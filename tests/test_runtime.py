@@ -15,6 +15,7 @@ from runtime import (
     DeliveryTimeoutError,
     EntityChanged,
     InvalidIdError,
+    InvalidTimeError,
     MutationBatchError,
     ReadError,
     Runtime,
@@ -639,3 +640,35 @@ def test_mutate_many_with_a_bad_item_applies_nothing(rt: Runtime) -> None:
 
     assert empty == []
     assert rt.log.last_seq == 0
+
+
+@pytest.mark.parametrize(
+    ("at", "message"),
+    [
+        (1_700_000_000_000.0, "milliseconds"),
+        (float("nan"), "not a time between"),
+        (float("inf"), "not a time between"),
+        ("2026-01-01", "must be a datetime or POSIX seconds"),
+    ],
+)
+def test_an_unrecordable_time_is_refused_and_nothing_recorded(
+    busy: Runtime, at: Any, message: str
+) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+
+    with pytest.raises(InvalidTimeError, match=message):
+        tickets.mutate("t-1", lambda prev: ticket(status="working"), at=at)
+
+    assert _snapshot(busy) == before
+
+
+def test_a_clock_that_returns_nonsense_fails_the_write_and_records_nothing() -> None:
+    rt = Runtime(clock=lambda: 1e300)
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt, pytest.raises(InvalidTimeError, match="runtime's clock"):
+        tickets.mutate("t-1", lambda prev: ticket())
+
+    assert rt.log.last_seq == 0
+    assert tickets.get("t-1") is None
