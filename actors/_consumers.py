@@ -305,6 +305,8 @@ class DeriverStage:
         for deriver in self.derivers:
             try:
                 names = deriver.derive(change)
+                if not isinstance(names, str):
+                    names = list(names)
                 if isinstance(names, str) or not all(isinstance(n, str) for n in names):
                     raise TypeError(f"must return a list of event names, got {names!r}")
             except Exception:

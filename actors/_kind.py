@@ -201,7 +201,12 @@ class KindActor(pykka.ThreadingActor):
     ``backpressure_timeout`` seconds) for room in the deriver stage's mailbox;
     if none appears, the request fails with :class:`BackpressureError` and
     nothing is recorded.
+
+    Runs on a daemon thread: a program that exits without ``stop()`` is not
+    kept alive by it (the runtime's exit hook stops it first when it can).
     """
+
+    use_daemon_thread = True
 
     def __init__(
         self,

@@ -202,9 +202,11 @@ class Mailbox:
 
             newest = self._newest.get(key) if self._merge is not None else None
             if newest is not None and len(self._entries) >= self.capacity:
-                self._tracker.add(seq)
+                # NOTE: the entry keeps only its first seq open in the tracker:
+                # that seq is lower than every seq folded into it, so drain()
+                # still waits for the entry, and memory does not grow with the
+                # number of folds.
                 newest.item = self._merge(newest.item, item)  # type: ignore[misc]
-                newest.seqs.append(seq)
                 self.coalesced += 1
                 if self._coalesced_metric is not None:
                     self._coalesced_metric.inc()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
@@ -7,6 +8,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -403,8 +405,16 @@ class Runtime:
             runtime's clock); ``None`` keeps them whatever their age.
         retention_max_rows: keep at most this many rows per entity (the newest
             row of each field always stays); ``None`` for no limit.
+        retention_removed_after: forget every row of a removed entity this
+            long (seconds or a timedelta) after its tombstone.
         housekeeping_interval: how often the background thread checks for
             snapshots and retention, in seconds.
+        recover_damaged: when the journal is damaged before its end (not a
+            torn last record), start from the changes before the damage
+            instead of refusing with ``RestoreError``; the damaged files are
+            renamed ``*.damaged`` and kept.
+        metrics: ``False`` turns every Prometheus series into a no-op (the
+            registry stays, empty), for measuring what counting costs.
     """
 
     def __init__(
@@ -423,13 +433,16 @@ class Runtime:
         keep_snapshots: int = 2,
         retention_max_age: float | timedelta | None = None,
         retention_max_rows: int | None = 10_000,
+        retention_removed_after: float | timedelta = 86_400.0,
         housekeeping_interval: float = 1.0,
+        recover_damaged: bool = False,
+        metrics: bool = True,
     ) -> None:
         if mailbox_size < 1:
             raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
         self.clock: Callable[[], float] = clock if clock is not None else time.time
         self.log = TransitionLog()
-        self.metrics = RuntimeMetrics()
+        self.metrics = RuntimeMetrics(enabled=metrics)
         self.metrics_registry = self.metrics.registry
         self.metrics.log_rows.set_function(lambda: len(self.log))
         self._mailbox_size = mailbox_size
@@ -457,7 +470,13 @@ class Runtime:
         self._data_dir = (
             None
             if data_dir is None
-            else DataDir(data_dir, journal_fsync, journal_interval, keep_snapshots)
+            else DataDir(
+                data_dir,
+                journal_fsync,
+                journal_interval,
+                keep_snapshots,
+                recover_damaged,
+            )
         )
         if snapshot_every is not None and snapshot_every < 1:
             raise DefinitionError(
@@ -474,6 +493,7 @@ class Runtime:
             _as_seconds(retention_max_age) if retention_max_age is not None else None
         )
         self._retention_max_rows = retention_max_rows
+        self._retention_removed_after = _as_seconds(retention_removed_after)
         self._housekeeping_interval = housekeeping_interval
         self._housekeeper: threading.Thread | None = None
         self._housekeeping_stop = threading.Event()
@@ -718,6 +738,7 @@ class Runtime:
             self._tracker.set_admission(DeliveryTracker.ACCEPTING)
             self._state = _RUNNING
             self._start_housekeeping()
+            atexit.register(_stop_at_exit, weakref.ref(self))
 
         logger.info("runtime started with kinds %s", ", ".join(self._kinds) or "none")
         return self
@@ -744,6 +765,7 @@ class Runtime:
             elif state == _NEW:
                 self._state = _STOPPED
                 self._stop_report = StopReport(clean=True)
+                self.metrics.close()
                 self._stopped.set()
         if state != _RUNNING:
             # Never started, already stopped, or another thread is stopping it:
@@ -927,12 +949,15 @@ class Runtime:
 
     def apply_retention(self) -> int:
         """Drop log rows past the retention limits now; return how many."""
+        now = self.clock()
         older_than = (
-            None
-            if self._retention_max_age is None
-            else self.clock() - self._retention_max_age
+            None if self._retention_max_age is None else now - self._retention_max_age
         )
-        return self.log.prune(older_than, self._retention_max_rows)
+        return self.log.prune(
+            older_than,
+            self._retention_max_rows,
+            removed_before=now - self._retention_removed_after,
+        )
 
     def _capture_states(self) -> dict[str, tuple[bool, dict[str, Any]]]:
         # NOTE: called under the log's lock, which every commit holds while it
@@ -1299,16 +1324,7 @@ class Runtime:
     ) -> MutationFuture[Any]:
         entry = self._kind(kind)
         check_entity_id(kind, entity_id)
-        if not isinstance(actor, str) or not actor:
-            raise DefinitionError(
-                f"{kind}/{entity_id}: actor must be a non-empty string, got "
-                f"{actor!r}; nothing recorded"
-            )
-        if run_id is not None and not isinstance(run_id, str):
-            raise DefinitionError(
-                f"{kind}/{entity_id}: run_id must be a string or None, got "
-                f"{run_id!r}; nothing recorded"
-            )
+        _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
         shard = 0 if shards == 1 else hash(entity_id) % shards
@@ -1352,11 +1368,7 @@ class Runtime:
                     f"callable apply, got {item!r}; nothing applied"
                 )
             check_entity_id(kind, item[0])
-        if not isinstance(actor, str) or not actor:
-            raise DefinitionError(
-                f"{kind}: actor must be a non-empty string, got {actor!r}; nothing "
-                "applied"
-            )
+        _check_actor_and_run(kind, actor, run_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
         inside = getattr(thread_role, "kind_shard", None)
@@ -1446,6 +1458,31 @@ class Runtime:
                     self._waiters[key] = left
                 else:
                     self._waiters.pop(key, None)
+
+
+def _stop_at_exit(ref: weakref.ref[Runtime]) -> None:
+    runtime = ref()
+    if runtime is not None and runtime.running:
+        logger.warning("the program is exiting without stop(); stopping the runtime")
+        runtime.stop()
+
+
+def _check_actor_and_run(where: str, actor: Any, run_id: Any) -> None:
+    for name, value, optional in (("actor", actor, False), ("run_id", run_id, True)):
+        if value is None and optional:
+            continue
+        if not isinstance(value, str) or not value or not value.isprintable():
+            raise DefinitionError(
+                f"{where}: {name} must be a non-empty printable string"
+                f"{' or None' if optional else ''}, got {value!r}; nothing recorded"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DefinitionError(
+                f"{where}: {name} must be valid Unicode (no lone surrogates); "
+                "nothing recorded"
+            ) from None
 
 
 def _wake(ref: pykka.ActorRef[Any], name: str) -> None:

@@ -4,6 +4,7 @@ import logging
 
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue, broadcast, work_queue
 from runtime._diff import diff_states, same_value
+from runtime._durability import RestoreError
 from runtime._errors import (
     ActorFailedError,
     ApplyError,
@@ -31,6 +32,12 @@ from runtime._events import (
     thaw,
 )
 from runtime._metrics import MetricsBindError, MetricsServer, RuntimeMetrics
+from runtime._persistence import (
+    CorruptFileError,
+    DataDirError,
+    DataDirLockedError,
+    FormatVersionError,
+)
 from runtime._schema import StateSchema, compile_schema, validate_value
 from runtime._secrets import MASK, MIN_SECRET_LENGTH
 
@@ -55,6 +62,9 @@ __all__ = [
     "ApplyError",
     "BackpressureError",
     "Broadcast",
+    "CorruptFileError",
+    "DataDirError",
+    "DataDirLockedError",
     "DeadLetter",
     "DefinitionError",
     "DeliveryTimeoutError",
@@ -62,6 +72,7 @@ __all__ = [
     "EntityChanged",
     "EntityHandle",
     "EntityRuntimeError",
+    "FormatVersionError",
     "InvalidIdError",
     "InvalidTimeError",
     "MetricsBindError",
@@ -73,6 +84,7 @@ __all__ = [
     "ReadOnlyDict",
     "ReadOnlyList",
     "ReentrantCallError",
+    "RestoreError",
     "Runtime",
     "RuntimeMetrics",
     "RuntimeStoppedError",

@@ -98,6 +98,8 @@ class RestoredData:
     snapshot: Path | None = None
     journal_records: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    journal_damage: CorruptFileError | None = None
+    """Where the journal was unreadable before its end (not a torn tail)."""
     damaged_files: list[Path] = dataclasses.field(default_factory=list)
     """Files not (fully) used: corrupt snapshots, and journals from the first
     damaged record on, including later journals that could not be replayed."""
@@ -151,6 +153,7 @@ def load_data_dir(directory: str | Path) -> RestoredData:
 
     replay = read_journal(directory, on_corrupt="stop", after_seq=data.seq)
     if replay.corruption is not None:
+        data.journal_damage = replay.corruption
         data.problems.append(str(replay.corruption))
         data.damaged_files.append(replay.corruption.path)
         data.damaged_files.extend(replay.unread_files)
@@ -257,6 +260,7 @@ class DataDir:
         fsync: str = "always",
         interval: float = 0.05,
         keep_snapshots: int = 2,
+        recover_damaged: bool = False,
     ) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(
@@ -268,6 +272,7 @@ class DataDir:
         self.fsync = fsync
         self.interval = interval
         self.keep_snapshots = keep_snapshots
+        self.recover_damaged = recover_damaged
         self.last_snapshot_seq = 0
         self.last_snapshot_at: float | None = None
         self._lock = DataDirLock(self.directory)
@@ -285,6 +290,16 @@ class DataDir:
         self._lock.acquire()
         try:
             data = load_data_dir(self.directory)
+            damage = data.journal_damage
+            if damage is not None and not self.recover_damaged:
+                raise RestoreError(
+                    f"{damage}: the journal is damaged before its end, so the "
+                    f"changes after seq {data.seq} cannot be restored in order; "
+                    "nothing was changed on disk. Start with "
+                    f"recover_damaged=True to continue from seq {data.seq} (the "
+                    "damaged files are then renamed *.damaged and kept), or "
+                    "repair the file"
+                )
             for path in data.damaged_files:
                 aside = path.with_name(f"{path.name}.damaged")
                 path.replace(aside)

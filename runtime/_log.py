@@ -262,43 +262,66 @@ class TransitionLog:
         older_than: float | None = None,
         max_rows: int | None = None,
         batch: int = 200,
+        removed_before: float | None = None,
     ) -> int:
         """Drop old rows; return how many were dropped.
 
         A row goes when it is older than ``older_than`` (POSIX time) or when
         its entity has more than ``max_rows`` newer rows. The newest row of
         each field of an entity always stays, so ``in_state_since`` keeps its
-        answer however long a field has held its value.
+        answer however long a field has held its value; but an entity whose
+        last row is a tombstone from before ``removed_before`` is forgotten
+        entirely, so ids that come and go do not pile up.
 
-        The lock is taken for ``batch`` entities at a time, so writers are
-        never held up for long.
+        The lock is taken only to copy the entity index and then for
+        ``batch`` entities at a time, so writers are never held up for long.
         """
-        if older_than is None and max_rows is None:
+        if older_than is None and max_rows is None and removed_before is None:
             return 0
 
         with self.lock:
-            keys = [
-                key
-                for key, entity in self._entities.items()
-                if (max_rows is not None and len(entity.rows) > max_rows)
-                or (older_than is not None and entity.times[0] < older_than)
-            ]
+            entities = list(self._entities.items())
+        keys = [
+            key
+            for key, entity in entities
+            if (max_rows is not None and len(entity.rows) > max_rows)
+            or (older_than is not None and entity.times[0] < older_than)
+            or (
+                removed_before is not None
+                and entity.rows[-1].tombstone
+                and entity.times[-1] < removed_before
+            )
+        ]
 
         dropped = 0
         for start in range(0, len(keys), batch):
             with self.lock:
                 for key in keys[start : start + batch]:
-                    dropped += self._prune_entity(key, older_than, max_rows)
+                    dropped += self._prune_entity(
+                        key, older_than, max_rows, removed_before
+                    )
         if dropped:
             logger.debug("retention dropped %d transition rows", dropped)
         return dropped
 
     def _prune_entity(
-        self, key: tuple[str, str], older_than: float | None, max_rows: int | None
+        self,
+        key: tuple[str, str],
+        older_than: float | None,
+        max_rows: int | None,
+        removed_before: float | None = None,
     ) -> int:
         entity = self._entities.get(key)
-        if entity is None:
+        if entity is None or not entity.rows:
             return 0
+
+        last = entity.rows[-1]
+        if (
+            removed_before is not None
+            and last.tombstone
+            and last.timestamp < removed_before
+        ):
+            return self._forget_entity(key, entity)
 
         keep_newest = {id(rows[-1]) for rows in entity.by_field.values()}
         cut = len(entity.rows) - max_rows if max_rows is not None else 0
@@ -325,6 +348,21 @@ class TransitionLog:
                 del self._changes[seq]
         self._row_count -= len(doomed)
         return len(doomed)
+
+    def _forget_entity(self, key: tuple[str, str], entity: _EntityRows) -> int:
+        gone = {id(row) for row in entity.rows}
+        for seq in {row.seq for row in entity.rows}:
+            rows = self._changes.get(seq)
+            if rows is None:
+                continue
+            left_rows = tuple(r for r in rows if id(r) not in gone)
+            if left_rows:
+                self._changes[seq] = left_rows
+            else:
+                del self._changes[seq]
+        del self._entities[key]
+        self._row_count -= len(gone)
+        return len(gone)
 
     def snapshot_changes(self) -> list[tuple[Transition, ...]]:
         """Return every change's rows in sequence order (call under ``lock``)."""

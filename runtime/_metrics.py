@@ -5,6 +5,7 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -216,6 +217,28 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Off:
+    """A series that records nothing (metrics turned off)."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        return None
+
+    def remove(self, *labels: Any) -> None:
+        return None
+
+
 class RuntimeMetrics:
     """The Prometheus series of one runtime, in a registry of its own.
 
@@ -225,7 +248,10 @@ class RuntimeMetrics:
     by ``prometheus_client`` when exposed.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, enabled: bool = True
+    ) -> None:
+        self.enabled = True
         self.registry = registry if registry is not None else CollectorRegistry()
         self._servers: list[MetricsServer] = []
         self._servers_lock = threading.Lock()
@@ -317,6 +343,19 @@ class RuntimeMetrics:
             registry=r,
         )
 
+        if not enabled:
+            self._disable()
+
+    def _disable(self) -> None:
+        # Every series becomes a no-op; the registry stays (and stays empty
+        # of samples), so serving it still works.
+        off = _Off()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Counter | Gauge | Histogram):
+                self.registry.unregister(value)
+                setattr(self, name, off)
+        self.enabled = False
+
     def watch_mailbox(self, actor: str, depth: Callable[[], float]) -> None:
         """Expose a mailbox's depth, read at scrape time."""
         self.mailbox_depth.labels(actor=actor).set_function(depth)
@@ -328,12 +367,14 @@ class RuntimeMetrics:
         except KeyError:
             logger.debug("mailbox %s was not exposed", actor)
 
-    def add_snapshot_metrics(self, age: Callable[[], float]) -> Histogram:
+    def add_snapshot_metrics(self, age: Callable[[], float]) -> Any:
         """Add the snapshot series (runtimes with a data directory only).
 
         Returns the ``entity_runtime_snapshot_seconds`` histogram; ``age`` is
         read at scrape time for ``entity_runtime_snapshot_age_seconds``.
         """
+        if not self.enabled:
+            return _Off()
         seconds = Histogram(
             "entity_runtime_snapshot_seconds",
             "Time to capture, encode and write one snapshot.",

@@ -232,6 +232,7 @@ def _dict_check(item: _Check) -> _Check:
                 raise _Invalid(
                     path, f"has a key that is not a string: {_describe(key)}"
                 )
+            _check_str(key, path)
             out[key] = item(v, _join(path, key))
         return ReadOnlyDict(out)
 
@@ -357,7 +358,9 @@ def _compile_pydantic(model: Any) -> StateSchema:
                     str(key), f"is not in the schema (expected fields: {listed})"
                 )
         try:
-            dumped = model.model_validate(dict(value)).model_dump(mode="python")
+            dumped = model.model_validate(dict(value), strict=True).model_dump(
+                mode="python"
+            )
         except ValidationError as err:
             first = err.errors()[0]
             loc = ".".join(str(p) for p in first.get("loc", ()))

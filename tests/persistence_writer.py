@@ -52,7 +52,9 @@ def say(*parts: Any) -> None:
     sys.stdout.flush()
 
 
-def open_runtime(data_dir: str, snapshot_every: int | None) -> Runtime:
+def open_runtime(
+    data_dir: str, snapshot_every: int | None, recover_damaged: bool = False
+) -> Runtime:
     return Runtime(
         data_dir=data_dir,
         journal_fsync="always",
@@ -61,6 +63,7 @@ def open_runtime(data_dir: str, snapshot_every: int | None) -> Runtime:
         keep_snapshots=2,
         retention_max_rows=None,
         housekeeping_interval=0.005,
+        recover_damaged=recover_damaged,
     )
 
 
@@ -123,13 +126,14 @@ def main() -> None:
     parser.add_argument("--snapshot-every", type=int, default=None)
     parser.add_argument("--snapshot-at", default="")
     parser.add_argument("--fsize", type=int, default=None)
+    parser.add_argument("--recover-damaged", action="store_true")
     args = parser.parse_args()
 
     if args.fsize is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, args.fsize))
 
-    rt = open_runtime(args.data_dir, args.snapshot_every)
+    rt = open_runtime(args.data_dir, args.snapshot_every, args.recover_damaged)
     rt.define_entity(KIND, Counter)
     rt.start()
     say("ready", rt.log.last_seq, states_json(rt))

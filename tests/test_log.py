@@ -110,3 +110,27 @@ def test_changes_since_skips_what_was_seen() -> None:
     seqs = [rows[0].seq for rows in log.changes_since(3)]
 
     assert seqs == [4, 5]
+
+
+def test_prune_forgets_entities_removed_long_enough_ago() -> None:
+    log = _log_with_history()
+    log.append_change("k", "c", None, {"s": 1}, ("s",), at=140.0)
+
+    dropped = log.prune(max_rows=1, removed_before=131.0)
+
+    assert log.history("k", "a") == []
+    assert [r.seq for r in log.history("k", "c")] == [6]
+    assert [r.seq for r in log.history("k", "b")] == [2, 2]
+    assert dropped == 6
+    log.check()
+
+
+def test_prune_keeps_a_recent_tombstone_and_each_fields_newest_row() -> None:
+    log = _log_with_history()
+
+    log.prune(max_rows=1, older_than=1000.0, removed_before=129.0)
+
+    rows = log.history("k", "a")
+    assert [r.seq for r in rows] == [5]
+    assert rows[0].tombstone
+    log.check()

@@ -1177,7 +1177,7 @@ def test_changes_acknowledged_after_a_damaged_restore_survive_the_next_kill(
     damaged = data_dir / "journal-00000000000000000003.log"
     flip_byte(damaged, record_offsets(damaged)[2] + FRAME_HEADER_SIZE + 2)
     acks, lines = killed_writer(
-        tmp_path, data_dir, "--count=3", "--ids=2", "--base=100"
+        tmp_path, data_dir, "--count=3", "--ids=2", "--base=100", "--recover-damaged"
     )
     rt = start_counter_runtime(data_dir)
 
@@ -1225,7 +1225,7 @@ def test_corrupt_first_record_after_the_snapshot_restores_the_snapshot(
     )
     journal = data_dir / "journal-00000000000000000004.log"
     flip_byte(journal, record_offsets(journal)[0] + FRAME_HEADER_SIZE + 2)
-    rt = start_counter_runtime(data_dir)
+    rt = start_counter_runtime(data_dir, recover_damaged=True)
 
     try:
         with caplog.at_level(logging.ERROR, logger="runtime"):
@@ -1261,3 +1261,55 @@ def test_start_that_failed_on_a_full_disk_can_be_retried_once_space_is_freed(
         rt.stop()
 
     assert restored == last_values(acks)
+
+
+def test_journal_damaged_before_its_end_is_refused_by_default_and_left_as_is(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    killed_writer(tmp_path, data_dir, "--count=9", "--ids=3", "--snapshot-at=3")
+    journal = data_dir / "journal-00000000000000000004.log"
+    flip_byte(journal, record_offsets(journal)[2] + FRAME_HEADER_SIZE + 2)
+    files_before = sorted(p.name for p in data_dir.iterdir())
+    bytes_before = journal.read_bytes()
+    rt = start_counter_runtime(data_dir)
+
+    with pytest.raises(RestoreError, match=r"recover_damaged=True to continue from"):
+        rt.start()
+
+    assert sorted(p.name for p in data_dir.iterdir()) == files_before
+    assert journal.read_bytes() == bytes_before
+    again = start_counter_runtime(data_dir, recover_damaged=True)
+    with again:
+        assert again.log.last_seq == 5
+    assert (data_dir / f"{journal.name}.damaged").exists()
+
+
+@pytest.mark.parametrize(("mode", "synced"), [("always", True), ("never", False)])
+def test_an_acknowledged_write_was_fsynced_only_with_fsync_always(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, synced: bool
+) -> None:
+    import os
+
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    rt = start_counter_runtime(tmp_path / "data", journal_fsync=mode)
+    rt.start()
+    counts = []
+
+    try:
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        for value in range(5):
+            before = len(calls)
+            rt.handle(KIND).mutate("e0", lambda prev, v=value: {"value": v})
+            counts.append(len(calls) - before)
+        monkeypatch.undo()
+    finally:
+        rt.stop()
+
+    assert all(n >= 1 for n in counts) if synced else counts == [0] * 5

@@ -672,3 +672,48 @@ def test_a_clock_that_returns_nonsense_fails_the_write_and_records_nothing() -> 
 
     assert rt.log.last_seq == 0
     assert tickets.get("t-1") is None
+
+
+def test_ids_that_come_and_go_do_not_pile_up_in_the_log(clock: FakeClock) -> None:
+    rt = Runtime(clock=clock, retention_max_rows=2, retention_removed_after=3600)
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        for round_ in range(3):
+            for i in range(50):
+                tickets.mutate(f"r{round_}-{i}", lambda prev: ticket())
+                tickets.remove(f"r{round_}-{i}")
+            clock.advance(7200)
+            rt.apply_retention()
+        recent = tickets.history("r2-0")
+
+    assert len(rt.log) == 0
+    assert recent == []
+    rt.log.check()
+
+
+def test_a_program_that_exits_without_stop_is_not_kept_alive(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "forgets_stop.py"
+    script.write_text(
+        "from dataclasses import dataclass\n"
+        "from runtime import Runtime\n"
+        "@dataclass\n"
+        "class S:\n"
+        "    n: int\n"
+        f"rt = Runtime(data_dir={str(tmp_path / 'data')!r})\n"
+        "h = rt.define_entity('k', S)\n"
+        "rt.on_entity_changed('k', lambda c: None)\n"
+        "rt.start()\n"
+        "h.mutate('a', lambda prev: {'n': 1})\n"
+        "raise SystemExit(0)\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "data").glob("snapshot-*.snap"))

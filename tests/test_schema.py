@@ -183,3 +183,12 @@ def test_msgspec_structs_validate_and_name_the_failing_field() -> None:
 
     assert state == {"name": "cpu", "status": "healthy", "count": 0}
     assert caught.value.field == "count"
+
+
+def test_pydantic_schemas_are_strict_too() -> None:
+    schema = compile_schema(PydanticCheck)
+
+    with pytest.raises(SchemaError) as caught:
+        schema.validate({"name": "cpu", "status": "healthy", "count": "5"}, "k", "c")
+
+    assert caught.value.field == "count"
