@@ -17,6 +17,7 @@ from prometheus_client import (
 )
 
 from runtime._errors import DefinitionError, EntityRuntimeError
+from runtime._fast_metrics import FastCounter, FastHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -257,25 +258,25 @@ class RuntimeMetrics:
         self._servers_lock = threading.Lock()
         r = self.registry
 
-        self.mutations = Counter(
+        self.mutations = FastCounter(
             "entity_runtime_mutations",
             "Mutations by kind and outcome (changed, unchanged, rejected, failed).",
             ["kind", "outcome"],
             registry=r,
         )
-        self.transitions = Counter(
+        self.transitions = FastCounter(
             "entity_runtime_transitions",
             "Transition rows appended to the log.",
             ["kind"],
             registry=r,
         )
-        self.changes = Counter(
+        self.changes = FastCounter(
             "entity_runtime_changes",
             "ENTITY_CHANGED events emitted.",
             ["kind"],
             registry=r,
         )
-        self.triggers = Counter(
+        self.triggers = FastCounter(
             "entity_runtime_triggers",
             "Trigger events derived from changes.",
             ["event"],
@@ -287,7 +288,7 @@ class RuntimeMetrics:
             ["kind"],
             registry=r,
         )
-        self.subscriber_errors = Counter(
+        self.subscriber_errors = FastCounter(
             "entity_runtime_subscriber_errors",
             "Subscriber and trigger handler calls that raised.",
             ["kind", "subscriber"],
@@ -299,7 +300,7 @@ class RuntimeMetrics:
             ["worker_group"],
             registry=r,
         )
-        self.coalesced = Counter(
+        self.coalesced = FastCounter(
             "entity_runtime_coalesced",
             "Queued deliveries folded into a newer one of the same id because "
             "the consumer was behind.",
@@ -318,13 +319,13 @@ class RuntimeMetrics:
             ["actor"],
             registry=r,
         )
-        self.mutate_seconds = Histogram(
+        self.mutate_seconds = FastHistogram(
             "entity_runtime_mutate_seconds",
             "Time from a mutation's submission to its commit or failure.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.delivery_seconds = Histogram(
+        self.delivery_seconds = FastHistogram(
             "entity_runtime_delivery_seconds",
             "Time from queueing a change or trigger event for a consumer until "
             "the consumer finished with it (retries included).",
@@ -351,7 +352,9 @@ class RuntimeMetrics:
         # of samples), so serving it still works.
         off = _Off()
         for name, value in list(vars(self).items()):
-            if isinstance(value, Counter | Gauge | Histogram):
+            if isinstance(
+                value, Counter | Gauge | Histogram | FastCounter | FastHistogram
+            ):
                 self.registry.unregister(value)
                 setattr(self, name, off)
         self.enabled = False

@@ -457,3 +457,31 @@ def test_snapshot_series_appear_with_a_data_dir(tmp_path: Any) -> None:
     assert age is not None
     assert 0 <= age < 60
     assert count == 1
+
+
+def test_lock_free_counters_lose_no_increment_across_threads() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from runtime._fast_metrics import FastCounter, FastHistogram
+
+    registry = CollectorRegistry()
+    counter = FastCounter("hits", "Hits.", ["kind"], registry=registry)
+    histogram = FastHistogram("waits", "Waits.", [0.1, 1.0], registry=registry)
+
+    def work() -> None:
+        child = counter.labels("a")
+        for _ in range(20_000):
+            child.inc()
+            histogram.observe(0.5)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert registry.get_sample_value("hits_total", {"kind": "a"}) == 80_000
+    assert registry.get_sample_value("waits_count") == 80_000
+    assert registry.get_sample_value("waits_bucket", {"le": "0.1"}) == 0
+    assert registry.get_sample_value("waits_bucket", {"le": "1.0"}) == 80_000
+    assert registry.get_sample_value("waits_sum") == 40_000
