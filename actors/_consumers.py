@@ -23,7 +23,17 @@ logger = logging.getLogger(__name__)
 WAKE = "wake"
 """The only message a consumer actor receives: its mailbox has work."""
 
-thread_role = threading.local()
+
+class _ThreadRole(threading.local):
+    kind_shard: tuple[str, int] | None = None
+    consumer: str | None = None
+
+    @property
+    def internal(self) -> bool:
+        return self.kind_shard is not None or self.consumer is not None
+
+
+thread_role = _ThreadRole()
 """Marks runtime threads: ``kind_shard`` on kind actors, ``consumer`` on others."""
 
 

@@ -753,7 +753,7 @@ class Runtime:
         not be delivered is logged and returned. A second call returns the
         first call's report.
         """
-        if thread_role.__dict__:
+        if thread_role.internal:
             raise ReentrantCallError(
                 "stop() was called from one of the runtime's own threads, which "
                 "would wait for itself; call it from the thread that owns the runtime"
@@ -859,7 +859,7 @@ class Runtime:
             DeliveryTimeoutError: deliveries were still running after
                 ``timeout`` seconds; the message names the oldest open changes.
         """
-        if getattr(thread_role, "consumer", None) is not None:
+        if thread_role.consumer is not None:
             raise ReentrantCallError(
                 "drain() was called from a consumer's own thread, which would "
                 "wait for itself; call it from outside the runtime's handlers"
@@ -1328,14 +1328,14 @@ class Runtime:
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
         shard = 0 if shards == 1 else hash(entity_id) % shards
-        if getattr(thread_role, "kind_shard", None) == (kind, shard):
+        if thread_role.kind_shard == (kind, shard):
             raise ReentrantCallError(
                 f"{kind}/{entity_id}: mutate was called from inside an apply of the "
                 "same kind, which would wait for itself; return the state instead, "
                 "or write from a subscriber"
             )
 
-        internal = bool(thread_role.__dict__)
+        internal = thread_role.internal
         if not self._tracker.admit(internal):
             self._check_running("write")
             raise RuntimeStoppedError(
@@ -1371,7 +1371,7 @@ class Runtime:
         _check_actor_and_run(kind, actor, run_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
-        inside = getattr(thread_role, "kind_shard", None)
+        inside = thread_role.kind_shard
         if inside is not None and inside[0] == kind:
             raise ReentrantCallError(
                 f"{kind}: mutate_many was called from inside an apply of the same "
@@ -1381,7 +1381,7 @@ class Runtime:
         batch = BatchResult(len(items))
         if not items:
             return batch
-        if not self._tracker.admit(bool(thread_role.__dict__), len(items)):
+        if not self._tracker.admit(thread_role.internal, len(items)):
             self._check_running("write")
             raise RuntimeStoppedError(
                 f"{kind}: the runtime is stopping; nothing applied"

@@ -144,6 +144,10 @@ class EntityChanged:
         return self.next is None
 
 
+def _seconds(at: datetime | float) -> float:
+    return at.timestamp() if isinstance(at, datetime) else float(at)
+
+
 class Transition:
     """One row of the transition log: one field of one entity changed once.
 
@@ -167,7 +171,6 @@ class Transition:
 
     def __init__(
         self,
-        *,
         seq: int,
         kind: str,
         id: str,
@@ -185,7 +188,7 @@ class Transition:
         self.field = field
         self.before = before
         self.after = after
-        self._ts = at.timestamp() if isinstance(at, datetime) else float(at)
+        self._ts = at if type(at) is float else _seconds(at)
         self.actor = actor
         self.run_id = run_id
         self.tombstone = tombstone

@@ -159,16 +159,16 @@ class TransitionLog:
 
             rows = tuple(
                 Transition(
-                    seq=seq,
-                    kind=kind,
-                    id=entity_id,
-                    field=field,
-                    before=before,
-                    after=after,
-                    at=at,
-                    actor=actor,
-                    run_id=run_id,
-                    tombstone=field is None,
+                    seq,
+                    kind,
+                    entity_id,
+                    field,
+                    before,
+                    after,
+                    at,
+                    actor,
+                    run_id,
+                    field is None,
                 )
                 for field, before, after in spec
             )
