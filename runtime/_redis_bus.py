@@ -928,13 +928,16 @@ class _Reader:
 
     role = "reader"
 
-    def __init__(self, bus: RedisBus, kind: str, label: str) -> None:
+    def __init__(self, bus: RedisBus, kind: str, label: str, batch_size: int) -> None:
         if not isinstance(kind, str) or not kind:
             raise DefinitionError(f"kind must be a non-empty string, got {kind!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DefinitionError(f"batch_size must be 1 or more, got {batch_size!r}")
         self.bus = bus
         self.kind = kind
         self.stream = bus.stream_key(kind)
         self.label = label
+        self._batch_size = batch_size
         self.handled = 0
         self.failed = 0
         self.reconnects = 0
@@ -945,6 +948,7 @@ class _Reader:
         self._prepared = False
         self._down_since: float | None = None
         self._next_gap_check = 0.0
+        self._gap_reported: str | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1071,7 +1075,7 @@ class _Reader:
         # came after it, and unless none of them was trimmed, some were lost.
         # Redis keeps no count that would tell exactly.
         position = self._position()
-        if position is None or position == "0-0":
+        if position is None or position in ("0-0", self._gap_reported):
             return
         try:
             info = self._client.xinfo_stream(self.stream)
@@ -1083,10 +1087,12 @@ class _Reader:
         first_id = _text(first)
         if entry_position(first_id) > entry_position(position):
             self.gaps += 1
+            self._gap_reported = position
             logger.warning(
-                "%r: the stream %s was trimmed past this reader's position %s "
-                "(first entry now %s); entries after it were probably dropped "
-                "unread (raise maxlen or keep the reader running)",
+                "%r: the stream %s no longer holds this reader's position %s "
+                "(first entry now %s): it was trimmed, or redis lost its data, "
+                "and entries after it were probably dropped unread (raise maxlen "
+                "or keep the reader running)",
                 self,
                 self.stream,
                 position,
@@ -1191,14 +1197,13 @@ class BroadcastReader(_Reader):
         key = (
             state_key if state_key is not None else f"{bus.instance_id}:{consumer_name}"
         )
-        super().__init__(bus, kind, key)
+        super().__init__(bus, kind, key, batch_size)
         self.consumer_name = consumer_name
         self.state_key = key
         self.skipped = 0
         self._handler = handler
         self._start_at = start
         self._include_own = include_own
-        self._batch_size = batch_size
         self._field = f"{kind}:{key}"
         self._offset: str | None = None
         self._stored: str | None = None
@@ -1364,7 +1369,7 @@ class WorkQueueReader(_Reader):
                 f"start must be 'latest' or 'earliest', got {start!r}"
             )
         spec = work_queue(worker_group, max_attempts, backoff, max_backoff)
-        super().__init__(bus, kind, worker_group)
+        super().__init__(bus, kind, worker_group, batch_size)
         self.worker_group = worker_group
         self.consumer = consumer if consumer is not None else bus.instance_id
         self.name: str = name or str(getattr(handler, "__qualname__", handler))
@@ -1376,7 +1381,6 @@ class WorkQueueReader(_Reader):
         self._handler = handler
         self._on_dead_letter = on_dead_letter
         self._start_at = start
-        self._batch_size = batch_size
         self._claim_every = max(bus.claim_idle_ms / 2000, 0.01)
         self._next_claim = 0.0
         self._history: str | None = "0-0"
