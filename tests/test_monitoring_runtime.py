@@ -380,3 +380,24 @@ def test_stopping_the_cleanup_leaves_links_of_later_deletions(
     monitored.rt.drain()
 
     assert monitored.incidents.incident_ids_for_system("a") == ["i1"]
+
+
+def test_the_system_cleanup_runs_as_the_incident_system_cleanup_work_queue(
+    monitored: Monitored,
+) -> None:
+    registry = monitored.rt.metrics_registry
+
+    queue_depth = registry.get_sample_value(
+        "entity_runtime_mailbox_depth",
+        {"actor": "work_queue:catalog-system:incident-system-cleanup"},
+    )
+    broadcast_depths = [
+        sample.labels["actor"]
+        for metric in registry.collect()
+        if metric.name == "entity_runtime_mailbox_depth"
+        for sample in metric.samples
+        if sample.labels["actor"].startswith("subscriber:catalog-system:")
+    ]
+
+    assert queue_depth == 0
+    assert broadcast_depths == []
