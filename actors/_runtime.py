@@ -3,16 +3,18 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pykka
 
@@ -22,6 +24,7 @@ from actors._consumers import (
     DeriverStage,
     WorkGroup,
     broadcast_process,
+    call_handler,
     handler_name,
     keep_newer,
     merge_changes,
@@ -69,6 +72,16 @@ from runtime._metrics import (
 from runtime._schema import compile_schema
 from runtime._secrets import RunSecrets
 
+if TYPE_CHECKING:
+    # Only for annotations: redis is imported when a bus is actually used.
+    from runtime._redis_bus import (
+        BroadcastReader,
+        Delivery,
+        PartitionMap,
+        RedisBus,
+        WorkQueueReader,
+    )
+
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
@@ -77,6 +90,11 @@ NON_REACTIVE_REASONS = ("raw-sample", "sensitive", "externally-owned", "bookkeep
 """The reasons ``declare_non_reactive_state`` accepts."""
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+
+_REMOTE_SEQ = 1 << 62
+# Deliveries of changes committed by other instances are tracked under this
+# number, above every local seq: drain() (which waits for local seqs) does not
+# wait for them, while stop() and drain(until_idle=True) do.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,11 +114,15 @@ class StopReport:
         clean: everything committed was delivered and every thread stopped.
         undelivered: ``(consumer, seq)`` pairs that never reached a consumer.
         stuck_consumers: consumers whose handler was still running at the end.
+        unpublished: committed changes the bus could not publish before it
+            was closed (other instances never see them; always 0 without a
+            bus).
     """
 
     clean: bool
     undelivered: tuple[tuple[str, int], ...] = ()
     stuck_consumers: tuple[str, ...] = ()
+    unpublished: int = 0
 
 
 class Unsubscribe:
@@ -126,6 +148,89 @@ class _Consumer:
         self.ref: pykka.ActorRef[Any] | None = None
 
 
+class _Feed:
+    """A bus reader serving one subscription, created when the runtime starts.
+
+    Readers cannot be restarted once closed, so the reader is built by
+    ``make`` on :meth:`start`; after :meth:`close` the feed stays closed.
+    """
+
+    def __init__(
+        self, name: str, make: Callable[[], BroadcastReader | WorkQueueReader]
+    ) -> None:
+        self.name = name
+        self._make = make
+        self._reader: BroadcastReader | WorkQueueReader | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Create and start the reader, once; does nothing after close."""
+        with self._lock:
+            if self._closed or self._reader is not None:
+                return
+            self._reader = self._make().start()
+
+    def close(self) -> None:
+        """Close the reader (waiting for the handler call in progress)."""
+        with self._lock:
+            self._closed = True
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+
+class _BusWorkGroup:
+    """The handlers of one worker group of one kind, fed by the bus.
+
+    One :class:`WorkQueueReader` per group and kind hands each change to
+    :meth:`handle` in the reader's thread; the change goes to one handler,
+    picked by a stable hash of its id. A handler that raises is counted and
+    the error passed on, so the reader retries and finally dead-letters it.
+    """
+
+    def __init__(self, kind: str, spec: WorkQueue, metrics: RuntimeMetrics) -> None:
+        self.kind = kind
+        self.spec = spec
+        self.name = f"work_queue:{kind}:{spec.worker_group}"
+        self.handlers: list[tuple[str, Callable[..., Any], bool]] = []
+        self.feed: _Feed | None = None
+        self._metrics = metrics
+
+    def handle(self, change: EntityChanged, delivery: Delivery) -> None:
+        """Run the chosen handler; raises what it raised."""
+        thread_role.consumer = self.name
+        handlers = self.handlers
+        if not handlers:
+            return  # the group is being left; its reader is closing
+        name, handler, wants_delivery = handlers[
+            zlib.crc32(change.id.encode("utf-8", "surrogatepass")) % len(handlers)
+        ]
+        try:
+            if wants_delivery:
+                call_handler(handler, change, delivery)
+            else:
+                call_handler(handler, change)
+        except Exception:
+            self._metrics.subscriber_errors.labels(self.kind, name).inc()
+            raise
+
+
+def _wants_delivery(handler: Callable[..., Any]) -> bool:
+    # A handler with two required positional parameters gets the Delivery.
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is p.empty
+    ]
+    return len(positional) >= 2
+
+
 class _Kind:
     """Everything the runtime keeps about one kind."""
 
@@ -138,6 +243,7 @@ class _Kind:
         self.stage: DeriverStage | None = None
         self.deriver: _Consumer | None = None
         self.groups: dict[str, tuple[WorkGroup, _Consumer]] = {}
+        self.bus_groups: dict[str, _BusWorkGroup] = {}
 
     @property
     def deriver_box(self) -> Mailbox | None:
@@ -415,6 +521,17 @@ class Runtime:
             renamed ``*.damaged`` and kept.
         metrics: ``False`` turns every Prometheus series into a no-op (the
             registry stays, empty), for measuring what counting costs.
+        bus: a ``runtime.RedisBus`` shared with other instances, or ``None``
+            (the default: one process, nothing imports redis). With a bus,
+            every committed change is also published to it (errors are logged,
+            never raised into the write); ``broadcast()`` subscribers also
+            receive the changes other instances commit; ``work_queue(group)``
+            subscriptions share each change among the instances of the group
+            (at least once) instead of handling local changes locally. The
+            runtime closes the bus in ``stop()``.
+        partitions: a ``runtime.PartitionMap`` naming the bus's instance:
+            writes for ids another instance owns are refused with
+            ``NotOwnerError`` before anything is queued. Needs ``bus``.
     """
 
     def __init__(
@@ -437,9 +554,28 @@ class Runtime:
         housekeeping_interval: float = 1.0,
         recover_damaged: bool = False,
         metrics: bool = True,
+        bus: RedisBus | None = None,
+        partitions: PartitionMap | None = None,
     ) -> None:
         if mailbox_size < 1:
             raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
+        if partitions is not None:
+            if bus is None:
+                raise DefinitionError(
+                    "partitions need a bus: ownership is checked for the bus's "
+                    "instance_id"
+                )
+            if bus.instance_id not in partitions.instances:
+                raise DefinitionError(
+                    f"the bus's instance {bus.instance_id!r} is not one of the "
+                    f"partition map's instances {list(partitions.instances)!r}"
+                )
+        self.bus = bus
+        """The change bus given at construction, or ``None``."""
+        self.partitions = partitions
+        """Which instance owns each id, or ``None`` (every id is writable)."""
+        self._instance_id = "" if bus is None else bus.instance_id
+        self._feeds: list[_Feed] = []
         self.clock: Callable[[], float] = clock if clock is not None else time.time
         self.log = TransitionLog()
         self.metrics = RuntimeMetrics(enabled=metrics)
@@ -505,6 +641,8 @@ class Runtime:
             if self._data_dir is None
             else self.metrics.add_snapshot_metrics(self._seconds_since_snapshot)
         )
+        if bus is not None:
+            self.metrics.add_bus_metrics(bus)
 
     # -- definitions ----------------------------------------------------------
 
@@ -654,6 +792,14 @@ class Runtime:
         mailbox size behind, queued changes of one id are folded into one
         (``prev`` of the oldest, ``next`` of the newest), and counted.
 
+        With a bus, a ``broadcast()`` handler also receives the changes other
+        instances commit (in per-id order per instance, resuming after a
+        restart under the same name), and a ``work_queue(group)`` handler
+        receives each change committed by any instance of the group once, at
+        least once when an instance fails; a handler with two required
+        positional parameters gets ``(change, delivery)``, the ``Delivery``
+        naming the stream entry, the origin instance and the attempt.
+
         Returns:
             A callable that ends the subscription (harmless to call twice).
         """
@@ -681,8 +827,9 @@ class Runtime:
             if self._state == _RUNNING:
                 self._start_consumer(consumer)
             entry.boxes = (*entry.boxes, mailbox)
+            feed = None if self.bus is None else self._remote_feed(kind, mailbox)
 
-        return Unsubscribe(functools.partial(self._unsubscribe, entry, consumer))
+        return Unsubscribe(functools.partial(self._unsubscribe, entry, consumer, feed))
 
     def on_trigger(
         self,
@@ -737,6 +884,8 @@ class Runtime:
                 self._start_consumer(consumer)
             self._tracker.set_admission(DeliveryTracker.ACCEPTING)
             self._state = _RUNNING
+            for feed in self._feeds:
+                feed.start()
             self._start_housekeeping()
             atexit.register(_stop_at_exit, weakref.ref(self))
 
@@ -764,7 +913,10 @@ class Runtime:
                 self._state = _STOPPING
             elif state == _NEW:
                 self._state = _STOPPED
-                self._stop_report = StopReport(clean=True)
+                unpublished = self._close_bus(self._stop_timeout)
+                self._stop_report = StopReport(
+                    clean=not unpublished, unpublished=unpublished
+                )
                 self.metrics.close()
                 self._stopped.set()
         if state != _RUNNING:
@@ -784,6 +936,10 @@ class Runtime:
         wait = self._stop_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         tracker = self._tracker
+
+        # Bus readers first: what they already queued is delivered below, and
+        # their handlers' own writes are still let in while they finish.
+        self._close_feeds()
 
         tracker.set_admission(DeliveryTracker.INTERNAL_ONLY)
         tracker.wait_idle(wait)
@@ -807,14 +963,16 @@ class Runtime:
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
                 tracker.done(seqs)
         stuck += self._stop_consumers(self._all_consumers(), deadline)
+        unpublished = self._close_bus(deadline - time.monotonic())
         self._stop_housekeeping()
         self._close_data_dir()
         self.metrics.close()
 
         report = StopReport(
-            clean=not undelivered and not stuck,
+            clean=not undelivered and not stuck and not unpublished,
             undelivered=tuple(undelivered),
             stuck_consumers=tuple(stuck),
+            unpublished=unpublished,
         )
         if undelivered:
             logger.warning(
@@ -832,6 +990,22 @@ class Runtime:
         self._stopped.set()
         logger.info("runtime stopped (clean=%s)", report.clean)
         return report
+
+    def _close_bus(self, timeout: float) -> int:
+        # Every commit has been handed to the bus by now; give its outbox the
+        # time left (at least a moment) to reach Redis.
+        bus = self.bus
+        if bus is None:
+            return 0
+        unpublished = bus.close(timeout=max(0.5, timeout))
+        if unpublished:
+            logger.warning(
+                "runtime stopped with %d committed changes not published to the "
+                "bus at %s; other instances will not see them",
+                unpublished,
+                bus.where,
+            )
+        return unpublished
 
     def __enter__(self) -> Runtime:
         return self.start()
@@ -1248,6 +1422,8 @@ class Runtime:
         label: str,
         handler: Callable[[EntityChanged], Any],
     ) -> Unsubscribe:
+        if self.bus is not None:
+            return self._join_bus_group(entry, spec, label, handler)
         found = entry.groups.get(spec.worker_group)
         if found is None:
             group = WorkGroup(
@@ -1281,11 +1457,117 @@ class Runtime:
 
         return Unsubscribe(leave)
 
-    def _unsubscribe(self, entry: _Kind, consumer: _Consumer) -> None:
+    def _join_bus_group(
+        self,
+        entry: _Kind,
+        spec: WorkQueue,
+        label: str,
+        handler: Callable[..., Any],
+    ) -> Unsubscribe:
+        # NOTE: called with self._lock held. One reader per kind and group;
+        # local commits reach the group only through the bus.
+        from runtime._redis_bus import WorkQueueReader
+
+        bus = self.bus
+        assert bus is not None
+        kind = entry.definition.kind
+        group = entry.bus_groups.get(spec.worker_group)
+        if group is None:
+            group = _BusWorkGroup(kind, spec, self.metrics)
+            dead = self.metrics.dead_letters.labels(spec.worker_group)
+
+            def on_dead_letter(letter: DeadLetter) -> None:
+                dead.inc()
+                self._record_dead_letter(letter)
+
+            def make(group: _BusWorkGroup = group) -> WorkQueueReader:
+                return WorkQueueReader(
+                    bus,
+                    kind,
+                    spec.worker_group,
+                    group.handle,
+                    max_attempts=spec.max_attempts,
+                    backoff=spec.backoff,
+                    name=group.name,
+                    on_dead_letter=on_dead_letter,
+                    batch_size=1,
+                )
+
+            group.feed = _Feed(group.name, make)
+            entry.bus_groups[spec.worker_group] = group
+            self._add_feed(group.feed)
+        member = (label, handler, _wants_delivery(handler))
+        group.handlers = [*group.handlers, member]
+
+        def leave() -> None:
+            with self._lock:
+                group.handlers = [h for h in group.handlers if h is not member]
+                if group.handlers:
+                    return
+                entry.bus_groups.pop(spec.worker_group, None)
+            if group.feed is not None:
+                self._drop_feed(group.feed)
+
+        return Unsubscribe(leave)
+
+    def _unsubscribe(
+        self, entry: _Kind, consumer: _Consumer, feed: _Feed | None = None
+    ) -> None:
+        if feed is not None:
+            self._drop_feed(feed)
         with self._lock:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
             self._drop_consumer(entry, consumer)
+
+    def _remote_feed(self, kind: str, mailbox: Mailbox) -> _Feed:
+        # NOTE: called with self._lock held.
+        from runtime._redis_bus import BroadcastReader
+
+        bus = self.bus
+        assert bus is not None
+        name = mailbox.name
+        take = functools.partial(_take_remote, mailbox)
+
+        def make() -> BroadcastReader:
+            return BroadcastReader(
+                bus,
+                kind,
+                name,
+                take,
+                state_key=f"{bus.instance_id}:{name}",
+                include_own=False,
+            )
+
+        feed = _Feed(name, make)
+        self._add_feed(feed)
+        return feed
+
+    def _add_feed(self, feed: _Feed) -> None:
+        # NOTE: called with self._lock held.
+        self._feeds.append(feed)
+        if self._state == _RUNNING:
+            feed.start()
+
+    def _drop_feed(self, feed: _Feed) -> None:
+        with self._lock:
+            if feed in self._feeds:
+                self._feeds.remove(feed)
+        feed.close()
+
+    def _close_feeds(self) -> None:
+        # Readers wait up to block_ms for a blocking read to return, so they
+        # are closed side by side rather than one after the other.
+        with self._lock:
+            feeds, self._feeds = self._feeds, []
+        closers = [
+            threading.Thread(target=feed.close, name=f"close:{feed.name}")
+            for feed in feeds
+        ]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join()
 
     def _drop_consumer(self, entry: _Kind, consumer: _Consumer) -> None:
         entry.boxes = tuple(b for b in entry.boxes if b is not consumer.mailbox)
@@ -1325,6 +1607,8 @@ class Runtime:
         entry = self._kind(kind)
         check_entity_id(kind, entity_id)
         _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id)
+        if self.partitions is not None:
+            self.partitions.check_owner(self._instance_id, kind, entity_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
         shard = 0 if shards == 1 else hash(entity_id) % shards
@@ -1368,6 +1652,10 @@ class Runtime:
                     f"callable apply, got {item!r}; nothing applied"
                 )
             check_entity_id(kind, item[0])
+        partitions = self.partitions
+        if partitions is not None:
+            for entity_id, _ in items:
+                partitions.check_owner(self._instance_id, kind, entity_id)
         _check_actor_and_run(kind, actor, run_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
@@ -1422,6 +1710,21 @@ class Runtime:
         deriver = entry.deriver
         if deriver is not None:
             deriver.mailbox.put(seq, change, seq)
+
+        bus = self.bus
+        if bus is not None:
+            try:
+                bus.publish(change)
+            except Exception:
+                # The change is committed and cannot be undone: the bus's
+                # failure must not reach the writer or the kind's actor.
+                logger.exception(
+                    "%s/%s seq=%d is committed but could not be published to the "
+                    "bus; other instances will not see it",
+                    change.kind,
+                    change.id,
+                    seq,
+                )
         self._tracker.done((seq,))
 
     def _wait_until(
@@ -1483,6 +1786,22 @@ def _check_actor_and_run(where: str, actor: Any, run_id: Any) -> None:
                 f"{where}: {name} must be valid Unicode (no lone surrogates); "
                 "nothing recorded"
             ) from None
+
+
+def _take_remote(mailbox: Mailbox, change: EntityChanged, delivery: Delivery) -> None:
+    # Runs in a broadcast reader's thread: queue another instance's change for
+    # the subscription's consumer. Keyed by origin and id, so folding (when the
+    # consumer is behind) never mixes two instances' changes of one id.
+    thread_role.consumer = mailbox.name
+    if not mailbox.put((delivery.origin, change.id), change, _REMOTE_SEQ):
+        logger.debug(
+            "%s is closed; %s/%s seq=%d from %s not queued",
+            mailbox.name,
+            change.kind,
+            change.id,
+            change.seq,
+            delivery.origin,
+        )
 
 
 def _wake(ref: pykka.ActorRef[Any], name: str) -> None:

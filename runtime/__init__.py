@@ -43,6 +43,29 @@ from runtime._secrets import MASK, MIN_SECRET_LENGTH
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+# The Redis change bus is imported on first use only, so that a runtime
+# without a bus never imports redis.
+_BUS_NAMES = frozenset(
+    {
+        "BroadcastReader",
+        "BusClosedError",
+        "Delivery",
+        "NotOwnerError",
+        "PartitionMap",
+        "RedisBus",
+        "WorkQueueReader",
+    }
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _BUS_NAMES:
+        from runtime import _redis_bus
+
+        return getattr(_redis_bus, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The runtime proper lives with the actors that it starts and stops; it is
 # imported last because it builds on everything above.
 from actors._kind import MutationFuture  # noqa: E402

@@ -3,9 +3,9 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -15,6 +15,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from runtime._errors import DefinitionError, EntityRuntimeError
 from runtime._fast_metrics import FastCounter, FastHistogram
@@ -392,6 +394,19 @@ class RuntimeMetrics:
         gauge.set_function(age)
         return seconds
 
+    def add_bus_metrics(self, bus: BusCounters) -> None:
+        """Expose a change bus's counters, read from ``bus`` at scrape time.
+
+        Adds ``entity_runtime_bus_published_total``, ``..._queued_total``,
+        ``..._dropped_total``, ``..._reconnects_total`` (counters),
+        ``entity_runtime_bus_outbox`` (changes waiting for the bus server) and
+        ``entity_runtime_bus_connected`` (1 or 0). Does nothing when metrics
+        are off.
+        """
+        if not self.enabled:
+            return
+        self.registry.register(_BusCollector(bus))
+
     def serve(
         self, port: int = DEFAULT_METRICS_PORT, addr: str = DEFAULT_METRICS_ADDR
     ) -> MetricsServer:
@@ -428,3 +443,57 @@ class RuntimeMetrics:
 
         for server in servers:
             server.close()
+
+
+class BusCounters(Protocol):
+    """What the bus series read: the counters of ``runtime.RedisBus``."""
+
+    published: int
+    queued: int
+    dropped: int
+    reconnects: int
+
+    @property
+    def outbox_size(self) -> int: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+_BUS_COUNTERS = (
+    ("published", "Changes appended to the bus's streams."),
+    (
+        "queued",
+        "Changes that waited in the local outbox because the bus server was "
+        "unreachable.",
+    ),
+    (
+        "dropped",
+        "Changes dropped from the full outbox, never seen by other instances.",
+    ),
+    ("reconnects", "Times the bus server became reachable again after an outage."),
+)
+
+
+class _BusCollector(Collector):
+    """Reads a bus's plain-int counters when the registry is scraped."""
+
+    def __init__(self, bus: BusCounters) -> None:
+        self._bus = bus
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        bus = self._bus
+        for name, text in _BUS_COUNTERS:
+            yield CounterMetricFamily(
+                f"entity_runtime_bus_{name}", text, value=getattr(bus, name)
+            )
+        yield GaugeMetricFamily(
+            "entity_runtime_bus_outbox",
+            "Changes waiting in the local outbox for the bus server.",
+            value=bus.outbox_size,
+        )
+        yield GaugeMetricFamily(
+            "entity_runtime_bus_connected",
+            "1 while the last attempt to reach the bus server succeeded, else 0.",
+            value=1 if bus.connected else 0,
+        )
