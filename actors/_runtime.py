@@ -1161,6 +1161,14 @@ class Runtime:
                     kind,
                     len(self._orphans[kind][1]),
                 )
+            if data.damaged:
+                # The fresh snapshot is durable before any damaged file is set
+                # aside, so a crash in between still finds the valid prefix.
+                data_dir.set_aside(data.damaged_snapshots())
+                data_dir.snapshot(
+                    self.log, self._capture_states, self._snapshot_seconds
+                )
+                data_dir.set_aside(data.damaged_files)
             data_dir.start_journal(data.seq + 1)
         except BaseException:
             # Leave the runtime as it was before start(), so it can be retried.
@@ -1179,10 +1187,6 @@ class Runtime:
             data.snapshot.name if data.snapshot else "no snapshot",
             data.journal_records,
         )
-        if data.damaged:
-            # A fresh snapshot makes the damaged files unnecessary, so the next
-            # start does not trip over them again.
-            data_dir.snapshot(self.log, self._capture_states, self._snapshot_seconds)
 
     def _seconds_since_snapshot(self) -> float:
         if self._data_dir is None or self._data_dir.last_snapshot_at is None:

@@ -17,6 +17,7 @@ from runtime._persistence import (
     DataDirError,
     DataDirLock,
     JournalWriter,
+    LoadedSnapshot,
     list_journals,
     list_snapshots,
     load_newest_snapshot,
@@ -104,6 +105,10 @@ class RestoredData:
     """Files not (fully) used: corrupt snapshots, and journals from the first
     damaged record on, including later journals that could not be replayed."""
 
+    def damaged_snapshots(self) -> list[Path]:
+        """The damaged files that are snapshots."""
+        return [p for p in self.damaged_files if p.name.startswith("snapshot-")]
+
     @property
     def damaged(self) -> bool:
         """Whether a corrupt file was passed over (a torn tail is not damage)."""
@@ -137,19 +142,13 @@ def load_data_dir(directory: str | Path) -> RestoredData:
         data.damaged_files.append(skipped.path)
         logger.error("snapshot %s is corrupt (%s); falling back", skipped.path, skipped)
     if loaded is not None:
-        payload = loaded.payload
-        if payload.get("format", 0) > PAYLOAD_FORMAT:
-            raise RestoreError(
-                f"{loaded.path}: payload format {payload.get('format')} is newer "
-                f"than this version supports ({PAYLOAD_FORMAT})"
-            )
-        data.seq = loaded.seq
-        data.snapshot = loaded.path
-        for kind, info in payload["kinds"].items():
-            data.store_backed[kind] = info["store_backed"]
-            if info["store_backed"]:
-                data.states[kind] = dict(info["states"])
-        data.changes = _decode_rows(payload["changes"])
+        try:
+            _read_payload(data, loaded)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+            raise CorruptFileError(
+                loaded.path,
+                f"the snapshot's contents have an unexpected shape ({err!r})",
+            ) from err
 
     replay = read_journal(directory, on_corrupt="stop", after_seq=data.seq)
     if replay.corruption is not None:
@@ -164,8 +163,16 @@ def load_data_dir(directory: str | Path) -> RestoredData:
         )
 
     expected = data.seq + 1
-    for record in replay.records:
-        change = ChangeRecord.decode(record)
+    for index, record in enumerate(replay.records):
+        try:
+            change = ChangeRecord.decode(record)
+            if not isinstance(change.seq, int) or not change.rows:
+                raise ValueError(f"bad seq or rows in {record!r:.80}")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+            raise RestoreError(
+                f"{directory}: journal record {index} after seq {expected - 1} has "
+                f"an unexpected shape ({err!r}); nothing was changed on disk"
+            ) from err
         if change.seq < expected:
             continue
         if change.seq > expected:
@@ -183,6 +190,22 @@ def load_data_dir(directory: str | Path) -> RestoredData:
     if loaded is None and not data.changes and data.problems:
         logger.error("%s: no valid snapshot and no journal to rebuild from", directory)
     return data
+
+
+def _read_payload(data: RestoredData, loaded: LoadedSnapshot) -> None:
+    payload = loaded.payload
+    if payload.get("format", 0) > PAYLOAD_FORMAT:
+        raise RestoreError(
+            f"{loaded.path}: payload format {payload.get('format')} is newer "
+            f"than this version supports ({PAYLOAD_FORMAT})"
+        )
+    data.seq = loaded.seq
+    data.snapshot = loaded.path
+    for kind, info in payload["kinds"].items():
+        data.store_backed[kind] = info["store_backed"]
+        if info["store_backed"]:
+            data.states[kind] = dict(info["states"])
+    data.changes = _decode_rows(payload["changes"])
 
 
 def _all_corrupt(directory: Path) -> list[CorruptFileError]:
@@ -282,10 +305,9 @@ class DataDir:
     def open(self) -> RestoredData:
         """Lock the directory and read what it holds.
 
-        Damaged files are renamed aside (``<name>.damaged``), never deleted:
-        the journal must not be appended to after a damaged record, and a
-        corrupt snapshot must not be overwritten by the next one, so that both
-        stay available for inspection.
+        Damaged files are listed in the result; the caller writes a fresh
+        snapshot and then sets them aside with :meth:`set_aside` (renamed
+        ``<name>.damaged``, never deleted).
         """
         self._lock.acquire()
         try:
@@ -300,10 +322,6 @@ class DataDir:
                     "damaged files are then renamed *.damaged and kept), or "
                     "repair the file"
                 )
-            for path in data.damaged_files:
-                aside = path.with_name(f"{path.name}.damaged")
-                path.replace(aside)
-                logger.error("moved damaged file %s aside to %s", path, aside.name)
         except BaseException:
             self._lock.release()
             raise
@@ -311,6 +329,15 @@ class DataDir:
         if data.snapshot is not None and data.snapshot.exists():
             self.last_snapshot_at = data.snapshot.stat().st_mtime
         return data
+
+    def set_aside(self, paths: Iterable[Path]) -> None:
+        """Rename damaged files to ``<name>.damaged``, keeping them for a look."""
+        for path in paths:
+            if not path.exists():
+                continue
+            aside = path.with_name(f"{path.name}.damaged")
+            path.replace(aside)
+            logger.error("moved damaged file %s aside to %s", path, aside.name)
 
     def start_journal(self, next_seq: int) -> None:
         """Start appending to a fresh journal file from ``next_seq``."""

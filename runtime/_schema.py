@@ -95,6 +95,9 @@ def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
     kind = type(value)
     if kind is str:
         return _check_str(value, path)
+    if isinstance(value, str):
+        # str subclasses (StrEnum members) are stored as plain strings.
+        return _check_str(str(value), path)
     if kind is int:
         return _check_int(value, path)
     if kind is float:
