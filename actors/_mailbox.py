@@ -58,28 +58,18 @@ class DeliveryTracker:
 
     def wait_mutations(self, timeout: float | None) -> bool:
         """Wait until no admitted mutation is pending; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._pending:
-                    remaining = (
-                        None if deadline is None else deadline - time.monotonic()
-                    )
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._cond.wait(remaining)
-                return True
-            finally:
-                self._waiting -= 1
+        return self._wait_for(lambda: not self._pending, timeout)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no mutation is pending and nothing is being delivered."""
+        return self._wait_for(lambda: not self._open and not self._pending, timeout)
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._waiting += 1
             try:
-                while self._open or self._pending:
+                while not done():
                     remaining = (
                         None if deadline is None else deadline - time.monotonic()
                     )
@@ -120,20 +110,7 @@ class DeliveryTracker:
 
     def wait(self, seq: int, timeout: float | None) -> bool:
         """Wait until no change at or below ``seq`` is open; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._open and min(self._open) <= seq:
-                    remaining = (
-                        None if deadline is None else deadline - time.monotonic()
-                    )
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._cond.wait(remaining)
-                return True
-            finally:
-                self._waiting -= 1
+        return self._wait_for(lambda: not self._open or min(self._open) > seq, timeout)
 
 
 class _Entry:

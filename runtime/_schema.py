@@ -346,20 +346,24 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
 _MSGSPEC_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 
 
+def _check_fields(value: Any, names: tuple[str, ...]) -> None:
+    if not isinstance(value, Mapping):
+        raise _Invalid("", f"must be a mapping, got {_describe(value)}")
+    for key in value:
+        if key not in names:
+            raise _Invalid(
+                str(key),
+                f"is not in the schema (expected fields: {', '.join(names)})",
+            )
+
+
 def _compile_pydantic(model: Any) -> StateSchema:
     from pydantic import ValidationError
 
     names = tuple(model.model_fields)
-    listed = ", ".join(names)
 
     def check(value: Any) -> ReadOnlyDict:
-        if not isinstance(value, Mapping):
-            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
-        for key in value:
-            if key not in names:
-                raise _Invalid(
-                    str(key), f"is not in the schema (expected fields: {listed})"
-                )
+        _check_fields(value, names)
         try:
             dumped = model.model_validate(dict(value), strict=True).model_dump(
                 mode="python"
@@ -377,16 +381,9 @@ def _compile_msgspec(struct: Any) -> StateSchema:
     import msgspec
 
     names = tuple(struct.__struct_fields__)
-    listed = ", ".join(names)
 
     def check(value: Any) -> ReadOnlyDict:
-        if not isinstance(value, Mapping):
-            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
-        for key in value:
-            if key not in names:
-                raise _Invalid(
-                    str(key), f"is not in the schema (expected fields: {listed})"
-                )
+        _check_fields(value, names)
         try:
             obj = msgspec.convert(dict(value), type=struct, strict=True)
         except msgspec.ValidationError as err:
