@@ -37,7 +37,13 @@ from monitoring._agent_report import (
     iso,
     score_labels,
 )
-from monitoring._agent_sources import Batch, ReplaySource, Sample, Source
+from monitoring._agent_sources import (
+    Batch,
+    ReplaySource,
+    Sample,
+    Source,
+    recordable_time,
+)
 from monitoring._health import (
     HEALTH_KIND,
     HealthState,
@@ -68,10 +74,13 @@ class RecordClock:
 
     The agent moves it to each accepted sample's time; it never goes back, so
     ``in_state_for`` and ``transition_count`` windows measure record time.
+    It only ever shows a time the runtime can record (years 1 to 9999).
     Thread-safe.
     """
 
     def __init__(self, start: float) -> None:
+        if not recordable_time(start):
+            raise ValueError(f"not a time between the years 1 and 9999: {start!r}")
         self._now = start
         self._lock = threading.Lock()
 
@@ -79,9 +88,9 @@ class RecordClock:
         return self._now
 
     def follow(self, at: float) -> None:
-        """Move to ``at`` unless that is in the past."""
+        """Move to ``at`` unless that is in the past or not a recordable time."""
         with self._lock:
-            if at > self._now:
+            if at > self._now and recordable_time(at):
                 self._now = at
 
 
@@ -95,6 +104,8 @@ class AgentStats:
             previous accepted sample of the same series.
         repeated: accepted samples whose time equals the previous one's.
         non_finite: accepted samples whose value was NaN or infinite.
+        invalid_times: samples refused because their time is not one the
+            runtime can record (outside the years 1 to 9999, or NaN).
         check_writes: check states written (status or pending changed).
         status_changes: check status changes.
         expired: checks that went back to healthy because their series
@@ -107,6 +118,7 @@ class AgentStats:
     out_of_order: int = 0
     repeated: int = 0
     non_finite: int = 0
+    invalid_times: int = 0
     check_writes: int = 0
     status_changes: int = 0
     expired: int = 0
@@ -135,7 +147,9 @@ class AgentSummary:
         incidents: the incidents touched in the run.
         incidents_opened, incidents_resolved: counts in the run.
         seconds: wall-clock duration of the run.
-        invalid_lines: unreadable lines skipped by a replay.
+        invalid_lines: unreadable lines skipped by a replay, samples a
+            scrape dropped for their timestamp, and samples refused for
+            their time (``stats.invalid_times``).
         restored_checks: checks restored from the data directory at start.
         no_thresholds: metric names no family with thresholds matched (their
             checks stay healthy).
@@ -323,6 +337,7 @@ class Agent:
         self._known: set[str] = set()
         self._restored_checks = 0
         self._warned: set[str] = set()
+        self._warned_times: set[str] = set()
         self._initial: dict[str, tuple[str, str]] = {}
         self._opened_before: dict[str, tuple[str, float, str]] = {}
 
@@ -511,15 +526,32 @@ class Agent:
                 on_batch(self)
 
     def _handle(self, batch: Batch) -> None:
-        self.fire_timers(batch.at)
+        samples = [s for s in batch.samples if self._recordable(s)]
+        if recordable_time(batch.at):
+            self.fire_timers(batch.at)
         fresh: dict[str, dict[str, Sample]] = {}
-        for sample in batch.samples:
+        for sample in samples:
             if sample.check_id not in self._known:
                 fresh.setdefault(sample.system, {}).setdefault(sample.check_id, sample)
-        for system, samples in fresh.items():
-            self._create_checks(system, list(samples.values()))
-        for sample in batch.samples:
+        for system, news in fresh.items():
+            self._create_checks(system, list(news.values()))
+        for sample in samples:
             self.process(sample)
+
+    def _recordable(self, sample: Sample) -> bool:
+        if recordable_time(sample.at):
+            return True
+        self.stats.invalid_times += 1
+        if sample.check_id not in self._warned_times:
+            self._warned_times.add(sample.check_id)
+            logger.warning(
+                "%s/%s: sample time %r is not between the years 1 and 9999; "
+                "skipped (POSIX seconds expected)",
+                CHECK_KIND,
+                sample.check_id,
+                sample.at,
+            )
+        return False
 
     def fire_timers(self, now: float) -> None:
         """Run, in time order, what time alone does up to ``now``.
@@ -586,7 +618,13 @@ class Agent:
             self.clock.follow(at)
 
     def process(self, sample: Sample) -> None:
-        """Judge one sample and write what it changes (see the class docs)."""
+        """Judge one sample and write what it changes (see the class docs).
+
+        A sample whose time the runtime cannot record (outside the years 1
+        to 9999, or NaN) is counted in ``stats.invalid_times`` and dropped.
+        """
+        if not self._recordable(sample):
+            return
         check_id = sample.check_id
         at = sample.at
         last = self._last_at.get(check_id)
@@ -753,11 +791,13 @@ class Agent:
             restored_checks=self._restored_checks,
             no_thresholds=sorted(self._warned),
         )
-        if isinstance(self.source, ReplaySource):
-            summary.invalid_lines = sum(len(f.invalid) for f in self.source.files)
-            if self.labels is not None:
-                keys = {f.check_id: f.label_key for f in self.source.files}
-                summary.labels = score_labels(incidents, self.labels, keys, end)
+        invalid = getattr(self.source, "invalid", 0)
+        summary.invalid_lines = self.stats.invalid_times + (
+            invalid if isinstance(invalid, int) else 0
+        )
+        if isinstance(self.source, ReplaySource) and self.labels is not None:
+            keys = {f.check_id: f.label_key for f in self.source.files}
+            summary.labels = score_labels(incidents, self.labels, keys, end)
         return summary
 
 
@@ -777,15 +817,20 @@ class _Pacer:
         if self.first is None:
             self.first, self.wall = at, time.monotonic()
             return True
-        delay = self.wall + (at - self.first) / self.speed - time.monotonic()
-        if delay > 0:
-            return not stop.wait(delay)
+        due = self.wall + (at - self.first) / self.speed
+        # NOTE: wait in bounded steps: a tiny speed makes the delay larger
+        # than a wait accepts (or infinite).
+        while (delay := due - time.monotonic()) > 0:
+            if stop.wait(min(delay, 3600.0)):
+                return False
         return True
 
 
 def _first_time(source: Source) -> float:
     if isinstance(source, ReplaySource):
-        firsts = [f.times[0] for f in source.files if f.times]
+        firsts = [
+            f.times[0] for f in source.files if f.times and recordable_time(f.times[0])
+        ]
         if firsts:
             return min(firsts)
     return time.time()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 """Exit codes: clean stop, runtime failure, bad arguments or configuration."""
+
+EXIT_INTERRUPTED = 130
+"""Exit code after a second Ctrl-C, which interrupts without a clean stop."""
 
 DEFAULT_DATA_DIR = ".entity-runtime"
 DEFAULT_METRICS_PORT = 9464
@@ -143,6 +147,11 @@ def add_agent_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_agent(args: argparse.Namespace) -> int:
     """Run the ``agent`` subcommand; return its exit code.
 
+    SIGINT and SIGTERM are handled from the start, setup included: a signal
+    while the configuration, the sources or the data directory are being
+    read stops the agent cleanly too (exit 0, nothing run). A second SIGINT
+    interrupts at once (exit 130).
+
     Returns:
         0 after a clean stop (end of a replay, ``--duration``, Ctrl-C or
         SIGTERM); 2 for bad arguments or configuration; 1 when the runtime
@@ -153,6 +162,16 @@ def run_agent(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(DEFAULT_CONFIG_TOML)
         return EXIT_OK
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            return _setup_and_run(args, stop)
+    except KeyboardInterrupt:
+        print("entity-runtime agent: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _setup_and_run(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         agent, duration = _build(args)
     except _UsageError as err:
@@ -162,12 +181,23 @@ def run_agent(args: argparse.Namespace) -> int:
         logger.debug("agent could not be set up", exc_info=True)
         print(f"entity-runtime agent: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    return _run(agent, args, duration)
+    try:
+        if stop.is_set():
+            print(
+                "entity-runtime agent: stopped before it started; nothing was run",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        return _run(agent, args, duration, stop)
+    finally:
+        agent.close()
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
     from monitoring._agent import Agent
     from monitoring._agent_config import (
+        MAX_DURATION,
+        MAX_INTERVAL,
         AgentConfigError,
         load_agent_config,
         parse_duration,
@@ -189,11 +219,17 @@ def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
     interval = config.interval
     if args.interval is not None:
         interval = _duration("--interval", args.interval, parse_duration)
-        if not interval:
-            raise _UsageError("--interval must be more than 0")
+        if not 0 < interval <= MAX_INTERVAL:
+            raise _UsageError(
+                f"--interval must be more than 0 and at most 1 day, got {args.interval}"
+            )
     duration = None
     if args.duration is not None:
         duration = _duration("--duration", args.duration, parse_duration)
+        if duration > MAX_DURATION:
+            raise _UsageError(
+                f"--duration must be at most 100 years, got {args.duration}"
+            )
     if args.speed is not None and not args.speed > 0:
         raise _UsageError(f"--speed must be more than 0, got {args.speed:g}")
     if args.replay and args.scrape:
@@ -206,6 +242,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
         raise _UsageError("--match needs --scrape")
     if not 0 <= args.metrics_port <= 65535:
         raise _UsageError(f"--metrics-port must be 0 to 65535, got {args.metrics_port}")
+    if args.report is not None:
+        _check_report_path(args.report)
 
     try:
         if args.replay:
@@ -238,6 +276,24 @@ def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
     return agent, duration
 
 
+def _check_report_path(path: str) -> None:
+    """Make sure the report can be written, before anything runs."""
+    target = Path(path)
+    if target.is_dir():
+        raise _UsageError(f"--report {path}: is a directory")
+    folder = target.parent
+    if not folder.is_dir():
+        raise _UsageError(f"--report {path}: no such directory {folder}")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
+    except OSError as err:
+        raise _UsageError(
+            f"--report {path}: cannot write in {folder}: {err.strerror or err}"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def _duration(option: str, text: str, parse: Any) -> float:
     try:
         seconds = parse(text)
@@ -248,13 +304,14 @@ def _duration(option: str, text: str, parse: Any) -> float:
     return float(seconds)
 
 
-def _run(agent: Any, args: argparse.Namespace, duration: float | None) -> int:
+def _run(
+    agent: Any, args: argparse.Namespace, duration: float | None, stop: threading.Event
+) -> int:
     from rich.console import Console
 
     from monitoring._agent_view import LiveView, summary_lines
     from runtime import EntityRuntimeError, MetricsBindError
 
-    stop = threading.Event()
     console = Console()
     live = not args.no_live and console.is_terminal
     timer = None
@@ -264,11 +321,25 @@ def _run(agent: Any, args: argparse.Namespace, duration: float | None) -> int:
         timer.start()
 
     try:
-        with _stop_on_signals(stop):
-            view = LiveView(agent, console) if live else contextlib.nullcontext()
-            with view:
-                summary = agent.run(stop)
-    except (EntityRuntimeError, MetricsBindError, OSError) as err:
+        view = LiveView(agent, console) if live else contextlib.nullcontext()
+        with view:
+            summary = agent.run(stop)
+    except MetricsBindError as err:
+        logger.debug("agent failed", exc_info=True)
+        port = args.metrics_port
+        if err.errno == errno.EADDRINUSE:
+            reason = (
+                f"127.0.0.1:{port} is already in use; choose another port with "
+                "--metrics-port PORT (0 serves no metrics)"
+            )
+        else:
+            reason = str(err)
+        print(
+            f"entity-runtime agent: error: --metrics-port {port}: {reason}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except (EntityRuntimeError, OSError) as err:
         logger.debug("agent failed", exc_info=True)
         print(f"entity-runtime agent: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
@@ -286,7 +357,11 @@ def _run(agent: Any, args: argparse.Namespace, duration: float | None) -> int:
         try:
             write_report(args.report, summary.to_report())
         except OSError as err:
-            print(f"entity-runtime agent: error: --report: {err}", file=sys.stderr)
+            print(
+                f"entity-runtime agent: error: --report {args.report}: "
+                f"{err.strerror or err}",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
     if summary.dead_letters or not summary.clean_stop:
         print(
@@ -322,17 +397,27 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
-    """Write the JSON report atomically (a temporary file renamed into place)."""
+    """Write the JSON report atomically (a temporary file renamed into place).
+
+    Raises:
+        OSError: the report cannot be written; its ``filename`` is ``path``
+            (never the temporary file) and nothing is left behind.
+    """
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(
-        dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}."
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}."
+        )
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(target)) from err
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=2)
             file.write("\n")
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), str(target)) from err
         raise

@@ -73,6 +73,15 @@ for = "0s"
 recover_for = "0s"
 """
 
+MAX_INTERVAL = 86400.0
+"""The longest interval between two reads of a live source: one day."""
+
+MAX_DURATION = 100 * 365 * 86400.0
+"""The longest duration any setting accepts: 100 years."""
+
+_INTERVAL_LIMIT = (MAX_INTERVAL, "1 day")
+_DURATION_LIMIT = (MAX_DURATION, "100 years")
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -354,7 +363,9 @@ def _merge(layers: list[_Layer]) -> AgentConfig:
             for key, value in table.items():
                 target[key] = (value, layer)
 
-    interval = _duration(agent, "agent", "interval", 5.0, allow_off=False)
+    interval = _duration(
+        agent, "agent", "interval", 5.0, allow_off=False, most=_INTERVAL_LIMIT
+    )
     if interval <= 0:
         value, layer = agent["interval"]
         raise layer.error("agent.interval", f"must be more than 0, got {value!r}")
@@ -399,6 +410,7 @@ def _duration(
     default: float | None,
     *,
     allow_off: bool,
+    most: tuple[float, str] = _DURATION_LIMIT,
 ) -> Any:
     if key not in table:
         return default
@@ -409,6 +421,11 @@ def _duration(
         raise layer.error(f"{prefix}.{key}", str(err)) from None
     if seconds is None and not allow_off:
         raise layer.error(f"{prefix}.{key}", "cannot be 'off'; use '0s' for no hold")
+    limit, words = most
+    if seconds is not None and seconds > limit:
+        raise layer.error(
+            f"{prefix}.{key}", f"must be at most {words} ({limit:g} s), got {value!r}"
+        )
     return seconds
 
 
@@ -487,8 +504,10 @@ _KEY_LINE = re.compile(r"^\s*([A-Za-z0-9_\-\.\"' ]+?)\s*=")
 def locate_key(text: str, dotted: str) -> int:
     """Return the 1-based line that sets a dotted key in a TOML text.
 
-    Understands table headers and (dotted) keys, which is all an agent config
-    uses. Falls back to the line of the key's table, then to line 1.
+    Understands table headers, (dotted) keys and inline tables (a TOML inline
+    table is on one line, so a key inside one is on the line of the key that
+    holds the table). Falls back to the line of the key's table, then to
+    line 1.
     """
     wanted = dotted.split(".")
     best = 1
@@ -503,8 +522,12 @@ def locate_key(text: str, dotted: str) -> int:
                 best = number
             continue
         found = _KEY_LINE.match(line)
-        if found and table + _split_key(found.group(1)) == wanted:
-            return number
+        if found:
+            key = table + _split_key(found.group(1))
+            if key == wanted:
+                return number
+            if key == wanted[: len(key)] and line[found.end() :].lstrip()[:1] == "{":
+                return number
     return best
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
+import http.client
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 
 MAX_CHECK_ID = 1024
 """The longest check id the runtime accepts; longer ids are shortened."""
+
+FIRST_TIME = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+LAST_TIME = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+"""The record times the runtime accepts (POSIX seconds, years 1 to 9999)."""
+
+MAX_SCRAPE_BYTES = 32 * 1024 * 1024
+"""The largest scrape response read; a larger one counts as a failed scrape."""
 
 # Filesystems that hold data; pseudo and read-only image filesystems (proc,
 # tmpfs, squashfs snaps, ...) are always "full" or meaningless and left out.
@@ -107,6 +114,27 @@ class Source(Protocol):
     def batches(self, stop: threading.Event) -> Iterator[Batch]:
         """Yield batches until the source ends or ``stop`` is set."""
         ...
+
+
+def recordable_time(at: float) -> bool:
+    """Whether a change can be recorded at ``at``: between the years 1 and 9999.
+
+    False for NaN and infinities. A sample outside this range (typically a
+    millisecond timestamp read as seconds) is invalid input: the sources drop
+    it and count it, and the agent never writes it.
+    """
+    return FIRST_TIME <= at <= LAST_TIME
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """Quote a value from the input for a message: escaped to ASCII, shortened.
+
+    Control characters and other bytes from a damaged file come out as
+    escapes (``\\x1b``), never raw, and a long value is cut to ``limit``
+    characters.
+    """
+    text = ascii(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def make_check_id(system: str, metric: str) -> str:
@@ -428,14 +456,76 @@ def parse_exposition(
     return samples
 
 
+def check_scrape_url(url: str) -> tuple[str, str]:
+    """Validate a ``--scrape`` URL; return its system and its ``up`` series.
+
+    The system is the URL's ``host:port`` (without any user name or
+    password); the ``up`` series carries the path (and query), so two URLs of
+    one ``host:port`` have an ``up`` check each.
+
+    Raises:
+        ValueError: not an http(s) URL with a host, a port outside 1 to 65535,
+            or spaces or control characters in it; the message quotes the URL.
+    """
+    quoted = shown(url, 200)
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise ValueError(
+            f"--scrape {quoted}: a URL cannot contain spaces or control characters"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError as err:
+        reason = str(err)
+        if "port" in reason.lower():
+            reason = "the port must be a number from 1 to 65535"
+        raise ValueError(f"--scrape {quoted}: {reason}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--scrape {quoted}: expected an http:// or https:// URL")
+    if not hostname:
+        raise ValueError(f"--scrape {quoted}: no host name")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(
+            f"--scrape {quoted}: the port must be a number from 1 to 65535, got {port}"
+        )
+    system = parts.netloc.rpartition("@")[2]
+    path = parts.path or "/"
+    if parts.query:
+        path = f"{path}?{parts.query}"
+    return system, series_name("up", {"path": path})
+
+
+class ScrapeTooLargeError(ValueError):
+    """A scrape response was larger than :data:`MAX_SCRAPE_BYTES`."""
+
+
+@dataclasses.dataclass
+class _Scraped:
+    """What one scrape of one target gave: samples, or why it failed."""
+
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    invalid: int = 0
+
+
 class ScrapeSource:
     """Prometheus text endpoints, scraped every ``interval`` seconds.
 
     Each scrape's samples that match the selectors become checks (see
-    :func:`parse_exposition`). Each target also yields a synthetic ``up``
-    sample, 1 when the scrape worked and 0 when it failed, so an unreachable
-    target becomes an unhealthy check rather than silence. Only ``http`` and
-    ``https`` URLs are accepted; proxies from the environment are not used.
+    :func:`parse_exposition`). Each URL also yields a synthetic ``up``
+    sample (``up{path="/metrics"}`` in the system ``host:port``), 1 when the
+    scrape worked and 0 when it failed, so an unreachable target becomes an
+    unhealthy check rather than silence. Only ``http`` and ``https`` URLs are
+    accepted; proxies from the environment are not used.
+
+    The targets are scraped at the same time, each on a thread of its own,
+    and each has ``min(timeout, interval)`` seconds to answer in full: a
+    target that is slower, answers with something that is not HTTP, closes
+    the connection early or sends more than :data:`MAX_SCRAPE_BYTES` counts
+    as a failed scrape, and never holds the others up. When ``stop`` is set
+    during a scrape, the scrape is abandoned at once and yields nothing.
+    Samples whose own timestamp is not a time between the years 1 and 9999
+    are dropped and counted in ``invalid``.
     """
 
     replay = False
@@ -450,59 +540,195 @@ class ScrapeSource:
         config: AgentConfig | None = None,
         timeout: float = 10.0,
     ) -> None:
-        for url in urls:
-            parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(
-                    f"--scrape {url!r}: expected an http:// or https:// URL"
-                )
-        self.urls = list(urls)
+        if not interval > 0 or not timeout > 0:
+            raise ValueError(
+                f"interval and timeout must be more than 0, got {interval!r} "
+                f"and {timeout!r}"
+            )
+        self._targets = {url: check_scrape_url(url) for url in urls}
+        self.urls = list(self._targets)
         self.interval = interval
         self.selectors = list(selectors)
         self.config = config
         self.timeout = timeout
         self.errors = 0
+        self.invalid = 0
         self._failing: set[str] = set()
+        self._warned_invalid: set[str] = set()
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
         self.description = f"scrape of {', '.join(self.urls)} every {interval:g} s"
+
+    @property
+    def scrape_timeout(self) -> float:
+        """Seconds each target has to answer in full: ``min(timeout, interval)``."""
+        return min(self.timeout, self.interval)
 
     def batches(self, stop: threading.Event) -> Iterator[Batch]:
         """Scrape every target now, then every ``interval`` seconds, until ``stop``."""
         while not stop.is_set():
+            started = time.monotonic()
             now = time.time()
-            samples: list[Sample] = []
-            for url in self.urls:
-                samples.extend(self.scrape(url, now))
+            samples = self.scrape_all(now, stop)
+            if stop.is_set():
+                return
             yield Batch(now, samples)
-            stop.wait(self.interval)
+            stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def scrape_all(
+        self, now: float, stop: threading.Event | None = None
+    ) -> list[Sample]:
+        """Scrape every target once, concurrently.
+
+        Returns ``[]`` when ``stop`` is set before the scrapes finish.
+        """
+        timeout = self.scrape_timeout
+        deadline = time.monotonic() + timeout
+        lock = threading.Lock()
+        results: dict[str, _Scraped] = {}
+        finished = threading.Event()
+
+        def work(url: str) -> None:
+            try:
+                scraped = self._read(url, now, timeout, deadline)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(url)
+            with lock:
+                results[url] = scraped
+                if len(results) == len(self.urls):
+                    finished.set()
+
+        for url in self.urls:
+            with self._busy_lock, lock:
+                if url in self._busy:
+                    # The previous scrape of this target has not given up
+                    # yet (a name that does not resolve, say): no second one.
+                    results[url] = _Scraped(error="the previous scrape still runs")
+                    continue
+                self._busy.add(url)
+            # NOTE: daemon threads: a target still answering when the run
+            # ends must not keep the process alive (its reads stop at the
+            # deadline anyway).
+            threading.Thread(
+                target=work, args=(url,), name=f"scrape {url}", daemon=True
+            ).start()
+        with lock:
+            if len(results) == len(self.urls):
+                finished.set()
+        while not finished.is_set():
+            if stop is not None and stop.is_set():
+                return []
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            finished.wait(min(left, 0.05))
+        with lock:
+            done = dict(results)
+
+        samples: list[Sample] = []
+        for url in self.urls:
+            scraped = done.get(url)
+            if scraped is None:
+                scraped = _Scraped(error=f"no complete answer within {timeout:g} s")
+            samples.extend(self._settle(url, scraped, now))
+        return samples
 
     def scrape(self, url: str, now: float) -> list[Sample]:
         """Scrape one target once; failures are logged and give ``up`` = 0."""
-        target = urllib.parse.urlsplit(url).netloc
+        timeout = self.scrape_timeout
+        scraped = self._read(url, now, timeout, time.monotonic() + timeout)
+        return self._settle(url, scraped, now)
+
+    def _read(self, url: str, now: float, timeout: float, deadline: float) -> _Scraped:
+        # Runs on a scrape thread: touches nothing shared, never raises.
+        system, _ = self._targets[url]
         try:
-            with _OPENER.open(url, timeout=self.timeout) as response:
-                text = response.read().decode("utf-8", errors="replace")
+            text = _fetch(url, timeout, deadline)
             samples = parse_exposition(
                 text,
-                system=target,
+                system=system,
                 at=now,
                 selectors=self.selectors,
                 config=self.config,
             )
-        except (OSError, ValueError, urllib.error.URLError) as err:
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            return _Scraped(error=_describe_error(err))
+        except Exception as err:
+            # A target's answer must never take the agent down, whatever the
+            # parser makes of it.
+            logger.debug("scrape of %s failed", url, exc_info=True)
+            return _Scraped(error=_describe_error(err))
+        kept = [sample for sample in samples if recordable_time(sample.at)]
+        return _Scraped(samples=kept, invalid=len(samples) - len(kept))
+
+    def _settle(self, url: str, scraped: _Scraped, now: float) -> list[Sample]:
+        system, up = self._targets[url]
+        if scraped.error is not None:
             self.errors += 1
             if url not in self._failing:
-                logger.warning("scrape of %s failed: %s", url, err)
+                logger.warning("scrape of %s failed: %s", url, scraped.error)
             self._failing.add(url)
-            return [self._up(target, 0.0, now)]
+            return [Sample(make_check_id(system, up), system, up, "up", 0.0, now)]
 
+        if scraped.invalid:
+            self.invalid += scraped.invalid
+            if url not in self._warned_invalid:
+                self._warned_invalid.add(url)
+                logger.warning(
+                    "scrape of %s: %d sample(s) with a timestamp outside the years "
+                    "1 to 9999 skipped (milliseconds expected)",
+                    url,
+                    scraped.invalid,
+                )
         if url in self._failing:
             self._failing.discard(url)
             logger.info("scrape of %s works again", url)
-        return [*samples, self._up(target, 1.0, now)]
+        up_sample = Sample(make_check_id(system, up), system, up, "up", 1.0, now)
+        return [*scraped.samples, up_sample]
 
-    def _up(self, target: str, value: float, now: float) -> Sample:
-        metric = series_name("up", {})
-        return Sample(make_check_id(target, metric), target, metric, "up", value, now)
+
+def _fetch(url: str, timeout: float, deadline: float) -> str:
+    with _OPENER.open(url, timeout=timeout) as response:
+        length = response.headers.get("Content-Length", "").strip()
+        expected = int(length) if length.isdigit() else None
+        if expected is not None and expected > MAX_SCRAPE_BYTES:
+            raise ScrapeTooLargeError(
+                f"the response is {expected:,} bytes; at most "
+                f"{MAX_SCRAPE_BYTES:,} are read"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout:g} s")
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_SCRAPE_BYTES:
+                raise ScrapeTooLargeError(
+                    f"the response is larger than {MAX_SCRAPE_BYTES:,} bytes"
+                )
+            chunks.append(chunk)
+        if expected is not None and not response.chunked and size < expected:
+            # NOTE: read1 returns b"" on a connection closed early instead of
+            # raising, so a cut-off body is caught here.
+            raise http.client.IncompleteRead(b"", expected - size)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _describe_error(err: BaseException) -> str:
+    if isinstance(err, urllib.error.URLError) and not isinstance(
+        err, urllib.error.HTTPError
+    ):
+        err = err.reason if isinstance(err.reason, BaseException) else err
+    if isinstance(err, http.client.IncompleteRead):
+        return "IncompleteRead: the connection closed before the whole answer came"
+    text = ascii(str(err) or type(err).__name__)[1:-1]
+    if len(text) > 120:
+        text = f"{text[:117]}..."
+    return f"{type(err).__name__}: {text}"
 
 
 # -- recorded CSV series -------------------------------------------------------
@@ -548,18 +774,27 @@ def parse_timestamp(text: str) -> float:
     times rather than being "corrected".
 
     Raises:
-        ValueError: not a time.
+        ValueError: not a time, or not one between the years 1 and 9999 (such
+            as POSIX milliseconds); the message quotes the text, escaped and
+            shortened.
     """
     stamp = text.strip()
-    if stamp and (stamp[0].isdigit() and "-" not in stamp and ":" not in stamp):
-        seconds = float(stamp)
-        if not math.isfinite(seconds):
-            raise ValueError(f"not a time: {text!r}")
-        return seconds
-    when = datetime.fromisoformat(stamp)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    try:
+        if stamp and (stamp[0].isdigit() and "-" not in stamp and ":" not in stamp):
+            seconds = float(stamp)
+        else:
+            when = datetime.fromisoformat(stamp)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp()
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a time: {shown(text)}") from None
+    if not recordable_time(seconds):
+        raise ValueError(
+            f"{shown(text)} is not a time between the years 1 and 9999 "
+            "(POSIX seconds expected, not milliseconds)"
+        )
+    return seconds
 
 
 def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
@@ -568,8 +803,10 @@ def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
     Handles a UTF-8 byte order mark, CRLF line endings, a missing final
     newline and blank lines. The first line is a header when its value column
     is not a number. A line that cannot be read (wrong number of columns, a
-    bad time or value) is skipped, logged with its line number and listed in
-    ``invalid``; rows are kept in file order, repeats and all.
+    bad time or value, a time outside the years 1 to 9999) is skipped, logged
+    with its line number and listed in ``invalid``; rows are kept in file
+    order, repeats and all. Messages quote the file's text escaped and
+    shortened, never raw.
 
     Raises:
         OSError: the file cannot be read.
@@ -585,14 +822,17 @@ def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
         if not line.strip():
             continue
         stamp, comma, raw = line.partition(",")
-        try:
-            if not comma or "," in raw:
-                raise ValueError("expected two columns, timestamp,value")
-            value = float(raw)
-        except ValueError as err:
+        if not comma or "," in raw:
             if number == 1 and comma:
                 continue
-            invalid.append((number, str(err)))
+            invalid.append((number, "expected two columns, timestamp,value"))
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            if number == 1:
+                continue
+            invalid.append((number, f"not a number: {shown(raw)}"))
             continue
         try:
             at = parse_timestamp(stamp)
@@ -607,8 +847,7 @@ def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
     if len(invalid) > 5:
         logger.warning("%s: %d more unreadable lines skipped", file, len(invalid) - 5)
 
-    system = file.parent.name or "replay"
-    metric = file.stem
+    system, metric = _series_names(file)
     return SeriesFile(
         path=file,
         label_key=f"{file.parent.name}/{file.name}",
@@ -621,8 +860,15 @@ def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
     )
 
 
+def _series_names(file: Path) -> tuple[str, str]:
+    return file.parent.name or "replay", file.stem
+
+
 def find_series_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and directories (searched recursively for ``*.csv``), sorted.
+
+    A file reached twice (given twice, or also inside a given directory) is
+    kept once.
 
     Raises:
         FileNotFoundError: a path does not exist, or a directory has no CSV.
@@ -639,7 +885,14 @@ def find_series_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             found.append(path)
         else:
             raise FileNotFoundError(f"--replay {raw}: no such file or directory")
-    return list(dict.fromkeys(found))
+    unique: dict[Path, Path] = {}
+    for file in found:
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values())
+
+
+class NoUsableRowsError(ValueError):
+    """A replay has not a single row to replay; the message names the files."""
 
 
 class ReplaySource:
@@ -652,13 +905,49 @@ class ReplaySource:
     file order: a row older than the series' previous one reaches the agent
     out of order, and the agent skips it (see ``Agent``).
 
+    A file without a single usable row (empty, only a header, or every line
+    unreadable) is left out with a warning; ``invalid`` counts the
+    unreadable lines of every file read.
+
     The whole of each file is read up front (about 40 bytes per sample).
+
+    Raises:
+        FileNotFoundError: a path does not exist, or a directory has no CSV.
+        ValueError: two files would feed the same check (same folder and
+            file name under different parents).
+        NoUsableRowsError: no file has a usable row.
     """
 
     replay = True
 
     def __init__(self, paths: Iterable[str | os.PathLike[str]]) -> None:
-        self.files = [read_series_file(path) for path in find_series_files(paths)]
+        found = find_series_files(paths)
+        owners: dict[str, Path] = {}
+        for file in found:
+            check_id = make_check_id(*_series_names(file))
+            other = owners.setdefault(check_id, file)
+            if other is not file:
+                raise ValueError(
+                    f"--replay: {other} and {file} would both be the check "
+                    f"{check_id!r} (a check is named after the folder and the "
+                    "file); replay them in separate runs or rename one"
+                )
+        read = [read_series_file(path) for path in found]
+        empty = [series for series in read if not series.rows]
+        if len(empty) == len(read):
+            raise NoUsableRowsError(
+                f"--replay: no usable rows in {_some_paths(empty)} (empty, only "
+                "a header, or no line of timestamp,value that could be read)"
+            )
+        for series in empty:
+            logger.warning(
+                "%s: no usable rows (empty, only a header, or no line could be "
+                "read); left out",
+                series.path,
+            )
+        self.files = [series for series in read if series.rows]
+        self.empty_files = [series.path for series in empty]
+        self.invalid = sum(len(series.invalid) for series in read)
         self.total = sum(f.rows for f in self.files)
         systems = {f.system for f in self.files}
         self.description = (
@@ -684,6 +973,13 @@ class ReplaySource:
             yield Batch(at, (sample,))
 
 
+def _some_paths(series: Sequence[SeriesFile], limit: int = 5) -> str:
+    names = ", ".join(str(s.path) for s in series[:limit])
+    if len(series) > limit:
+        names += f" and {len(series) - limit} more"
+    return names
+
+
 def _rows(index: int, series: SeriesFile) -> Iterator[tuple[float, int, int]]:
     # heapq.merge takes each stream as sorted; a backward row simply comes
     # out right after its predecessor, and the agent skips it as out of order.
@@ -697,7 +993,8 @@ def load_label_windows(
     """Read anomaly windows in NAB's ``combined_windows.json`` format.
 
     The format is ``{"<folder>/<file>.csv": [["start", "end"], ...]}``, times
-    like ``2014-02-26 13:45:00.000000`` (taken as UTC, like the series).
+    like ``2014-02-26 13:45:00.000000`` (taken as UTC, like the series); a
+    window may not start after it ends.
 
     Raises:
         ValueError: not that format; the message names the file and the key.
@@ -706,6 +1003,8 @@ def load_label_windows(
     name = os.fspath(path)
     try:
         data = json.loads(Path(name).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{name}: not JSON: {err}") from None
     if not isinstance(data, dict):
@@ -713,18 +1012,25 @@ def load_label_windows(
 
     windows: dict[str, list[tuple[float, float]]] = {}
     for key, spans in data.items():
+        series = shown(key, 200)
         if not isinstance(spans, list):
-            raise ValueError(f"{name}: {key}: expected a list of [start, end]")
+            raise ValueError(f"{name}: {series}: expected a list of [start, end]")
         parsed = []
         for span in spans:
             if not (isinstance(span, list) and len(span) == 2):
-                raise ValueError(f"{name}: {key}: expected [start, end], got {span!r}")
+                raise ValueError(
+                    f"{name}: {series}: expected [start, end], got {shown(span)}"
+                )
             try:
                 start, end = parse_timestamp(span[0]), parse_timestamp(span[1])
-            except (TypeError, ValueError) as err:
+            except (TypeError, AttributeError, ValueError) as err:
                 raise ValueError(
-                    f"{name}: {key}: bad time in {span!r}: {err}"
+                    f"{name}: {series}: bad time in {shown(span)}: {err}"
                 ) from None
+            if start > end:
+                raise ValueError(
+                    f"{name}: {series}: the window {shown(span)} starts after it ends"
+                )
             parsed.append((start, end))
         windows[key] = parsed
     return windows

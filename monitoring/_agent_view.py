@@ -167,7 +167,7 @@ def summary_lines(summary: AgentSummary) -> list[str]:
         f"  samples     {stats.samples:,}"
         + (f" ({'; '.join(skipped)})" if skipped else ""),
         f"  checks      {summary.checks:,} in {len(summary.systems)} system(s)"
-        + (f": {systems}" if len(summary.systems) <= 4 else ""),
+        + (f": {systems}" if 0 < len(summary.systems) <= 4 else ""),
         f"  changes     {summary.changes:,} status changes "
         f"({stats.check_writes:,} check writes)",
         f"  triggers    {triggers or 'none'}",

@@ -102,16 +102,28 @@ class IncidentService:
     Args:
         database: a SQLite file (for instance ``data_dir / "incidents.db"``)
             or ``":memory:"`` for a private in-memory database.
+
+    Raises:
+        sqlite3.Error: the database cannot be opened (a damaged file, or not
+            a SQLite file); the message starts with the file's path.
     """
 
     def __init__(self, database: str | os.PathLike[str] = ":memory:") -> None:
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            database, check_same_thread=False, isolation_level=None
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(
+                database, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as err:
+            raise type(err)(f"{os.fspath(database)}: {err}") from err
+        try:
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            # A damaged or foreign file: say which one.
+            self._conn.close()
+            raise type(err)(f"{os.fspath(database)}: {err}") from err
         logger.debug("incident service opened %s", database)
 
     def close(self) -> None:

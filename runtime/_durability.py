@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from runtime._engine import check_timestamp
 from runtime._errors import EntityRuntimeError
 from runtime._events import ReadOnlyDict, Transition, freeze
 from runtime._log import TransitionLog
@@ -116,10 +117,37 @@ class RestoredData:
 
 
 def _decode_rows(rows: Iterable[Any]) -> list[ChangeRecord]:
-    return [
+    changes = [
         ChangeRecord(seq, kind, i, ts, actor, run_id, False, None, spec)
         for seq, kind, i, ts, actor, run_id, spec in rows
     ]
+    for change in changes:
+        _check_change(change)
+    return changes
+
+
+def _check_change(change: ChangeRecord) -> None:
+    """Raise ``ValueError`` unless a decoded change has the recorded shape."""
+    if type(change.seq) is not int or change.seq < 1:
+        raise ValueError(f"seq {change.seq!r} is not a positive integer")
+    for name in ("kind", "id", "actor"):
+        value = getattr(change, name)
+        if type(value) is not str or not value:
+            raise ValueError(f"{name} {value!r} is not a non-empty string")
+    if change.run_id is not None and type(change.run_id) is not str:
+        raise ValueError(f"run_id {change.run_id!r} is not a string")
+    if type(change.ts) not in (int, float):
+        raise ValueError(f"time {change.ts!r} is not a number")
+    check_timestamp(float(change.ts), f"seq {change.seq}'s time")
+    if change.next_state is not None and not isinstance(change.next_state, dict):
+        raise ValueError(f"next state {change.next_state!r:.60} is not a mapping")
+    if not isinstance(change.rows, list) or not change.rows:
+        raise ValueError("no rows")
+    for row in change.rows:
+        if not isinstance(row, list) or len(row) != 3:
+            raise ValueError(f"row {row!r:.60} is not a [field, before, after] triple")
+        if row[0] is not None and type(row[0]) is not str:
+            raise ValueError(f"field {row[0]!r} is not a string")
 
 
 def load_data_dir(directory: str | Path) -> RestoredData:
@@ -166,8 +194,7 @@ def load_data_dir(directory: str | Path) -> RestoredData:
     for index, record in enumerate(replay.records):
         try:
             change = ChangeRecord.decode(record)
-            if not isinstance(change.seq, int) or not change.rows:
-                raise ValueError(f"bad seq or rows in {record!r:.80}")
+            _check_change(change)
         except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
             raise RestoreError(
                 f"{directory}: journal record {index} after seq {expected - 1} has "
@@ -202,9 +229,16 @@ def _read_payload(data: RestoredData, loaded: LoadedSnapshot) -> None:
     data.seq = loaded.seq
     data.snapshot = loaded.path
     for kind, info in payload["kinds"].items():
+        if type(kind) is not str or type(info["store_backed"]) is not bool:
+            raise ValueError(f"kind entry {kind!r} is malformed")
         data.store_backed[kind] = info["store_backed"]
         if info["store_backed"]:
-            data.states[kind] = dict(info["states"])
+            states = info["states"]
+            if not isinstance(states, dict) or not all(
+                type(k) is str and isinstance(v, dict) for k, v in states.items()
+            ):
+                raise ValueError(f"states of kind {kind!r} are not id -> mapping")
+            data.states[kind] = dict(states)
     data.changes = _decode_rows(payload["changes"])
 
 

@@ -23,10 +23,15 @@ import pytest
 from monitoring import (
     DEFAULT_CONFIG_TOML,
     Agent,
+    AgentStats,
+    AgentSummary,
     HostSource,
     add_agent_parser,
     load_agent_config,
 )
+from monitoring._agent_cli import write_report
+from monitoring._agent_view import summary_lines
+from monitoring._cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 NAB = REPO.parent / "shared" / "data" / "nab"
@@ -69,6 +74,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def write_series(path: Path, rows: int, value: float = 1.0) -> Path:
+    """Write a timestamp,value CSV of ``rows`` rows, five minutes apart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{1_700_000_000 + 300 * row},{value}" for row in range(rows)]
+    path.write_text("timestamp,value\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def wait_for(predicate: object, timeout: float = 10.0, what: str = "") -> None:
@@ -122,10 +135,20 @@ def test_a_bad_config_exits_2_naming_file_line_and_key(
         (["--interval", "0s"], "--interval must be more than 0"),
         (["--speed", "2"], "--speed needs --replay"),
         (["--metrics-port", "70000"], "--metrics-port must be 0 to 65535"),
+        (["--replay", "{csv}", "--labels", "no.json"], "no.json"),
+        (["--interval", "1e300"], "--interval must be more than 0 and at most 1 day"),
+        (["--interval", "2d"], "--interval must be more than 0 and at most 1 day"),
+        (["--duration", "1e300"], "--duration must be at most 100 years"),
         (
-            ["--replay", str(NAB / "data" / "realKnownCause"), "--labels", "no.json"],
-            "no.json",
+            ["--scrape", "http://127.0.0.1:abc/m"],
+            "--scrape 'http://127.0.0.1:abc/m': the port must be a number from 1",
         ),
+        (
+            ["--scrape", "http://127.0.0.1:99999/m"],
+            "--scrape 'http://127.0.0.1:99999/m': the port must be a number from 1",
+        ),
+        (["--report", "no/such/dir/r.json"], "--report no/such/dir/r.json: no such"),
+        (["--report", "{tmp}"], "is a directory"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(
@@ -135,10 +158,14 @@ def test_bad_arguments_exit_2_with_a_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Every argument problem is found before anything starts."""
+    csv = write_series(tmp_path / "sys" / "m.csv", 3)
+    argv = [a.replace("{csv}", str(csv)).replace("{tmp}", str(tmp_path)) for a in argv]
+
     code = agent_cli(*argv, "--data-dir", str(tmp_path / "d"))
 
     assert code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_locked_data_dir_exits_1(tmp_path: Path) -> None:
@@ -239,7 +266,7 @@ def test_the_live_view_shows_rates_systems_incidents_and_progress(
     """On a terminal the agent redraws a view while it runs."""
     agent = spawn(
         "--replay",
-        str(NAB / "data" / "realKnownCause" / "nyc_taxi.csv"),
+        str(write_series(tmp_path / "sys" / "m.csv", 10320)),
         "--speed",
         "500000",
         "--duration",
@@ -257,7 +284,7 @@ def test_the_live_view_shows_rates_systems_incidents_and_progress(
     assert agent.returncode == 0, err
     assert "samples/s" in out
     assert "systems:" in out
-    assert "no open incidents" in out or "inc-realKnownCause-" in out
+    assert "no open incidents" in out or "inc-sys-" in out
     assert "replay" in out
     assert "/10320" in out
 
@@ -434,4 +461,332 @@ def test_an_unreachable_target_opens_a_critical_incident(tmp_path: Path) -> None
     (incident,) = data["incidents"]
     assert incident["system"] == url.split("/")[2]
     assert incident["max_severity"] == "critical"
-    assert incident["checks"] == [f"{url.split('/')[2]}/up"]
+    assert incident["checks"] == [f'{url.split("/")[2]}/up{{path="/metrics"}}']
+
+
+# -- bad input and a hostile environment ------------------------------------------
+
+
+def inspect(data_dir: Path, *argv: str) -> int:
+    """Run `entity-runtime inspect --data-dir DATA_DIR ARGV` in this process."""
+    return int(cli_main(["inspect", "--data-dir", str(data_dir), *argv]))
+
+
+def test_times_past_year_9999_are_invalid_lines_and_the_data_dir_stays_usable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Millisecond epochs: nothing to replay is exit 2; among good rows, skipped."""
+    state = tmp_path / "state"
+    only_ms = tmp_path / "ms" / "m.csv"
+    only_ms.parent.mkdir()
+    only_ms.write_text("1700000000000,12.5\n1700000060000,13\n", encoding="utf-8")
+
+    code = agent_cli("--replay", str(only_ms), "--data-dir", str(state))
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"no usable rows in {only_ms}" in err
+
+    mixed = tmp_path / "sys" / "m.csv"
+    mixed.parent.mkdir()
+    mixed.write_text(
+        "timestamp,value\n1700000000,1\n1700000000000,12.5\n1700000060,2\n"
+        "99999999999999999999,3\n",
+        encoding="utf-8",
+    )
+    report = tmp_path / "r.json"
+    for _ in range(2):
+        code = agent_cli(
+            "--replay",
+            str(mixed),
+            "--data-dir",
+            str(state),
+            "--metrics-port",
+            "0",
+            "--report",
+            str(report),
+        )
+
+        data = json.loads(report.read_text(encoding="utf-8"))
+        assert code == 0
+        assert data["invalid_lines"] == 2
+        assert data["checks"] == 1
+    assert data["restored_checks"] == 1
+    assert inspect(state) == 0
+    assert inspect(state, "check", "sys/m") == 0
+
+
+def test_scraped_times_past_year_9999_are_invalid_and_the_data_dir_stays_usable(
+    tmp_path: Path,
+) -> None:
+    """A sample timestamp of 99999999999999999999 ms is dropped, never written."""
+    payload = b"x 1 99999999999999999999\n"
+    state = tmp_path / "state"
+    report = tmp_path / "r.json"
+    with one_answer_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    ) as url:
+        for _ in range(2):
+            code = agent_cli(
+                "--scrape",
+                url,
+                "--match",
+                "x",
+                "--interval",
+                "0.2s",
+                "--duration",
+                "0.7s",
+                "--data-dir",
+                str(state),
+                "--metrics-port",
+                "0",
+                "--report",
+                str(report),
+            )
+
+            data = json.loads(report.read_text(encoding="utf-8"))
+            assert code == 0
+            assert data["invalid_lines"] >= 1
+            assert data["checks"] == 1, "only the target's up check"
+            assert data["incidents"] == []
+    assert inspect(state) == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"timestamp,value\r\n", bytes(range(256)) * 8],
+    ids=["empty", "header-only", "binary"],
+)
+def test_a_replay_with_no_usable_row_exits_2_naming_the_files(
+    content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing to replay is a usage error; junk is never echoed raw."""
+    for name in ("a.csv", "b.csv"):
+        path = tmp_path / "sys" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+
+    code = agent_cli(
+        "--replay", str(tmp_path / "sys"), "--data-dir", str(tmp_path / "d")
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(tmp_path / "sys" / "a.csv") in err
+    assert str(tmp_path / "sys" / "b.csv") in err
+    assert err.isascii()
+    assert all(line.isprintable() for line in err.splitlines())
+    assert not (tmp_path / "d").exists()
+
+
+def test_report_write_errors_name_the_report_not_a_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """Whatever fails while writing, the error is about the path asked for."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    missing = tmp_path / "missing" / "r.json"
+
+    for target in (taken, missing):
+        with pytest.raises(OSError) as caught:
+            write_report(target, {"samples": 1})
+
+        assert caught.value.filename == str(target)
+        assert f".{target.name}." not in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    assert list(taken.iterdir()) == []
+
+
+def test_a_metrics_port_in_use_names_it_and_suggests_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 turns the metrics off in the command, so it is not offered as a free port."""
+    csv = write_series(tmp_path / "sys" / "m.csv", 3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+
+        code = agent_cli(
+            "--replay",
+            str(csv),
+            "--data-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(port),
+        )
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"--metrics-port {port}: 127.0.0.1:{port} is already in use" in err
+    assert "another port" in err
+    assert "port=0" not in err
+
+
+def test_a_damaged_incident_database_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error says which file is not a database."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "incidents.db").write_bytes(b"not a database\n" * 300)
+
+    code = agent_cli(
+        "--replay",
+        str(write_series(tmp_path / "sys" / "m.csv", 3)),
+        "--data-dir",
+        str(state),
+        "--metrics-port",
+        "0",
+    )
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{state / 'incidents.db'}: file is not a database" in err
+
+
+def test_an_empty_run_summary_lists_no_systems() -> None:
+    """No systems: no dangling colon."""
+    summary = AgentSummary(
+        source="nothing",
+        stats=AgentStats(),
+        checks=0,
+        systems={},
+        changes=0,
+        entity_changes={},
+        triggers={},
+        incidents=[],
+        incidents_opened=0,
+        incidents_resolved=0,
+        seconds=0.0,
+    )
+
+    lines = summary_lines(summary)
+
+    assert "  checks      0 in 0 system(s)" in lines
+    assert not any(line.rstrip().endswith(":") for line in lines)
+
+
+# Sends itself a signal at one step of the setup, then runs the agent command.
+SIGNAL_DURING_SETUP = """
+import argparse, logging, os, signal, sys
+import monitoring._agent as agent_module
+import monitoring._agent_sources as sources
+from monitoring import add_agent_parser
+
+step, name = sys.argv[1], sys.argv[2]
+
+def signalled(original):
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, name))
+        return original(*args, **kwargs)
+    return call
+
+if step == "reading":
+    sources.read_series_file = signalled(sources.read_series_file)
+elif step == "opening":
+    agent_module.Runtime = signalled(agent_module.Runtime)
+else:
+    agent_module.Agent._restore = signalled(agent_module.Agent._restore)
+parser = argparse.ArgumentParser(prog="entity-runtime")
+add_agent_parser(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[3:])
+logging.basicConfig(level="WARNING")
+sys.exit(args.run(args))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("step", ["reading", "opening", "restoring"])
+def test_a_signal_during_setup_stops_cleanly(
+    step: str, signame: str, tmp_path: Path
+) -> None:
+    """Reading the CSVs, opening or restoring the data dir: exit 0, dir usable."""
+    csv = write_series(tmp_path / "sys" / "m.csv", 50, value=99.0)
+    state = tmp_path / "state"
+    argv = ["--replay", str(csv), "--data-dir", str(state), "--metrics-port", "0"]
+
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_SETUP, step, signame, "agent", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert agent_cli(*argv, "--no-live") == 0
+    assert inspect(state) == 0
+
+
+def test_a_slow_target_does_not_hold_the_run_past_its_duration(
+    tmp_path: Path,
+) -> None:
+    """A target that never answers is abandoned when --duration is up."""
+    report = tmp_path / "r.json"
+    with one_answer_server(None) as slow:
+        started = time.monotonic()
+        code = agent_cli(
+            "--scrape",
+            slow,
+            "--interval",
+            "5s",
+            "--duration",
+            "0.5s",
+            "--data-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            "0",
+            "--report",
+            str(report),
+        )
+        took = time.monotonic() - started
+
+    assert code == 0
+    assert took < 4.0
+    assert json.loads(report.read_text(encoding="utf-8"))["incidents"] == []
+
+
+@contextlib.contextmanager
+def one_answer_server(answer: bytes | None) -> Iterator[str]:
+    """A TCP server on 127.0.0.1 answering every connection with ``answer``.
+
+    ``answer`` is sent as it is, whatever was asked, and the connection
+    closed; with ``None`` connections are held open, never answered.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    done = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if answer is None:
+                held.append(conn)
+                continue
+            with contextlib.suppress(OSError):
+                conn.settimeout(5.0)
+                conn.recv(65536)
+                conn.sendall(answer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        for conn in held:
+            conn.close()
+        listener.close()

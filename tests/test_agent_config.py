@@ -206,3 +206,45 @@ def test_a_missing_file_is_an_error_that_names_it(tmp_path: Path) -> None:
 
     with pytest.raises(AgentConfigError, match=r"nope\.toml:1: cannot read the file"):
         load_agent_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "reason"),
+    [
+        ("[agent]\n\ninterval = 1e300\n", 3, "agent.interval", "at most 1 day"),
+        ('[agent]\ninterval = "2d"\n', 2, "agent.interval", "at most 1 day"),
+        ("[defaults]\nfor = 1e300\n", 2, "defaults.for", "at most 100 years"),
+        ('[agent]\nresolve_after = "40000d"\n', 2, "agent.resolve_after", "100 years"),
+    ],
+)
+def test_durations_too_long_to_wait_for_are_refused(
+    text: str, line: int, key: str, reason: str, tmp_path: Path
+) -> None:
+    """No setting may ask for a wait no clock or timer can take."""
+    path = write(tmp_path, text)
+
+    with pytest.raises(AgentConfigError, match=reason) as caught:
+        load_agent_config(path)
+
+    assert (caught.value.line, caught.value.key) == (line, key)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[agent]\n\n[families]\n# cpu\ncpu = { match = ["x"], for = "soon" }\n',
+        '\n\n\n\nfamilies.cpu = { match = ["x"], for = "soon" }\n',
+        '# top level\n\n\n\nfamilies = { cpu = { match = ["x"], for = "soon" } }\n',
+    ],
+    ids=["in-a-table", "dotted", "nested"],
+)
+def test_an_error_inside_an_inline_table_points_at_its_line(
+    text: str, tmp_path: Path
+) -> None:
+    """An inline table is on one line: that line is the key's."""
+    path = write(tmp_path, text)
+
+    with pytest.raises(AgentConfigError) as caught:
+        load_agent_config(path)
+
+    assert (caught.value.line, caught.value.key) == (5, "families.cpu.for")

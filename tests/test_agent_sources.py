@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
+import json
 import math
 import os
+import random
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import monitoring._agent_sources as sources_module
 from monitoring import (
     Agent,
     Batch,
@@ -24,11 +30,13 @@ from monitoring import (
     Selector,
     SelectorError,
     load_agent_config,
+    load_label_windows,
     make_check_id,
     parse_exposition,
     parse_timestamp,
     read_series_file,
 )
+from monitoring._agent_sources import NoUsableRowsError
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS = REPO.parent / "shared" / "data" / "prometheus"
@@ -380,3 +388,347 @@ def test_the_machine_source_skips_pseudo_and_duplicate_mounts(tmp_path: Path) ->
     assert disks == ['disk_used_percent{mountpoint="/"}']
     load = [s.value for s in samples if s.name == "load1_per_cpu"]
     assert load == [pytest.approx(0.5 / (os.cpu_count() or 1))]
+
+
+# -- broken targets, bad times, bad files ---------------------------------------------
+
+
+@contextlib.contextmanager
+def raw_server(answer: bytes | None) -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that is not a proper HTTP server.
+
+    Every connection gets ``answer`` (raw bytes, whatever was asked) and is
+    closed; with ``None`` it is accepted and never answered until the server
+    closes. Yields a URL on it.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    done = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if answer is None:
+                held.append(conn)
+                continue
+            with contextlib.suppress(OSError):
+                conn.settimeout(5.0)
+                conn.recv(65536)
+                conn.sendall(answer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def assert_clean(message: str) -> None:
+    """Input quoted in a message is escaped to printable ASCII and shortened."""
+    assert message.isascii(), message
+    assert message.isprintable(), message
+    assert len(message) < 300, message
+
+
+GARBAGE_ANSWERS = {
+    "not-http": b"\x00\xff\x1b[31mgarbage\r\n\r\n",
+    "closed-without-answer": b"",
+    "cut-off-body": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nup 1\n",
+    "header-line-too-long": b"HTTP/1.1 200 OK\r\nX-Long: "
+    + b"a" * 70_000
+    + b"\r\n\r\n",
+    "too-many-headers": b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 200 + b"\r\n",
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "cut-off-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"ff\r\nup 1\n",
+    "binary-payload": b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n\x00\x01{\x02\x03}",
+    "says-too-large": b"HTTP/1.1 200 OK\r\nContent-Length: 40000000\r\n\r\nup 1\n",
+    "is-too-large": b"HTTP/1.1 200 OK\r\n\r\n" + b"#\n" * (17 * 1024 * 1024),
+    "http-error": b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE_ANSWERS))
+def test_a_target_answering_broken_http_is_a_failed_scrape(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Protocol errors, cut-off and oversized answers give up = 0, never a crash."""
+    with raw_server(GARBAGE_ANSWERS[case]) as url:
+        source = ScrapeSource([url], 5.0, selectors=EVERYTHING)
+        (batch,) = itertools.islice(source.batches(threading.Event()), 1)
+
+    assert [(s.name, s.value) for s in batch.samples] == [("up", 0.0)]
+    assert source.errors == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"scrape of {url} failed" in warning
+    assert_clean(warning)
+
+
+def test_a_slow_target_holds_up_neither_the_others_nor_the_stop() -> None:
+    """Targets are scraped at once, each within the interval; stop ends a scrape."""
+    with (
+        raw_server(None) as slow,
+        serve(b"up 1\n") as fast,
+    ):
+        source = ScrapeSource([slow, fast], 0.5, selectors=EVERYTHING)
+        started = time.monotonic()
+        (batch,) = itertools.islice(source.batches(threading.Event()), 1)
+        took = time.monotonic() - started
+
+        stop = threading.Event()
+        threading.Timer(0.2, stop.set).start()
+        stopping = time.monotonic()
+        late = list(ScrapeSource([slow], 30.0).batches(stop))
+        stopped_after = time.monotonic() - stopping
+
+    ups = {s.check_id.split("/")[0]: s.value for s in batch.samples if s.name == "up"}
+    slow_target, fast_target = slow.split("/")[2], fast.split("/")[2]
+    assert ups == {slow_target: 0.0, fast_target: 1.0}
+    assert 0.4 < took < 2.0
+    assert late == []
+    assert stopped_after < 1.5
+
+
+def test_two_urls_of_one_host_and_port_have_an_up_check_each() -> None:
+    """The up check carries the path (and query) of its URL."""
+    with serve(b"") as url:
+        pass
+    base = url.rsplit("/", 1)[0]
+    urls = [f"{base}/a", f"{base}/b", f"{base}/probe?target=x"]
+    source = ScrapeSource(urls, 1.0, timeout=2.0)
+
+    samples = source.scrape_all(10.0)
+
+    target = base.split("/")[2]
+    assert [s.check_id for s in samples] == [
+        f'{target}/up{{path="/a"}}',
+        f'{target}/up{{path="/b"}}',
+        f'{target}/up{{path="/probe?target=x"}}',
+    ]
+    assert {s.system for s in samples} == {target}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:abc/m", "port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:99999/m", "port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:0/m", "port must be a number from 1 to 65535"),
+        ("http://[::1/m", "--scrape"),
+        ("http://127.0.0.1:9100/a b", "spaces or control characters"),
+        ("http://127.0.0.1:9100/\x1b[31m", "spaces or control characters"),
+        ("http://:9100/m", "no host name"),
+    ],
+)
+def test_a_scrape_url_that_cannot_be_opened_is_refused_up_front(
+    url: str, message: str
+) -> None:
+    """The URL is checked when the source is made, not at the first scrape."""
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        ScrapeSource([url], 1.0)
+
+    assert str(caught.value).isprintable()
+
+
+def test_scrape_samples_with_times_past_year_9999_are_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Millisecond-looking or absurd sample timestamps never reach the agent."""
+    payload = b"x 1 99999999999999999999\ny 2 NaN\nz 3 1700000000000\n"
+    with serve(payload) as url:
+        source = ScrapeSource([url], 1.0, selectors=EVERYTHING)
+        samples = source.scrape(url, 10.0)
+
+    assert sorted((s.name, s.at) for s in samples) == [
+        ("up", 10.0),
+        ("z", 1_700_000_000.0),
+    ]
+    assert source.invalid == 2
+    assert "2 sample(s) with a timestamp outside the years 1 to 9999" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1700000000000", "99999999999999999999", "1e30", "253402300800", "0001-01-01"],
+)
+def test_times_outside_the_years_1_to_9999_are_not_times(text: str) -> None:
+    """Such a time could never be recorded; it is refused where it is read."""
+    with pytest.raises(ValueError, match="not a time between the years 1 and 9999"):
+        parse_timestamp(text)
+
+
+def test_csv_rows_with_times_past_year_9999_are_invalid_lines(tmp_path: Path) -> None:
+    """A millisecond epoch row is skipped like any unreadable line."""
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "timestamp,value\n1700000000,1\n1700000000000,12.5\n1700000060,2\n",
+        encoding="utf-8",
+    )
+
+    series = read_series_file(path)
+
+    assert series.times == [1_700_000_000.0, 1_700_000_060.0]
+    assert [line for line, _ in series.invalid] == [3]
+
+
+def test_an_agent_refuses_samples_it_cannot_record_and_carries_on() -> None:
+    """Whatever a source yields, a time past year 9999 is counted, never written."""
+    good = Sample("s/m", "s", "m", "m", 1.0, 1_700_000_000.0)
+    bad = Sample("s/m", "s", "m", "m", 2.0, 1e17)
+    nan = Sample("s/n", "s", "n", "n", 2.0, math.nan)
+    agent = Agent(_Once([good, bad, nan]), load_agent_config())
+    with agent:
+        summary = agent.run()
+
+        assert summary.stats.samples == 1
+        assert summary.stats.invalid_times == 2
+        assert summary.invalid_lines == 2
+        assert agent.checks.ids() == ["s/m"]
+        assert agent.stop_report.clean
+
+
+RANDOM_BYTES = random.Random(7).randbytes(6000)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"timestamp,value\n", b"\r\n\r\n", RANDOM_BYTES, b"a,b\nx,1\n2024-01-01,y\n"],
+    ids=["empty", "header-only", "blank", "random-bytes", "all-rows-bad"],
+)
+def test_a_replay_without_a_usable_row_is_refused_naming_the_file(
+    content: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing to replay is an error, not an empty run."""
+    path = tmp_path / "sys" / "m.csv"
+    path.parent.mkdir()
+    path.write_bytes(content)
+
+    with pytest.raises(NoUsableRowsError, match=re.escape(str(path))):
+        ReplaySource([path])
+
+    for record in caplog.records:
+        assert_clean(record.getMessage())
+
+
+def test_unreadable_lines_are_quoted_escaped_and_shortened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Control bytes and long junk never reach the log raw."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(
+        b"2024-01-01 00:00:00,1\n\x1b[2J\x07,2\n2024-01-01 00:05:00,"
+        + b"9" * 50
+        + b"x" * 5000
+        + b"\n\xff\xfe,3\n"
+    )
+
+    series = read_series_file(path)
+
+    assert [line for line, _ in series.invalid] == [2, 3, 4]
+    assert "\\x1b[2J\\x07" in series.invalid[0][1]
+    for record in caplog.records:
+        assert_clean(record.getMessage())
+
+
+def test_a_replay_leaves_out_files_without_rows_and_counts_their_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One empty file among good ones is a warning, not an error."""
+    folder = tmp_path / "sys"
+    folder.mkdir()
+    (folder / "good.csv").write_text("1700000000,1\n", encoding="utf-8")
+    (folder / "bad.csv").write_text("1700000000000,1\nx\n", encoding="utf-8")
+
+    source = ReplaySource([folder])
+
+    assert [f.metric for f in source.files] == ["good"]
+    assert source.invalid == 2
+    assert source.description == "replay of 1 series in 1 system(s)"
+    assert f"{folder / 'bad.csv'}: no usable rows" in caplog.text
+
+
+def test_files_that_would_share_a_check_are_refused(tmp_path: Path) -> None:
+    """a/sys/m.csv and b/sys/m.csv would both be sys/m: say so, merge nothing."""
+    for parent in ("a", "b"):
+        path = tmp_path / parent / "sys" / "m.csv"
+        path.parent.mkdir(parents=True)
+        path.write_text("1700000000,1\n", encoding="utf-8")
+
+    with pytest.raises(ValueError, match="would both be the check 'sys/m'") as caught:
+        ReplaySource([tmp_path])
+
+    assert str(tmp_path / "a" / "sys" / "m.csv") in str(caught.value)
+    assert str(tmp_path / "b" / "sys" / "m.csv") in str(caught.value)
+
+
+def test_a_file_given_twice_is_replayed_once(tmp_path: Path) -> None:
+    """The same file through a folder and by name is one series."""
+    path = tmp_path / "sys" / "m.csv"
+    path.parent.mkdir()
+    path.write_text("1700000000,1\n", encoding="utf-8")
+
+    source = ReplaySource([tmp_path, path, tmp_path / "sys" / ".." / "sys" / "m.csv"])
+
+    assert len(source.files) == 1
+    assert source.total == 1
+
+
+def test_a_label_window_that_starts_after_it_ends_is_refused(tmp_path: Path) -> None:
+    """The message names the file and the series."""
+    path = tmp_path / "windows.json"
+    path.write_text(
+        json.dumps(
+            {
+                "sys/m.csv": [
+                    ["2024-01-02 00:00:00.000000", "2024-01-01 00:00:00.000000"]
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ValueError, match="starts after it ends") as caught:
+        load_label_windows(path)
+
+    assert str(path) in str(caught.value)
+    assert "sys/m.csv" in str(caught.value)
+
+
+def test_a_target_stuck_past_its_deadline_is_not_scraped_twice_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape that has not given up yet is not joined by another one."""
+    release = threading.Event()
+    calls: list[str] = []
+
+    def stuck(url: str, timeout: float, deadline: float) -> str:
+        calls.append(url)
+        release.wait(10)
+        return "up 1\n"
+
+    monkeypatch.setattr(sources_module, "_fetch", stuck)
+    source = ScrapeSource(["http://127.0.0.1:9/m"], 0.2)
+    try:
+        first = source.scrape_all(1.0)
+        second = source.scrape_all(2.0)
+    finally:
+        release.set()
+
+    assert [s.value for s in first] == [0.0]
+    assert [s.value for s in second] == [0.0]
+    assert calls == ["http://127.0.0.1:9/m"]
+    assert source.errors == 2
