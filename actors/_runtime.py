@@ -757,6 +757,11 @@ class Runtime:
         """
         if not callable(derive):
             raise DefinitionError(f"{kind}: derive must be callable, got {derive!r}")
+        if inspect.iscoroutinefunction(derive) or inspect.isasyncgenfunction(derive):
+            raise DefinitionError(
+                f"{kind}: derive must be a plain function returning event names, "
+                f"got the async {derive!r}"
+            )
         if to_payload is not None and not callable(to_payload):
             raise DefinitionError(
                 f"{kind}: to_payload must be callable or None, got {to_payload!r}"

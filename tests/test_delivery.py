@@ -11,6 +11,7 @@ from conftest import Ticket, ticket
 
 from runtime import (
     BackpressureError,
+    DefinitionError,
     DeliveryTimeoutError,
     EntityChanged,
     Runtime,
@@ -506,3 +507,13 @@ def test_drain_until_idle_waits_for_cascading_writes(rt: Runtime) -> None:
 
     assert audited_when_idle == 20
     assert len(audit.ids()) == 20
+
+
+def test_an_async_deriver_is_refused_at_registration(rt: Runtime) -> None:
+    rt.define_entity("ticket", Ticket)
+
+    async def derive(change: EntityChanged) -> list[str]:
+        return ["ticket.any"]
+
+    with pytest.raises(DefinitionError, match="plain function"):
+        rt.register_change_deriver("ticket", derive)
