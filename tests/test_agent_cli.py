@@ -790,3 +790,49 @@ def one_answer_server(answer: bytes | None) -> Iterator[str]:
         for conn in held:
             conn.close()
         listener.close()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler (read from /proc)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_is_still_loading_exits_quietly(
+    tmp_path: Path, delay: float, signum: int
+) -> None:
+    # NOTE: until the interpreter runs the command's first line, no program can
+    # handle a signal; the test therefore waits for the command's handler.
+    command = shutil.which("entity-runtime", path=str(Path(sys.executable).parent))
+    assert command is not None
+    process = subprocess.Popen(
+        [
+            command,
+            "agent",
+            "--duration",
+            "20s",
+            "--no-live",
+            "--metrics-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
