@@ -136,3 +136,23 @@ def test_plot_writes_a_png_of_the_report(
     write_plot(report, path)
 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bus_benchmark_still_runs() -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server binary (.ci/run installs Debian's redis-server)")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_bus", "--changes", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("300 changes: local ")
+    assert "through the bus to another runtime" in done.stdout
