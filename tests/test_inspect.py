@@ -96,3 +96,30 @@ def test_inspect_reads_a_directory_a_running_runtime_holds(tmp_path: Path) -> No
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == ticket()
+
+
+def test_inspect_piped_into_a_reader_that_stops_early_exits_quietly(
+    tmp_path: Path,
+) -> None:
+    rt = Runtime(data_dir=tmp_path)
+    tickets = rt.define_entity("ticket", Ticket)
+    with rt:
+        tickets.mutate_many([(f"t-{i}", lambda prev: ticket()) for i in range(20_000)])
+    command = [sys.executable, "-m", "monitoring._cli", "inspect", "--data-dir"]
+
+    listing = subprocess.Popen(
+        [*command, str(tmp_path), "ticket"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert listing.stdout is not None
+    first = listing.stdout.readline()
+    listing.stdout.close()
+    listing.wait(timeout=60)
+    assert listing.stderr is not None
+    err = listing.stderr.read().decode()
+    listing.stderr.close()
+
+    assert first.startswith(b"t-")
+    assert listing.returncode == 0
+    assert "Traceback" not in err
