@@ -492,9 +492,10 @@ def test_duplicate_or_empty_kind_is_refused(busy: Runtime) -> None:
 def test_non_callable_read_or_apply_is_refused(busy: Runtime) -> None:
     tickets = busy.handle("ticket")
     before = _snapshot(busy)
+    not_callable: Any = {"t-1": ticket()}
 
     with pytest.raises(DefinitionError, match="read must be callable"):
-        busy.define_entity("other", Ticket, read={"t-1": ticket()})  # type: ignore[arg-type]
+        busy.define_entity("other", Ticket, read=not_callable)
     with pytest.raises(DefinitionError, match="apply must be callable"):
         tickets.mutate("t-1", ticket())  # type: ignore[arg-type]
 
@@ -634,8 +635,9 @@ def test_mutate_many_with_a_bad_item_applies_nothing(rt: Runtime) -> None:
     with rt:
         with pytest.raises(InvalidIdError):
             tickets.mutate_many([("t-1", lambda prev: ticket()), ("", lambda p: p)])
+        no_apply: Any = None
         with pytest.raises(DefinitionError, match="item 1 must be an"):
-            tickets.mutate_many([("t-1", lambda prev: ticket()), ("t-2", None)])  # type: ignore[list-item]
+            tickets.mutate_many([("t-1", lambda prev: ticket()), ("t-2", no_apply)])
         empty = tickets.mutate_many([])
 
     assert empty == []
