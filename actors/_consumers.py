@@ -11,7 +11,7 @@ from typing import Any
 
 import pykka
 
-from actors._mailbox import DeliveryTracker, Mailbox
+from actors._mailbox import DeliveryTracker, Mailbox, Taken
 from runtime._delivery import DeadLetter, WorkQueue
 from runtime._diff import diff_states
 from runtime._events import EntityChanged, ReadOnlyDict
@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 WAKE = "wake"
 """The only message a consumer actor receives: its mailbox has work."""
+
+TAKE_AT_ONCE = 256
+"""Deliveries a consumer takes from its mailbox per lock; bounds its batch."""
+
+_clock = time.perf_counter
 
 
 class _ThreadRole(threading.local):
@@ -107,9 +112,11 @@ class ConsumerActor(pykka.ThreadingActor):
         abort: threading.Event,
         delivery_seconds: Any,
         restarts: Any = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self._restarts = restarts
+        self._flush = flush
         self.mailbox = mailbox
         self._process = process
         self._tracker = tracker
@@ -128,29 +135,52 @@ class ConsumerActor(pykka.ThreadingActor):
 
         mailbox = self.mailbox
         while not self._abort.is_set():
-            taken = mailbox.take()
+            taken = mailbox.take_many(TAKE_AT_ONCE)
             if taken is None:
                 return
+            self._work_through(taken)
 
-            item, seqs, queued_at = taken
-            try:
-                if item is not None:
-                    self._process(item)
-            except Exception:
-                # Handlers' own failures are caught by the process step; this
-                # is a failure of the runtime's code. The consumer keeps no
-                # state between deliveries, so it carries on with the next.
-                if self._restarts is not None:
-                    self._restarts.inc()
-                logger.exception(
-                    "consumer %s failed outside its handler on seqs=%s; the "
-                    "delivery is dropped and the consumer carries on",
-                    mailbox.name,
-                    seqs,
+    def _work_through(self, taken: Taken) -> None:
+        process, observe, clock = self._process, self._delivery_seconds.observe, _clock
+        finished: list[int] = []
+        handled = 0
+        try:
+            for item, seqs, queued_at in taken:
+                if self._abort.is_set():
+                    break
+                try:
+                    if item is not None:
+                        process(item)
+                except Exception:
+                    # Handlers' own failures are caught by the process step;
+                    # this is a failure of the runtime's code. The consumer
+                    # keeps no state between deliveries, so it carries on.
+                    if self._restarts is not None:
+                        self._restarts.inc()
+                    logger.exception(
+                        "consumer %s failed outside its handler on seqs=%s; the "
+                        "delivery is dropped and the consumer carries on",
+                        self.mailbox.name,
+                        seqs,
+                    )
+                observe(clock() - queued_at)
+                finished.extend(seqs)
+                handled += 1
+            if self._flush is not None:
+                # Before the batch's seqs are closed, so drain() also waits
+                # for what the batch handed on.
+                self._flush()
+        finally:
+            skipped = [seq for _, seqs, _ in taken[handled:] for seq in seqs]
+            if skipped:
+                logger.warning(
+                    "consumer %s: the runtime stopped delivery; %d deliveries "
+                    "already taken are dropped (seqs %s)",
+                    self.mailbox.name,
+                    len(skipped),
+                    ", ".join(map(str, skipped[:20])),
                 )
-            finally:
-                self._delivery_seconds.observe(time.perf_counter() - queued_at)
-                self._tracker.done(seqs)
+            self._tracker.done(finished + skipped)
 
 
 def broadcast_process(
@@ -308,6 +338,8 @@ class DeriverStage:
         self._metrics = metrics
         self._errors = metrics.deriver_errors.labels(kind)
         self._trigger_boxes = trigger_boxes
+        self._triggers: dict[str, Any] = {}
+        self._held: dict[Mailbox, list[tuple[Any, Any, int]]] = {}
 
     def derive(self, change: EntityChanged) -> list[tuple[str, Any]]:
         """Return the ``(event, payload)`` pairs one change fires."""
@@ -358,14 +390,31 @@ class DeriverStage:
         return fired
 
     def process(self, change: EntityChanged) -> None:
-        """Derive one change's events and queue them for their handlers."""
+        """Derive one change's events; hold them for their handlers until flush."""
         fired = self.derive(change)
+        if not fired:
+            return
 
         boxes = self._trigger_boxes()
+        triggers, held = self._triggers, self._held
         for event, payload in fired:
-            self._metrics.triggers.labels(event).inc()
+            counter = triggers.get(event)
+            if counter is None:
+                counter = triggers[event] = self._metrics.triggers.labels(event)
+            counter.inc()
+            delivery = ((event, change.id), (event, payload, change), change.seq)
             for box in boxes.get(event, ()):
-                box.put((event, change.id), (event, payload, change), change.seq)
+                waiting = held.get(box)
+                if waiting is None:
+                    held[box] = [delivery]
+                else:
+                    waiting.append(delivery)
+
+    def flush(self) -> None:
+        """Queue the trigger events held since the last flush, one lock per box."""
+        held, self._held = self._held, {}
+        for box, deliveries in held.items():
+            box.put_many(deliveries)
 
 
 class Deriver:

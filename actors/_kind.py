@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
@@ -30,26 +29,154 @@ MUTATE = 1
 REMOVE = 2
 
 
-class MutationFuture(concurrent.futures.Future[T], Generic[T]):
+class Completion:
+    """Resolves the mutation futures of one kind actor and wakes their waiters.
+
+    One lock and one condition serve every future of the actor, and a whole
+    burst of results is published under a single acquisition, so a future
+    costs no lock of its own to create or to resolve.
+    """
+
+    __slots__ = ("_cond", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def resolve(self, outcomes: Iterable[tuple[MutationFuture[Any], Any, Any]]) -> None:
+        """Set ``(future, result, error)`` outcomes; an error wins when given."""
+        callbacks = []
+        with self._cond:
+            for future, result, error in outcomes:
+                if future._done:
+                    continue
+                future._result = result
+                future._error = error
+                future._done = True
+                if future._callbacks:
+                    callbacks.append(future)
+            if self._waiting:
+                self._cond.notify_all()
+
+        for future in callbacks:
+            future._run_callbacks()
+
+    def wait(self, future: MutationFuture[Any], timeout: float | None) -> bool:
+        """Block until ``future`` is resolved; False if ``timeout`` ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while not future._done:
+                    if deadline is None:
+                        self._cond.wait()
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
+
+    def add_callback(
+        self, future: MutationFuture[Any], callback: Callable[[Any], None]
+    ) -> bool:
+        """Register ``callback`` unless ``future`` is done; False if it is."""
+        with self._cond:
+            if future._done:
+                return False
+            if future._callbacks is None:
+                future._callbacks = []
+            future._callbacks.append(callback)
+            return True
+
+
+class MutationFuture(Generic[T]):
     """The result of a non-blocking mutation.
 
     ``get(timeout=...)`` blocks the calling thread like pykka's futures;
     ``await future`` suspends an ``asyncio`` task without blocking its loop.
     Errors of the mutation (schema, ``apply``, stopped runtime) are raised by
-    both.
+    both. ``result``, ``exception``, ``done`` and ``add_done_callback`` work as
+    on a ``concurrent.futures.Future``.
     """
 
+    __slots__ = ("_callbacks", "_completion", "_done", "_error", "_result")
+
+    def __init__(self, completion: Completion | None = None) -> None:
+        self._completion = Completion() if completion is None else completion
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] | None = None
+
+    def done(self) -> bool:
+        """Whether the mutation has finished, with a result or an error."""
+        return self._done
+
     def get(self, timeout: float | None = None) -> T:
-        """Wait for the mutation and return its result."""
-        try:
-            return self.result(timeout)
-        except concurrent.futures.TimeoutError:
+        """Wait for the mutation and return its result.
+
+        Raises:
+            TimeoutError: the mutation did not finish within ``timeout``.
+        """
+        if not self._done and not self._completion.wait(self, timeout):
             raise TimeoutError(
                 f"the mutation did not finish within {timeout} seconds"
             ) from None
+        if self._error is not None:
+            raise self._error
+        result: T = self._result
+        return result
+
+    def result(self, timeout: float | None = None) -> T:
+        """Same as :meth:`get`."""
+        return self.get(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the mutation; return its error, or ``None`` on success."""
+        if not self._done and not self._completion.wait(self, timeout):
+            raise TimeoutError(f"the mutation did not finish within {timeout} seconds")
+        return self._error
+
+    def add_done_callback(self, callback: Callable[[MutationFuture[T]], None]) -> None:
+        """Call ``callback(future)`` once it is done (now, if it already is)."""
+        if not self._completion.add_callback(self, callback):
+            callback(self)
+
+    def set_result(self, result: T) -> None:
+        """Resolve with ``result`` (runtime use)."""
+        self._completion.resolve(((self, result, None),))
+
+    def set_exception(self, error: BaseException) -> None:
+        """Resolve with ``error`` (runtime use)."""
+        self._completion.resolve(((self, None, error),))
+
+    def _run_callbacks(self) -> None:
+        for callback in self._callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("a done-callback of a mutation future failed")
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+
+        def _copy(_: MutationFuture[T]) -> None:
+            if waiter.done():
+                return
+            if self._error is not None:
+                waiter.set_exception(self._error)
+            else:
+                waiter.set_result(self._result)
+
+        def _hand_to_loop(future: MutationFuture[T]) -> None:
+            loop.call_soon_threadsafe(_copy, future)
+
+        self.add_done_callback(_hand_to_loop)
+        return waiter.__await__()
 
 
 class BatchResult:
@@ -151,6 +278,8 @@ class RequestQueue:
     """
 
     def __init__(self) -> None:
+        self.completion = Completion()
+        """Resolves the futures of the requests queued here."""
         self._lock = threading.Lock()
         self._requests: deque[Request] = deque()
         self._scheduled = False
@@ -212,7 +341,7 @@ class KindActor(pykka.ThreadingActor):
         self,
         engine: KindEngine,
         shard: int,
-        publish: Callable[[EntityChanged], None],
+        publish: Callable[[list[EntityChanged]], None],
         deriver_box: Callable[[], Mailbox | None],
         tracker: DeliveryTracker,
         backpressure_timeout: float,
@@ -287,33 +416,42 @@ class KindActor(pykka.ThreadingActor):
         if self._sync is not None and any(o[2] is not None for o in outcomes):
             outcomes = self._make_durable(outcomes)
 
-        for request, result, change, error in outcomes:
-            if change is not None:
-                self._hand_off(change)
-            self._mutate_seconds.observe(time.perf_counter() - request.submitted)
-            if error is None:
-                request.future.set_result(result)
-            else:
-                request.future.set_exception(error)
-            self._tracker.finish_mutation()
+        changes = [o[2] for o in outcomes if o[2] is not None]
+        if changes:
+            self._hand_off(changes)
 
-    def _hand_off(self, change: EntityChanged) -> None:
+        observe, clock = self._mutate_seconds.observe, time.perf_counter
+        resolved = []
+        for request, result, _change, error in outcomes:
+            observe(clock() - request.submitted)
+            future = request.future
+            if type(future) is MutationFuture:
+                resolved.append((future, result, error))
+            elif error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+        if resolved:
+            self.requests.completion.resolve(resolved)
+        self._tracker.finish_mutations(len(outcomes))
+
+    def _hand_off(self, changes: list[EntityChanged]) -> None:
         try:
-            self._publish(change)
+            self._publish(changes)
         except Exception:
-            # The change is committed; a failure to hand it to its consumers
-            # must not hide that from the caller or leave drain() waiting.
+            # The changes are committed; a failure to hand them to their
+            # consumers must not hide that from the callers or leave drain()
+            # waiting.
             self._restarts.inc()
             logger.exception(
-                "kind actor %s/%d: %s/%s seq=%d is committed but could not be "
+                "kind actor %s/%d: %d changes (%s) are committed but could not be "
                 "handed to every consumer",
                 self.engine.kind,
                 self.shard,
-                change.kind,
-                change.id,
-                change.seq,
+                len(changes),
+                ", ".join(f"{c.kind}/{c.id} seq={c.seq}" for c in changes[:5]),
             )
-            self._tracker.done((change.seq,))
+            self._tracker.done([c.seq for c in changes])
 
     def _recover(self, batch: Iterable[Request], bug: Exception) -> None:
         """Fail back what a failure outside user code left unanswered, then go on.

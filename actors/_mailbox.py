@@ -56,6 +56,13 @@ class DeliveryTracker:
             if self._waiting:
                 self._cond.notify_all()
 
+    def finish_mutations(self, count: int) -> None:
+        """Mark ``count`` admitted mutations as finished."""
+        with self._cond:
+            self._pending -= count
+            if self._waiting:
+                self._cond.notify_all()
+
     def wait_mutations(self, timeout: float | None) -> bool:
         """Wait until no admitted mutation is pending; False on timeout."""
         return self._wait_for(lambda: not self._pending, timeout)
@@ -84,6 +91,14 @@ class DeliveryTracker:
         """Count ``count`` more pending deliveries of change ``seq``."""
         with self._cond:
             self._open[seq] = self._open.get(seq, 0) + count
+
+    def add_many(self, seqs: Iterable[int]) -> None:
+        """Count one more pending delivery of each change in ``seqs``."""
+        with self._cond:
+            opened = self._open
+            get = opened.get
+            for seq in seqs:
+                opened[seq] = get(seq, 0) + 1
 
     def done(self, seqs: Iterable[int]) -> None:
         """Mark one pending delivery of each change in ``seqs`` as finished."""
@@ -116,11 +131,15 @@ class DeliveryTracker:
 class _Entry:
     __slots__ = ("item", "key", "queued_at", "seqs")
 
-    def __init__(self, key: Hashable, item: Any, seq: int) -> None:
+    def __init__(self, key: Hashable, item: Any, seq: int, queued_at: float) -> None:
         self.key = key
         self.item = item
         self.seqs = [seq]
-        self.queued_at = time.perf_counter()
+        self.queued_at = queued_at
+
+
+Taken = list[tuple[Any, list[int], float]]
+"""Deliveries taken from a mailbox: ``(item, seqs kept open, queued_at)`` each."""
 
 
 Merge = Callable[[Any, Any], Any]
@@ -173,27 +192,49 @@ class Mailbox:
 
     def put(self, key: Hashable, item: Any, seq: int) -> bool:
         """Queue one delivery; return False if the mailbox is closed."""
+        return self.put_many(((key, item, seq),))
+
+    def put_many(self, deliveries: Iterable[tuple[Hashable, Any, int]]) -> bool:
+        """Queue ``(key, item, seq)`` deliveries in order, under one lock.
+
+        Each is queued (or folded) exactly as :meth:`put` would; the consumer
+        is woken once. Returns False, queueing nothing, if the mailbox is
+        closed.
+        """
+        queued_at = time.perf_counter()
         with self._cond:
             if self._closed:
                 return False
 
-            newest = self._newest.get(key) if self._merge is not None else None
-            if newest is not None and len(self._entries) >= self.capacity:
-                # NOTE: the entry keeps only its first seq open in the tracker:
-                # that seq is lower than every seq folded into it, so drain()
-                # still waits for the entry, and memory does not grow with the
-                # number of folds.
-                newest.item = self._merge(newest.item, item)  # type: ignore[misc]
-                self.coalesced += 1
-                if self._coalesced_metric is not None:
-                    self._coalesced_metric.inc()
-                return True
+            entries = self._entries
+            merge = self._merge
+            opened = []
+            if merge is None:
+                for key, item, seq in deliveries:
+                    entries.append(_Entry(key, item, seq, queued_at))
+                    opened.append(seq)
+            else:
+                newest_of = self._newest
+                for key, item, seq in deliveries:
+                    newest = newest_of.get(key)
+                    if newest is not None and len(entries) >= self.capacity:
+                        # NOTE: the entry keeps only its first seq open in the
+                        # tracker: that seq is lower than every seq folded into
+                        # it, so drain() still waits for the entry, and memory
+                        # does not grow with the number of folds.
+                        newest.item = merge(newest.item, item)
+                        self.coalesced += 1
+                        if self._coalesced_metric is not None:
+                            self._coalesced_metric.inc()
+                        continue
+                    entry = _Entry(key, item, seq, queued_at)
+                    entries.append(entry)
+                    newest_of[key] = entry
+                    opened.append(seq)
 
-            self._tracker.add(seq)
-            entry = _Entry(key, item, seq)
-            self._entries.append(entry)
-            if self._merge is not None:
-                self._newest[key] = entry
+            if not opened:
+                return True
+            self._tracker.add_many(opened)
             wake = not self._scheduled
             self._scheduled = True
 
@@ -216,17 +257,32 @@ class Mailbox:
 
     def take(self) -> tuple[Any, list[int], float] | None:
         """Remove the oldest delivery; ``None`` (and unscheduled) when empty."""
+        taken = self.take_many(1)
+        return None if taken is None else taken[0]
+
+    def take_many(self, limit: int) -> Taken | None:
+        """Remove up to ``limit`` of the oldest deliveries, oldest first.
+
+        Returns ``None`` (and marks the mailbox unscheduled, so the next put
+        wakes the consumer) when nothing waits.
+        """
         with self._cond:
-            if not self._entries:
+            entries = self._entries
+            if not entries:
                 self._scheduled = False
                 return None
 
-            entry = self._entries.popleft()
-            if self._newest.get(entry.key) is entry:
-                del self._newest[entry.key]
-            if len(self._entries) < self.capacity:
+            count = min(limit, len(entries))
+            newest_of = self._newest
+            taken = []
+            for _ in range(count):
+                entry = entries.popleft()
+                if newest_of and newest_of.get(entry.key) is entry:
+                    del newest_of[entry.key]
+                taken.append((entry.item, entry.seqs, entry.queued_at))
+            if len(entries) < self.capacity:
                 self._cond.notify_all()
-            return entry.item, entry.seqs, entry.queued_at
+            return taken
 
     def close(self) -> list[tuple[Any, list[int]]]:
         """Refuse further deliveries and return (and forget) what still waits."""

@@ -7,6 +7,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import threading
 import time
 import weakref
@@ -57,6 +58,7 @@ from runtime._engine import (
 from runtime._errors import (
     DefinitionError,
     DeliveryTimeoutError,
+    InvalidIdError,
     MutationBatchError,
     ReentrantCallError,
     RuntimeStoppedError,
@@ -70,7 +72,7 @@ from runtime._metrics import (
     RuntimeMetrics,
 )
 from runtime._schema import compile_schema
-from runtime._secrets import RunSecrets
+from runtime._secrets import RunSecrets, mask_text
 
 if TYPE_CHECKING:
     # Only for annotations: redis is imported when a bus is actually used.
@@ -142,9 +144,15 @@ class Unsubscribe:
 class _Consumer:
     """One consumer actor and its mailbox (subscriber, trigger handler, ...)."""
 
-    def __init__(self, mailbox: Mailbox, process: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        process: Callable[[Any], None],
+        flush: Callable[[], None] | None = None,
+    ) -> None:
         self.mailbox = mailbox
         self.process = process
+        self.flush = flush
         self.ref: pykka.ActorRef[Any] | None = None
 
 
@@ -777,7 +785,9 @@ class Runtime:
             entry.stage.derivers = (*entry.stage.derivers, Deriver(derive, to_payload))
             if entry.deriver is None:
                 mailbox = self._mailbox(f"derive:{kind}", None)
-                entry.deriver = _Consumer(mailbox, entry.stage.process)
+                entry.deriver = _Consumer(
+                    mailbox, entry.stage.process, entry.stage.flush
+                )
                 if self._state == _RUNNING:
                     self._start_consumer(entry.deriver)
 
@@ -1401,6 +1411,7 @@ class Runtime:
             self._abort,
             self.metrics.delivery_seconds,
             self.metrics.actor_restarts.labels(mailbox.name),
+            consumer.flush,
         )
         consumer.ref = ref
         mailbox.wake = functools.partial(_wake, ref, mailbox.name)
@@ -1614,8 +1625,11 @@ class Runtime:
         at: datetime | float | None,
     ) -> MutationFuture[Any]:
         entry = self._kind(kind)
+        pattern = self._secrets.pattern(run_id)
+        if pattern is not None:
+            _refuse_secret_in_id(kind, entity_id, run_id, pattern)
         check_entity_id(kind, entity_id)
-        _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id)
+        _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id, pattern)
         if self.partitions is not None:
             self.partitions.check_owner(self._instance_id, kind, entity_id)
         ts = None if at is None else to_timestamp(at, self.clock)
@@ -1634,7 +1648,6 @@ class Runtime:
             raise RuntimeStoppedError(
                 f"{kind}/{entity_id}: the runtime is stopping; nothing recorded"
             )
-        future: MutationFuture[Any] = MutationFuture()
         try:
             queue = entry.queues[shard]
         except IndexError:
@@ -1642,6 +1655,7 @@ class Runtime:
             raise RuntimeStoppedError(
                 f"{kind}/{entity_id}: the kind's actor is not running; nothing recorded"
             ) from None
+        future: MutationFuture[Any] = MutationFuture(queue.completion)
         queue.put(Request(op, entity_id, apply, actor, run_id, ts, future))
         return future
 
@@ -1654,18 +1668,24 @@ class Runtime:
         at: datetime | float | None,
     ) -> BatchResult:
         entry = self._kind(kind)
+        pattern = self._secrets.pattern(run_id)
         for index, item in enumerate(items):
             if not isinstance(item, tuple) or len(item) != 2 or not callable(item[1]):
+                shown = (
+                    repr(item) if pattern is None else mask_text(repr(item), pattern)
+                )
                 raise DefinitionError(
                     f"{kind}: item {index} must be an (id, apply) pair with a "
-                    f"callable apply, got {item!r}; nothing applied"
+                    f"callable apply, got {shown}; nothing applied"
                 )
+            if pattern is not None:
+                _refuse_secret_in_id(kind, item[0], run_id, pattern)
             check_entity_id(kind, item[0])
+        _check_actor_and_run(kind, actor, run_id, pattern)
         partitions = self.partitions
         if partitions is not None:
             for entity_id, _ in items:
                 partitions.check_owner(self._instance_id, kind, entity_id)
-        _check_actor_and_run(kind, actor, run_id)
         ts = None if at is None else to_timestamp(at, self.clock)
         shards = entry.definition.shards
         inside = thread_role.kind_shard
@@ -1711,30 +1731,37 @@ class Runtime:
             for event in waiters:
                 event.set()
 
-    def _publish(self, change: EntityChanged) -> None:
-        entry = self._kinds[change.kind]
-        seq = change.seq
-        for box in entry.boxes:
-            box.put(change.id, change, seq)
+    def _publish(self, changes: list[EntityChanged]) -> None:
+        """Hand committed changes (all of one kind) to their consumers, in order."""
+        entry = self._kinds[changes[0].kind]
+        boxes = entry.boxes
+        if boxes:
+            by_id = [(c.id, c, c.seq) for c in changes]
+            for box in boxes:
+                box.put_many(by_id)
         deriver = entry.deriver
         if deriver is not None:
-            deriver.mailbox.put(seq, change, seq)
+            deriver.mailbox.put_many([(c.seq, c, c.seq) for c in changes])
 
         bus = self.bus
         if bus is not None:
-            try:
-                bus.publish(change)
-            except Exception:
-                # The change is committed and cannot be undone: the bus's
-                # failure must not reach the writer or the kind's actor.
-                logger.exception(
-                    "%s/%s seq=%d is committed but could not be published to the "
-                    "bus; other instances will not see it",
-                    change.kind,
-                    change.id,
-                    seq,
-                )
-        self._tracker.done((seq,))
+            for change in changes:
+                self._publish_to_bus(bus, change)
+        self._tracker.done([c.seq for c in changes])
+
+    def _publish_to_bus(self, bus: RedisBus, change: EntityChanged) -> None:
+        try:
+            bus.publish(change)
+        except Exception:
+            # The change is committed and cannot be undone: the bus's
+            # failure must not reach the writer or the kind's actor.
+            logger.exception(
+                "%s/%s seq=%d is committed but could not be published to the "
+                "bus; other instances will not see it",
+                change.kind,
+                change.id,
+                change.seq,
+            )
 
     def _wait_until(
         self,
@@ -1779,7 +1806,28 @@ def _stop_at_exit(ref: weakref.ref[Runtime]) -> None:
         runtime.stop()
 
 
-def _check_actor_and_run(where: str, actor: Any, run_id: Any) -> None:
+def _refuse_secret_in_id(
+    kind: str, entity_id: Any, run_id: str | None, pattern: re.Pattern[str]
+) -> None:
+    if isinstance(entity_id, str) and pattern.search(entity_id):
+        raise InvalidIdError(
+            kind,
+            mask_text(entity_id, pattern),
+            f"contains a secret of run {run_id}; ids are keys and are never "
+            "masked, so they must not contain one",
+        )
+
+
+def _check_actor_and_run(
+    where: str, actor: Any, run_id: Any, pattern: re.Pattern[str] | None
+) -> None:
+    if pattern is not None and isinstance(actor, str) and pattern.search(actor):
+        raise DefinitionError(
+            f"{where}: actor {mask_text(actor, pattern)!r} contains a secret of run "
+            f"{run_id}; actors are recorded as given and never masked, so they must "
+            "not contain one; nothing recorded"
+        )
+
     for name, value, optional in (("actor", actor, False), ("run_id", run_id, True)):
         if value is None and optional:
             continue

@@ -38,6 +38,9 @@ def same_value(a: Any, b: Any) -> bool:
 
 _MISSING = object()
 
+_EXACT_EQ = frozenset((str, int, bool))
+"""Types whose ``==`` between two values of that same type is :func:`same_value`."""
+
 
 def diff_states(
     prev: Mapping[str, Any] | None, next: Mapping[str, Any] | None
@@ -55,9 +58,16 @@ def diff_states(
         return dict(next), tuple(next)
 
     delta: dict[str, Any] = {}
+    get = prev.get
     for field, value in next.items():
-        old = prev.get(field, _MISSING)
-        if old is _MISSING or not same_value(old, value):
+        old = get(field, _MISSING)
+        if old is value:
+            continue
+        kind = type(value)
+        if kind is type(old) and kind in _EXACT_EQ:
+            if old != value:
+                delta[field] = value
+        elif old is _MISSING or not same_value(old, value):
             delta[field] = value
     for field in prev:
         if field not in next:

@@ -15,7 +15,7 @@ from runtime._errors import (
     ReadError,
     SchemaError,
 )
-from runtime._events import EntityChanged, ReadOnlyDict, thaw
+from runtime._events import EntityChanged, ReadOnlyDict, new_change, thaw
 from runtime._log import TransitionLog, change_rows
 from runtime._metrics import RuntimeMetrics
 from runtime._schema import StateSchema, _Invalid, check_json_value
@@ -130,6 +130,9 @@ class KindEngine:
         """Called with each change's record before it is applied (persistence)."""
         self.secrets: RunSecrets | None = None
         """Run secrets to mask in rows, events and errors of writes with a run."""
+
+        self._flat = definition.store_backed and definition.schema.flat
+        """States hold only scalars, so a shallow copy is a mutable copy."""
 
         kind = self.kind
         self._changed = metrics.mutations.labels(kind, "changed")
@@ -263,8 +266,14 @@ class KindEngine:
         prev: ReadOnlyDict | None,
         run_id: str | None = None,
     ) -> Any:
+        if prev is None:
+            given = None
+        elif self._flat:
+            given = dict(prev)
+        else:
+            given = thaw(prev)
         try:
-            return apply(None if prev is None else thaw(prev))
+            return apply(given)
         except Exception as err:
             self._failed.inc()
             failure = ApplyError(self.kind, entity_id, err)
@@ -274,8 +283,9 @@ class KindEngine:
             raise failure from err
 
     def _secret_pattern(self, run_id: str | None) -> re.Pattern[str] | None:
-        secrets = self.secrets
-        return None if secrets is None or run_id is None else secrets.pattern(run_id)
+        if run_id is None or self.secrets is None:
+            return None
+        return self.secrets.pattern(run_id)
 
     def _commit(
         self,
@@ -309,7 +319,7 @@ class KindEngine:
                 self._journal_change(
                     seq, entity_id, ts, actor, run_id, store_backed, next_state, spec
                 )
-            rows = log.append_rows(
+            log.append_rows(
                 seq, self.kind, entity_id, ts, actor, run_id, spec, changed_fields
             )
             if store_backed:
@@ -317,22 +327,24 @@ class KindEngine:
                     del self.store[entity_id]
                 else:
                     self.store[entity_id] = next_state
-            change = EntityChanged(
-                kind=self.kind,
-                id=entity_id,
-                prev=shown_prev,
-                next=shown_next,
-                delta=ReadOnlyDict(shown_delta),
-                changed_fields=changed_fields,
-                actor=actor,
-                occurred_at=datetime.fromtimestamp(ts, UTC),
-                seq=seq,
-                run_id=run_id,
+            change = new_change(
+                (
+                    self.kind,
+                    entity_id,
+                    shown_prev,
+                    shown_next,
+                    ReadOnlyDict(shown_delta),
+                    changed_fields,
+                    actor,
+                    ts,
+                    seq,
+                    run_id,
+                )
             )
             self._on_commit(change)
 
         self._changed.inc()
-        self._transitions.inc(len(rows))
+        self._transitions.inc(len(spec))
         self._changes.inc()
         logger.debug(
             "committed %s/%s seq=%d fields=%s",

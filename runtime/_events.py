@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NoReturn
 
 SYSTEM_ACTOR = "system"
@@ -87,14 +88,32 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class EntityChanged:
+_CHANGE_FIELDS = (
+    "kind",
+    "id",
+    "prev",
+    "next",
+    "delta",
+    "changed_fields",
+    "actor",
+    "timestamp",
+    "seq",
+    "run_id",
+)
+
+
+class EntityChanged(tuple[Any, ...]):
     """One real change of one entity: the ``ENTITY_CHANGED`` event.
 
     Built by the runtime after a commit; constructible by keyword so that a
     deriver or subscriber can be tested alone. ``prev`` is ``None`` on a create
     and ``next`` is ``None`` on a tombstone. When ``delta`` or
     ``changed_fields`` are left out they are computed from ``prev`` and ``next``.
+
+    Immutable, and stored as a tuple: the runtime builds one per committed
+    change on its hot path, where a tuple costs a fraction of an object with
+    attributes. Read it by attribute; the tuple form is an implementation
+    detail (compare whole changes with ``==`` if needed).
 
     Attributes:
         kind: the entity kind.
@@ -105,43 +124,101 @@ class EntityChanged:
         changed_fields: the names of the changed fields, in state order.
         actor: who made the write.
         occurred_at: when it was committed (timezone-aware UTC).
+        timestamp: ``occurred_at`` as POSIX seconds.
         seq: the runtime's sequence number of the change; it increases by one
             per committed change, so consumers can order events and spot gaps.
         run_id: the run the write belongs to, if any.
     """
 
-    kind: str
-    id: str
-    prev: Mapping[str, Any] | None
-    next: Mapping[str, Any] | None
-    delta: Mapping[str, Any] = None  # type: ignore[assignment]
-    changed_fields: tuple[str, ...] = None  # type: ignore[assignment]
-    actor: str = SYSTEM_ACTOR
-    occurred_at: datetime = dataclasses.field(default_factory=_now)
-    seq: int = 0
-    run_id: str | None = None
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if self.delta is None or self.changed_fields is None:
+    def __new__(
+        cls,
+        *,
+        kind: str,
+        id: str,
+        prev: Mapping[str, Any] | None,
+        next: Mapping[str, Any] | None,
+        delta: Mapping[str, Any] | None = None,
+        changed_fields: Iterable[str] | None = None,
+        actor: str = SYSTEM_ACTOR,
+        occurred_at: datetime | float | None = None,
+        seq: int = 0,
+        run_id: str | None = None,
+    ) -> EntityChanged:
+        if delta is None or changed_fields is None:
             from runtime._diff import diff_states
 
-            delta, fields = diff_states(self.prev, self.next)
-            if self.delta is None:
-                object.__setattr__(self, "delta", delta)
-            if self.changed_fields is None:
-                object.__setattr__(self, "changed_fields", fields)
-        elif not isinstance(self.changed_fields, tuple):
-            object.__setattr__(self, "changed_fields", tuple(self.changed_fields))
+            found_delta, found_fields = diff_states(prev, next)
+            if delta is None:
+                delta = found_delta
+            if changed_fields is None:
+                changed_fields = found_fields
+        ts = _now().timestamp() if occurred_at is None else _seconds(occurred_at)
+        return tuple.__new__(
+            cls,
+            (
+                kind,
+                id,
+                prev,
+                next,
+                delta,
+                tuple(changed_fields),
+                actor,
+                ts,
+                seq,
+                run_id,
+            ),
+        )
+
+    kind: str = property(itemgetter(0))  # type: ignore[assignment]
+    id: str = property(itemgetter(1))  # type: ignore[assignment]
+    prev: Mapping[str, Any] | None = property(itemgetter(2))  # type: ignore[assignment]
+    next: Mapping[str, Any] | None = property(itemgetter(3))  # type: ignore[assignment]
+    delta: Mapping[str, Any] = property(itemgetter(4))  # type: ignore[assignment]
+    changed_fields: tuple[str, ...] = property(itemgetter(5))  # type: ignore[assignment]
+    actor: str = property(itemgetter(6))  # type: ignore[assignment]
+    timestamp: float = property(itemgetter(7))  # type: ignore[assignment]
+    seq: int = property(itemgetter(8))  # type: ignore[assignment]
+    run_id: str | None = property(itemgetter(9))  # type: ignore[assignment]
+
+    @property
+    def occurred_at(self) -> datetime:
+        """When the change was committed (timezone-aware UTC)."""
+        return datetime.fromtimestamp(self[7], UTC)
 
     @property
     def is_create(self) -> bool:
         """Whether the entity did not exist before this change."""
-        return self.prev is None and self.next is not None
+        return self[2] is None and self[3] is not None
 
     @property
     def is_tombstone(self) -> bool:
         """Whether this change removed the entity."""
-        return self.next is None
+        return self[3] is None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={value!r}"
+            for name, value in zip(_CHANGE_FIELDS, self, strict=True)
+        )
+        return f"EntityChanged({shown})"
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_change, (tuple(self),))
+
+
+def _rebuild_change(values: tuple[Any, ...]) -> EntityChanged:
+    return tuple.__new__(EntityChanged, values)
+
+
+new_change = functools.partial(tuple.__new__, EntityChanged)
+"""Build an :class:`EntityChanged` from its ten values in field order, unchecked.
+
+The write path's constructor: no defaults are computed and nothing is
+converted, so ``changed_fields`` must already be a tuple and the time POSIX
+seconds.
+"""
 
 
 def _seconds(at: datetime | float) -> float:
@@ -192,6 +269,36 @@ class Transition:
         self.actor = actor
         self.run_id = run_id
         self.tombstone = tombstone
+
+    @staticmethod
+    def _from_columns(
+        seq: int,
+        kind: str,
+        id: str,
+        field: str | None,
+        before: Any,
+        after: Any,
+        ts: float,
+        actor: str,
+        run_id: str | None,
+    ) -> Transition:
+        """Build a row read back from the log's columns (``ts`` is a float).
+
+        Skips ``__init__`` and its time conversion: the log materialises rows
+        on every read, so this is the hot path of ``history``.
+        """
+        row: Transition = object.__new__(Transition)
+        row.seq = seq
+        row.kind = kind
+        row.id = id
+        row.field = field
+        row.before = before
+        row.after = after
+        row._ts = ts
+        row.actor = actor
+        row.run_id = run_id
+        row.tombstone = field is None
+        return row
 
     @property
     def at(self) -> datetime:

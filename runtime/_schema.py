@@ -144,10 +144,13 @@ class StateSchema:
         source: Any,
         fields: tuple[str, ...],
         check: Callable[[Any], ReadOnlyDict],
+        flat: bool = False,
     ) -> None:
         self.source = source
         self.fields = fields
         self._check = check
+        self.flat = flat
+        """Whether every valid state holds only scalars (no lists or mappings)."""
 
     @property
     def name(self) -> str:
@@ -296,6 +299,80 @@ def _compile_annotation(annotation: Any, where: str) -> _Check:
     )
 
 
+_Predicate = Callable[[Any], bool]
+
+
+def _is_plain_str(value: Any) -> bool:
+    return type(value) is str and value.isascii()
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int and _INT_MIN <= value <= _INT_MAX
+
+
+def _is_float(value: Any) -> bool:
+    return type(value) is float and math.isfinite(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _literal_predicate(options: tuple[Any, ...]) -> _Predicate | None:
+    if not all(type(o) in (str, int, bool) for o in options):
+        return None
+    allowed = frozenset((type(o), o) for o in options)
+    types_ = frozenset(type(o) for o in options)
+
+    def accepts(value: Any) -> bool:
+        return type(value) in types_ and (type(value), value) in allowed
+
+    return accepts
+
+
+def _scalar_predicate(annotation: Any) -> _Predicate | None:
+    """A quick test that a value passes ``annotation``'s check unchanged.
+
+    Only for scalar annotations: a value it accepts is valid and would come
+    out of the full check as the very same value, so a state whose fields all
+    pass can be stored without running the full check. ``None`` means there
+    is no such shortcut for this annotation (containers, unions, enums).
+    A value the test refuses may still be valid: the full check decides.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    simple: dict[Any, _Predicate] = {
+        str: _is_plain_str,
+        int: _is_int,
+        float: _is_float,
+        bool: _is_bool,
+        None: _is_none,
+        type(None): _is_none,
+    }
+    if annotation in simple:
+        return simple[annotation]
+    if origin is typing.Annotated:
+        return _scalar_predicate(args[0])
+    if origin is typing.Literal:
+        return _literal_predicate(args)
+    if (origin is typing.Union or origin is types.UnionType) and len(args) == 2:
+        others = [a for a in args if a is not type(None)]
+        inner = _scalar_predicate(others[0]) if len(others) == 1 else None
+        if inner is None:
+            return None
+
+        def accepts(value: Any) -> bool:
+            return value is None or inner(value)
+
+        return accepts
+    return None
+
+
 def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
     try:
         hints = typing.get_type_hints(cls, include_extras=True)
@@ -341,6 +418,38 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
         return ReadOnlyDict(out)
 
     return check_record
+
+
+def _flat_dataclass_check(cls: type) -> Callable[[Any], ReadOnlyDict] | None:
+    """A shortcut check for dataclasses whose fields are all scalars.
+
+    Returns ``None`` when some field is not a scalar. Otherwise the returned
+    check accepts a plain ``dict`` holding exactly the fields, each passing its
+    scalar test, and copies it read-only; anything else goes to the full
+    check, which gives the same answer or the error with its field path.
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
+    tests = []
+    for f in dataclasses.fields(cls):
+        test = _scalar_predicate(hints[f.name])
+        if test is None:
+            return None
+        tests.append((f.name, test))
+    full = _compile_dataclass(cls)
+    count = len(tests)
+    missing = object()
+
+    def check(value: Any) -> ReadOnlyDict:
+        if type(value) is dict and len(value) == count:
+            get = value.get
+            for name, test in tests:
+                if not test(get(name, missing)):
+                    break
+            else:
+                return ReadOnlyDict(value)
+        return full(value, "")
+
+    return check
 
 
 _MSGSPEC_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
@@ -406,6 +515,9 @@ def compile_schema(spec: Any) -> StateSchema:
     if isinstance(spec, type) and dataclasses.is_dataclass(spec):
         record = _compile_dataclass(spec)
         names = tuple(f.name for f in dataclasses.fields(spec))
+        flat = _flat_dataclass_check(spec)
+        if flat is not None:
+            return StateSchema(spec, names, flat, flat=True)
         return StateSchema(spec, names, lambda value: record(value, ""))
     if isinstance(spec, type) and hasattr(spec, "model_validate"):
         return _compile_pydantic(spec)

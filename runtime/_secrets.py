@@ -73,10 +73,17 @@ class RunSecrets:
             return self._patterns.pop(run_id, None) is not None
 
     def pattern(self, run_id: str | None) -> re.Pattern[str] | None:
-        """The compiled secrets of ``run_id``, or ``None`` when it has none."""
+        """The compiled secrets of ``run_id``, or ``None`` when it has none.
+
+        Costs one dict lookup. A ``run_id`` that cannot be a key (a caller's
+        mistake, refused by the write's own checks) has none.
+        """
         if run_id is None or not self._patterns:
             return None
-        return self._patterns.get(run_id)
+        try:
+            return self._patterns.get(run_id)
+        except TypeError:
+            return None
 
     def __len__(self) -> int:
         return len(self._patterns)

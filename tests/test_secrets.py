@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from runtime import (
     ApplyError,
     DefinitionError,
     EntityChanged,
+    EntityHandle,
+    InvalidIdError,
     Runtime,
     SchemaError,
     work_queue,
@@ -187,3 +190,170 @@ def test_bad_secrets_are_refused_and_nothing_registered(
         rt.drain()
 
     assert seen["changes"][0].next["tags"] == [TOKEN]
+
+
+def _keep(prev: Any) -> Any:
+    return ticket(status="working")
+
+
+Write = Callable[[EntityHandle[Any]], Any]
+
+REFUSED_WRITES: list[tuple[str, Write, type[Exception], str]] = [
+    (
+        "id containing a secret",
+        lambda h: h.mutate(f"t-{TOKEN}", _keep, run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id 't-\*\*\*' contains a secret of run run-1; ids are keys and "
+        r"are never masked, so they must not contain one; nothing recorded$",
+    ),
+    (
+        "id equal to a secret",
+        lambda h: h.mutate(TOKEN, _keep, run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id '\*\*\*' contains a secret of run run-1",
+    ),
+    (
+        "id containing a secret and a control character",
+        lambda h: h.mutate(f"t-{TOKEN}\n", _keep, run_id="run-1"),
+        InvalidIdError,
+        r"id 't-\*\*\*\\n' contains a secret",
+    ),
+    (
+        "mutate_async with an id containing a secret",
+        lambda h: h.mutate_async(f"t-{TOKEN}", _keep, run_id="run-1"),
+        InvalidIdError,
+        "contains a secret of run run-1",
+    ),
+    (
+        "remove of an id containing a secret",
+        lambda h: h.remove(f"t-{TOKEN}", run_id="run-1"),
+        InvalidIdError,
+        "contains a secret of run run-1",
+    ),
+    (
+        "remove_async of an id containing a secret",
+        lambda h: h.remove_async(f"t-{TOKEN}", run_id="run-1"),
+        InvalidIdError,
+        "contains a secret of run run-1",
+    ),
+    (
+        "actor containing a secret",
+        lambda h: h.mutate("t-1", _keep, actor=f"bot:{TOKEN}", run_id="run-1"),
+        DefinitionError,
+        r"^ticket/t-1: actor 'bot:\*\*\*' contains a secret of run run-1; actors "
+        r"are recorded as given and never masked, so they must not contain one; "
+        r"nothing recorded$",
+    ),
+    (
+        "actor containing a secret and a control character",
+        lambda h: h.mutate("t-1", _keep, actor=f"{TOKEN}\n", run_id="run-1"),
+        DefinitionError,
+        r"actor '\*\*\*\\n' contains a secret",
+    ),
+    (
+        "mutate_many with one id containing a secret",
+        lambda h: h.mutate_many(
+            [("t-2", _keep), (f"t-{TOKEN}", _keep), ("t-3", _keep)], run_id="run-1"
+        ),
+        InvalidIdError,
+        r"^ticket: id 't-\*\*\*' contains a secret of run run-1",
+    ),
+    (
+        "mutate_many with an actor containing a secret",
+        lambda h: h.mutate_many(
+            [("t-1", _keep), ("t-2", _keep)], actor=f"bot:{TOKEN}", run_id="run-1"
+        ),
+        DefinitionError,
+        r"^ticket: actor 'bot:\*\*\*' contains a secret of run run-1",
+    ),
+    (
+        "mutate_many with a malformed item holding a secret",
+        lambda h: h.mutate_many(
+            [("t-2", _keep), (f"t-{TOKEN}", "not callable")], run_id="run-1"
+        ),
+        DefinitionError,
+        r"^ticket: item 1 must be an \(id, apply\) pair .*'t-\*\*\*'",
+    ),
+]
+
+
+def _recorded(rt: Runtime, tickets: EntityHandle[Any]) -> Any:
+    return (
+        rt.log.last_seq,
+        len(rt.log),
+        sorted(tickets.ids()),
+        tickets.get("t-1"),
+        [r.to_dict() for r in tickets.history("t-1")],
+    )
+
+
+@pytest.mark.parametrize(
+    ("write", "error", "message"),
+    [case[1:] for case in REFUSED_WRITES],
+    ids=[case[0] for case in REFUSED_WRITES],
+)
+def test_writes_whose_id_or_actor_holds_a_secret_of_their_run_are_refused(
+    rt: Runtime,
+    caplog: pytest.LogCaptureFixture,
+    write: Write,
+    error: type[Exception],
+    message: str,
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with caplog.at_level(logging.DEBUG), rt:
+        tickets.mutate("t-1", lambda prev: ticket(tags=[TOKEN]), run_id="run-1")
+        rt.drain()
+        before = _recorded(rt, tickets)
+        with pytest.raises(error, match=message) as refused:
+            write(tickets)
+        rt.drain()
+        after = _recorded(rt, tickets)
+
+    assert TOKEN not in str(refused.value)
+    assert TOKEN not in repr(refused.value.args)
+    assert TOKEN not in str(getattr(refused.value, "entity_id", ""))
+    assert TOKEN not in caplog.text
+    assert after == before
+    assert before[0] == 1
+    assert before[3] == ticket(tags=[TOKEN])
+    assert [c.seq for c in seen["changes"]] == [1]
+    assert len(seen["payloads"]) == 1
+
+
+def test_ids_and_actors_holding_a_secret_are_accepted_without_its_run(
+    rt: Runtime,
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    seen = _everything_seen(rt)
+    rt.register_run_secrets("run-1", [TOKEN])
+    secret_id = f"t-{TOKEN}"
+    actor = f"bot:{TOKEN}"
+
+    with rt:
+        tickets.mutate(secret_id, _keep, actor=actor, run_id="run-2")
+        tickets.mutate_many([(TOKEN, _keep)], actor=actor)
+        tickets.remove(secret_id, actor=actor)
+        rt.end_run("run-1")
+        tickets.mutate(secret_id, _keep, actor=actor, run_id="run-1")
+        rt.drain()
+
+    assert [(c.id, c.actor, c.run_id) for c in seen["changes"]] == [
+        (secret_id, actor, "run-2"),
+        (TOKEN, actor, None),
+        (secret_id, actor, None),
+        (secret_id, actor, "run-1"),
+    ]
+    assert sorted(tickets.ids()) == sorted([secret_id, TOKEN])
+
+
+def test_a_run_id_that_cannot_be_a_key_is_refused_as_before(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with rt, pytest.raises(DefinitionError, match="run_id must be a non-empty"):
+        tickets.mutate("t-1", _keep, run_id=["run-1"])  # type: ignore[arg-type]
+
+    assert rt.log.last_seq == 0
