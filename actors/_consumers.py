@@ -141,13 +141,14 @@ class ConsumerActor(pykka.ThreadingActor):
             self._work_through(taken)
 
     def _work_through(self, taken: Taken) -> None:
+        mailbox = self.mailbox
         process, observe, clock = self._process, self._delivery_seconds.observe, _clock
-        finished: list[int] = []
         handled = 0
         try:
             for item, seqs, queued_at in taken:
                 if self._abort.is_set():
                     break
+                mailbox.started = handled + 1
                 try:
                     if item is not None:
                         process(item)
@@ -160,27 +161,27 @@ class ConsumerActor(pykka.ThreadingActor):
                     logger.exception(
                         "consumer %s failed outside its handler on seqs=%s; the "
                         "delivery is dropped and the consumer carries on",
-                        self.mailbox.name,
+                        mailbox.name,
                         seqs,
                     )
                 observe(clock() - queued_at)
-                finished.extend(seqs)
                 handled += 1
             if self._flush is not None:
                 # Before the batch's seqs are closed, so drain() also waits
                 # for what the batch handed on.
                 self._flush()
         finally:
-            skipped = [seq for _, seqs, _ in taken[handled:] for seq in seqs]
+            mine = mailbox.release(taken)
+            skipped = [seq for _, seqs, _ in mine[handled:] for seq in seqs]
             if skipped:
                 logger.warning(
                     "consumer %s: the runtime stopped delivery; %d deliveries "
                     "already taken are dropped (seqs %s)",
-                    self.mailbox.name,
+                    mailbox.name,
                     len(skipped),
                     ", ".join(map(str, skipped[:20])),
                 )
-            self._tracker.done(finished + skipped)
+            self._tracker.done([seq for _, seqs, _ in mine for seq in seqs])
 
 
 def broadcast_process(

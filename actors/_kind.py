@@ -28,6 +28,9 @@ T = TypeVar("T")
 MUTATE = 1
 REMOVE = 2
 
+BURST = 256
+"""Requests a kind actor runs before handing their changes on and answering."""
+
 
 class Completion:
     """Resolves the mutation futures of one kind actor and wakes their waiters.
@@ -199,9 +202,9 @@ class BatchResult:
         """The future-like slot for the request at ``index``."""
         return _Slot(self, index)
 
-    def _finish(self) -> None:
+    def _finish(self, count: int = 1) -> None:
         with self._lock:
-            self._left -= 1
+            self._left -= count
             if self._left == 0:
                 self._done.set()
 
@@ -232,6 +235,19 @@ class _Slot:
         self._batch.errors[self._index] = error
         self._filled = True
         self._batch._finish()
+
+    def fill(self, result: Any, error: BaseException | None) -> BatchResult:
+        """Record the outcome without counting it finished; return the batch.
+
+        The caller counts a burst's slots of one batch finished at once with
+        ``batch._finish(n)``.
+        """
+        if error is None:
+            self._batch.results[self._index] = result
+        else:
+            self._batch.errors[self._index] = error
+        self._filled = True
+        return self._batch
 
 
 class Request:
@@ -315,6 +331,23 @@ class RequestQueue:
             taken, self._requests = self._requests, deque()
             return taken
 
+    def take(self, limit: int) -> list[Request] | None:
+        """Take up to ``limit`` of the oldest requests; ``None`` (and idle) if none."""
+        with self._lock:
+            requests = self._requests
+            if not requests:
+                self._scheduled = False
+                return None
+            if len(requests) <= limit:
+                taken = list(requests)
+                requests.clear()
+                return taken
+            popleft = requests.popleft
+            return [popleft() for _ in range(limit)]
+
+
+_Outcome = tuple[Request, Any, EntityChanged | None, BaseException | None]
+
 
 class KindActor(pykka.ThreadingActor):
     """Serialises the mutations of one kind (or of one shard of its ids).
@@ -379,7 +412,7 @@ class KindActor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> None:
         if message == WAKE:
             while True:
-                batch = self.requests.take_all()
+                batch = self.requests.take(BURST)
                 if batch is None:
                     return
                 try:
@@ -403,8 +436,37 @@ class KindActor(pykka.ThreadingActor):
         self._handle_batch((request,))
 
     def _handle_batch(self, batch: Iterable[Request]) -> None:
-        outcomes: list[tuple[Request, Any, EntityChanged | None, BaseException | None]]
-        outcomes = []
+        # Every change of the burst has a seq at or above this floor; keeping
+        # it open until the changes are handed on makes drain() wait for them
+        # without a tracker update per change.
+        floor = self.engine.next_seq()
+        tracker = self._tracker
+        tracker.add(floor)
+        try:
+            outcomes = self._run_all(batch)
+        finally:
+            tracker.done((floor,))
+
+        answered = time.perf_counter()
+        self._mutate_seconds.observe_many([answered - o[0].submitted for o in outcomes])
+        resolved = []
+        filled: dict[BatchResult, int] = {}
+        for request, result, _change, error in outcomes:
+            future = request.future
+            if isinstance(future, _Slot):
+                of = future.fill(result, error)
+                filled[of] = filled.get(of, 0) + 1
+            else:
+                resolved.append((future, result, error))
+        if resolved:
+            self.requests.completion.resolve(resolved)
+        for of, count in filled.items():
+            of._finish(count)
+        tracker.finish_mutations(len(outcomes))
+
+    def _run_all(self, batch: Iterable[Request]) -> list[_Outcome]:
+        """Run, make durable and hand on one burst; return each request's outcome."""
+        outcomes: list[_Outcome] = []
         for request in batch:
             try:
                 result, change = self._run(request)
@@ -419,21 +481,7 @@ class KindActor(pykka.ThreadingActor):
         changes = [o[2] for o in outcomes if o[2] is not None]
         if changes:
             self._hand_off(changes)
-
-        observe, clock = self._mutate_seconds.observe, time.perf_counter
-        resolved = []
-        for request, result, _change, error in outcomes:
-            observe(clock() - request.submitted)
-            future = request.future
-            if type(future) is MutationFuture:
-                resolved.append((future, result, error))
-            elif error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-        if resolved:
-            self.requests.completion.resolve(resolved)
-        self._tracker.finish_mutations(len(outcomes))
+        return outcomes
 
     def _hand_off(self, changes: list[EntityChanged]) -> None:
         try:
@@ -451,7 +499,6 @@ class KindActor(pykka.ThreadingActor):
                 len(changes),
                 ", ".join(f"{c.kind}/{c.id} seq={c.seq}" for c in changes[:5]),
             )
-            self._tracker.done([c.seq for c in changes])
 
     def _recover(self, batch: Iterable[Request], bug: Exception) -> None:
         """Fail back what a failure outside user code left unanswered, then go on.

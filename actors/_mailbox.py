@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -128,17 +128,15 @@ class DeliveryTracker:
         return self._wait_for(lambda: not self._open or min(self._open) > seq, timeout)
 
 
-class _Entry:
-    __slots__ = ("item", "key", "queued_at", "seqs")
+_KEY, _ITEM, _SEQS, _QUEUED_AT = range(4)
+"""Slots of a queued entry, a list ``[key, item, seqs, queued_at]``.
 
-    def __init__(self, key: Hashable, item: Any, seq: int, queued_at: float) -> None:
-        self.key = key
-        self.item = item
-        self.seqs = [seq]
-        self.queued_at = queued_at
+A list rather than an object: one is built per delivery on the hot path. A
+folded entry keeps only its first seq open (see ``Mailbox.put_many``).
+"""
 
 
-Taken = list[tuple[Any, list[int], float]]
+Taken = list[tuple[Any, Sequence[int], float]]
 """Deliveries taken from a mailbox: ``(item, seqs kept open, queued_at)`` each."""
 
 
@@ -181,10 +179,15 @@ class Mailbox:
         self._tracker = tracker
         self._merge = merge
         self._cond = threading.Condition(threading.Lock())
-        self._entries: deque[_Entry] = deque()
-        self._newest: dict[Hashable, _Entry] = {}
+        self._entries: deque[list[Any]] = deque()
+        self._newest: dict[Hashable, list[Any]] = {}
+        self._space_waiters = 0
         self._scheduled = False
         self._closed = False
+        self._in_hand: Taken = []
+        self._claimed_from = 0
+        self.started = 0
+        """How many deliveries of the consumer's current batch it has started."""
         self.wake: Callable[[], None] = lambda: None
 
     def __len__(self) -> int:
@@ -211,7 +214,7 @@ class Mailbox:
             opened = []
             if merge is None:
                 for key, item, seq in deliveries:
-                    entries.append(_Entry(key, item, seq, queued_at))
+                    entries.append([key, item, (seq,), queued_at])
                     opened.append(seq)
             else:
                 newest_of = self._newest
@@ -222,12 +225,12 @@ class Mailbox:
                         # tracker: that seq is lower than every seq folded into
                         # it, so drain() still waits for the entry, and memory
                         # does not grow with the number of folds.
-                        newest.item = merge(newest.item, item)
+                        newest[_ITEM] = merge(newest[_ITEM], item)
                         self.coalesced += 1
                         if self._coalesced_metric is not None:
                             self._coalesced_metric.inc()
                         continue
-                    entry = _Entry(key, item, seq, queued_at)
+                    entry = [key, item, (seq,), queued_at]
                     entries.append(entry)
                     newest_of[key] = entry
                     opened.append(seq)
@@ -248,14 +251,18 @@ class Mailbox:
             return True
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self._entries) >= self.capacity and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            self._space_waiters += 1
+            try:
+                while len(self._entries) >= self.capacity and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._space_waiters -= 1
 
-    def take(self) -> tuple[Any, list[int], float] | None:
+    def take(self) -> tuple[Any, Sequence[int], float] | None:
         """Remove the oldest delivery; ``None`` (and unscheduled) when empty."""
         taken = self.take_many(1)
         return None if taken is None else taken[0]
@@ -276,19 +283,45 @@ class Mailbox:
             newest_of = self._newest
             taken = []
             for _ in range(count):
-                entry = entries.popleft()
-                if newest_of and newest_of.get(entry.key) is entry:
-                    del newest_of[entry.key]
-                taken.append((entry.item, entry.seqs, entry.queued_at))
-            if len(entries) < self.capacity:
+                key, item, seqs, queued_at = entry = entries.popleft()
+                if newest_of and newest_of.get(key) is entry:
+                    del newest_of[key]
+                taken.append((item, seqs, queued_at))
+            if self._space_waiters and len(entries) < self.capacity:
                 self._cond.notify_all()
+            self._in_hand = taken
+            self.started = 0
             return taken
 
+    def release(self, taken: Taken) -> Taken:
+        """End the consumer's work on ``taken``; return what it must still close.
+
+        That is every delivery of ``taken`` unless :meth:`close` already
+        claimed the ones not started, in which case only the started ones
+        (``started`` counts them) are left to the consumer.
+        """
+        with self._cond:
+            if self._in_hand is taken:
+                self._in_hand = []
+                return taken
+            # A delivery started after close() claimed it stays the closer's.
+            return taken[: self._claimed_from]
+
     def close(self) -> list[tuple[Any, list[int]]]:
-        """Refuse further deliveries and return (and forget) what still waits."""
+        """Refuse further deliveries and return (and forget) what still waits.
+
+        What still waits includes the deliveries the consumer has taken but
+        not started; from then on they are the caller's to account for, and
+        :meth:`release` will not return them to the consumer.
+        """
         with self._cond:
             self._closed = True
-            left = [(e.item, e.seqs) for e in self._entries]
+            in_hand, self._in_hand = self._in_hand, []
+            self._claimed_from = self.started
+            left = [
+                (item, list(seqs)) for item, seqs, _ in in_hand[self._claimed_from :]
+            ]
+            left += [(e[_ITEM], list(e[_SEQS])) for e in self._entries]
             self._entries.clear()
             self._newest.clear()
             self._cond.notify_all()

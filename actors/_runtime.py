@@ -1723,13 +1723,13 @@ class Runtime:
         return batch
 
     def _on_commit(self, change: EntityChanged) -> None:
-        # NOTE: runs under the log's lock; the tracker count taken here is
-        # what makes drain() wait for a change between commit and hand-off.
-        self._tracker.add(change.seq)
-        waiters = self._waiters.get((change.kind, change.id))
-        if waiters:
-            for event in waiters:
-                event.set()
+        # NOTE: runs under the log's lock, on the kind's actor, which keeps the
+        # change open for drain() until it is handed on (see KindActor).
+        if self._waiters:
+            waiters = self._waiters.get((change.kind, change.id))
+            if waiters:
+                for event in waiters:
+                    event.set()
 
     def _publish(self, changes: list[EntityChanged]) -> None:
         """Hand committed changes (all of one kind) to their consumers, in order."""
@@ -1747,7 +1747,6 @@ class Runtime:
         if bus is not None:
             for change in changes:
                 self._publish_to_bus(bus, change)
-        self._tracker.done([c.seq for c in changes])
 
     def _publish_to_bus(self, bus: RedisBus, change: EntityChanged) -> None:
         try:

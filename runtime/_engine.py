@@ -16,6 +16,7 @@ from runtime._errors import (
     SchemaError,
 )
 from runtime._events import EntityChanged, ReadOnlyDict, new_change, thaw
+from runtime._fast_metrics import PerThreadCells, link_counters
 from runtime._log import TransitionLog, change_rows
 from runtime._metrics import RuntimeMetrics
 from runtime._schema import StateSchema, _Invalid, check_json_value
@@ -139,10 +140,26 @@ class KindEngine:
         self._unchanged = metrics.mutations.labels(kind, "unchanged")
         self._rejected = metrics.mutations.labels(kind, "rejected")
         self._failed = metrics.mutations.labels(kind, "failed")
-        self._transitions = metrics.transitions.labels(kind)
-        self._changes = metrics.changes.labels(kind)
+        self._committed = (
+            link_counters(
+                self._changed,
+                metrics.transitions.labels(kind),
+                metrics.changes.labels(kind),
+            )
+            if metrics.enabled
+            else PerThreadCells(3)
+        )
+        """Per-thread cells of the three counters every commit bumps."""
         if definition.store_backed:
             metrics.entities.labels(kind).set_function(lambda: len(self.store))
+
+    def next_seq(self) -> int:
+        """The sequence number the next change committed anywhere will get, or less.
+
+        Read without the log's lock: a concurrent commit only makes it low,
+        never high, so it is a safe lower bound for this kind's next commits.
+        """
+        return self._log.last_seq + 1
 
     def count_failed(self) -> None:
         """Count a mutation refused before it reached the write path."""
@@ -343,9 +360,10 @@ class KindEngine:
             )
             self._on_commit(change)
 
-        self._changed.inc()
-        self._transitions.inc(len(spec))
-        self._changes.inc()
+        cells = self._committed.mine()
+        cells[0] += 1
+        cells[1] += len(spec)
+        cells[2] += 1
         logger.debug(
             "committed %s/%s seq=%d fields=%s",
             self.kind,

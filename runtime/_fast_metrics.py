@@ -3,7 +3,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger(__name__)
 
 
-class _PerThread:
+class PerThreadCells:
     """Slots that each thread updates alone, summed when scraped.
 
     Updating a slot takes no lock: only its own thread ever writes it, so no
@@ -50,20 +50,38 @@ class _PerThread:
 
 
 class _CounterChild:
-    __slots__ = ("_cells",)
+    __slots__ = ("_base", "_cells", "_index")
 
     def __init__(self) -> None:
-        self._cells = _PerThread(1)
+        self._cells = PerThreadCells(1)
+        self._index = 0
+        self._base = 0.0
 
     def inc(self, amount: float = 1) -> None:
-        self._cells.mine()[0] += amount
+        self._cells.mine()[self._index] += amount
 
     def value(self) -> float:
-        return self._cells.total()[0]
+        return self._base + self._cells.total()[self._index]
+
+
+def link_counters(*children: _CounterChild) -> PerThreadCells:
+    """Back several counter children with one set of per-thread slots.
+
+    Code that bumps the children together then finds its thread's slot once
+    (``cells = linked.mine()``) and adds to ``cells[i]`` for the i-th child;
+    the children's own ``inc`` and their scraped values keep working, and
+    counts they had before linking are kept.
+    """
+    linked = PerThreadCells(len(children))
+    for index, child in enumerate(children):
+        child._base = child.value()
+        child._cells = linked
+        child._index = index
+    return linked
 
 
 class FastCounter(Collector):
-    """A counter for hot paths: no lock per increment (see ``_PerThread``).
+    """A counter for hot paths: no lock per increment (see ``PerThreadCells``).
 
     Exposed like a ``prometheus_client`` counter (``<name>_total``); children
     are created by ``labels(...)`` and cached, so hot code binds them once.
@@ -129,7 +147,7 @@ class FastHistogram(Collector):
         self._documentation = documentation
         self._bounds = [float(b) for b in buckets]
         # One cell per bucket, one for +Inf, then the sum.
-        self._cells = _PerThread(len(self._bounds) + 2)
+        self._cells = PerThreadCells(len(self._bounds) + 2)
         if registry is not None:
             registry.register(self)
 
@@ -137,6 +155,15 @@ class FastHistogram(Collector):
         cells = self._cells.mine()
         cells[bisect.bisect_left(self._bounds, amount)] += 1
         cells[-1] += amount
+
+    def observe_many(self, amounts: Iterable[float]) -> None:
+        """Observe several values at once (one slot lookup for all)."""
+        cells, bounds, where = self._cells.mine(), self._bounds, bisect.bisect_left
+        total = 0.0
+        for amount in amounts:
+            cells[where(bounds, amount)] += 1
+            total += amount
+        cells[-1] += total
 
     def describe(self) -> list[Any]:
         return [HistogramMetricFamily(self._name, self._documentation)]

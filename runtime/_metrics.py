@@ -232,6 +232,9 @@ class _Off:
     def observe(self, amount: float) -> None:
         return None
 
+    def observe_many(self, amounts: Any) -> None:
+        return None
+
     def set(self, value: float) -> None:
         return None
 
