@@ -374,7 +374,7 @@ class KindActor(pykka.ThreadingActor):
         self,
         engine: KindEngine,
         shard: int,
-        publish: Callable[[list[EntityChanged]], None],
+        publish: Callable[[list[EntityChanged], list[Callable[[], None]]], None],
         deriver_box: Callable[[], Mailbox | None],
         tracker: DeliveryTracker,
         backpressure_timeout: float,
@@ -442,10 +442,19 @@ class KindActor(pykka.ThreadingActor):
         floor = self.engine.next_seq()
         tracker = self._tracker
         tracker.add(floor)
+        wakes: list[Callable[[], None]] = []
         try:
-            outcomes = self._run_all(batch)
+            try:
+                outcomes = self._run_all(batch, wakes)
+            finally:
+                tracker.done((floor,))
+            self._answer(outcomes)
         finally:
-            tracker.done((floor,))
+            for wake in wakes:
+                wake()
+
+    def _answer(self, outcomes: list[_Outcome]) -> None:
+        tracker = self._tracker
 
         answered = time.perf_counter()
         self._mutate_seconds.observe_many([answered - o[0].submitted for o in outcomes])
@@ -464,7 +473,9 @@ class KindActor(pykka.ThreadingActor):
             of._finish(count)
         tracker.finish_mutations(len(outcomes))
 
-    def _run_all(self, batch: Iterable[Request]) -> list[_Outcome]:
+    def _run_all(
+        self, batch: Iterable[Request], wakes: list[Callable[[], None]]
+    ) -> list[_Outcome]:
         """Run, make durable and hand on one burst; return each request's outcome."""
         outcomes: list[_Outcome] = []
         for request in batch:
@@ -480,12 +491,14 @@ class KindActor(pykka.ThreadingActor):
 
         changes = [o[2] for o in outcomes if o[2] is not None]
         if changes:
-            self._hand_off(changes)
+            self._hand_off(changes, wakes)
         return outcomes
 
-    def _hand_off(self, changes: list[EntityChanged]) -> None:
+    def _hand_off(
+        self, changes: list[EntityChanged], wakes: list[Callable[[], None]]
+    ) -> None:
         try:
-            self._publish(changes)
+            self._publish(changes, wakes)
         except Exception:
             # The changes are committed; a failure to hand them to their
             # consumers must not hide that from the callers or leave drain()

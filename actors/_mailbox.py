@@ -197,12 +197,17 @@ class Mailbox:
         """Queue one delivery; return False if the mailbox is closed."""
         return self.put_many(((key, item, seq),))
 
-    def put_many(self, deliveries: Iterable[tuple[Hashable, Any, int]]) -> bool:
+    def put_many(
+        self,
+        deliveries: Iterable[tuple[Hashable, Any, int]],
+        wakes: list[Callable[[], None]] | None = None,
+    ) -> bool:
         """Queue ``(key, item, seq)`` deliveries in order, under one lock.
 
         Each is queued (or folded) exactly as :meth:`put` would; the consumer
-        is woken once. Returns False, queueing nothing, if the mailbox is
-        closed.
+        is woken once, or, when ``wakes`` is given, the wake-up is appended
+        there for the caller to make soon after (it must). Returns False,
+        queueing nothing, if the mailbox is closed.
         """
         queued_at = time.perf_counter()
         with self._cond:
@@ -242,7 +247,10 @@ class Mailbox:
             self._scheduled = True
 
         if wake:
-            self.wake()
+            if wakes is None:
+                self.wake()
+            else:
+                wakes.append(self.wake)
         return True
 
     def wait_for_space(self, timeout: float) -> bool:

@@ -1731,17 +1731,24 @@ class Runtime:
                 for event in waiters:
                     event.set()
 
-    def _publish(self, changes: list[EntityChanged]) -> None:
-        """Hand committed changes (all of one kind) to their consumers, in order."""
+    def _publish(
+        self, changes: list[EntityChanged], wakes: list[Callable[[], None]]
+    ) -> None:
+        """Hand committed changes (all of one kind) to their consumers, in order.
+
+        The consumers' wake-ups are appended to ``wakes``: the kind actor makes
+        them after answering its callers, so that a blocked caller is not kept
+        waiting behind the consumers it just woke.
+        """
         entry = self._kinds[changes[0].kind]
         boxes = entry.boxes
         if boxes:
             by_id = [(c.id, c, c.seq) for c in changes]
             for box in boxes:
-                box.put_many(by_id)
+                box.put_many(by_id, wakes)
         deriver = entry.deriver
         if deriver is not None:
-            deriver.mailbox.put_many([(c.seq, c, c.seq) for c in changes])
+            deriver.mailbox.put_many([(c.seq, c, c.seq) for c in changes], wakes)
 
         bus = self.bus
         if bus is not None:

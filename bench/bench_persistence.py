@@ -49,6 +49,7 @@ def _fill(data_dir: Path, entities: int, changes: int) -> dict[str, float]:
     rt.start()
     engine = rt._engine("check")
 
+    wakes: list[Callable[[], None]] = []
     started = time.perf_counter()
     for round_ in range(changes):
         state = {
@@ -61,7 +62,10 @@ def _fill(data_dir: Path, entities: int, changes: int) -> dict[str, float]:
                 f"check-{i}", _constant(state), "bench", None, None
             )
             if change is not None:
-                rt._publish(change)
+                rt._publish([change], wakes)
+        for wake in wakes:
+            wake()
+        wakes.clear()
     filled = time.perf_counter() - started
 
     rows = len(rt.log)
