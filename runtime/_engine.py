@@ -133,7 +133,8 @@ class KindEngine:
         """Run secrets to mask in rows, events and errors of writes with a run."""
 
         self._flat = definition.store_backed and definition.schema.flat
-        """States hold only scalars, so a shallow copy is a mutable copy."""
+        """Store-backed, and states hold only scalars (a shallow copy is a copy)."""
+        self._validate = definition.schema.validate
 
         kind = self.kind
         self._changed = metrics.mutations.labels(kind, "changed")
@@ -216,12 +217,19 @@ class KindEngine:
         The change is ``None`` when the write changed nothing. Nothing is
         recorded when ``apply`` raises or its result fails the schema.
         """
-        prev = self._snapshot(entity_id)
-
-        raw = self._apply(entity_id, apply, prev, run_id)
+        if self._flat:
+            # The common case, inlined: a store-backed kind of scalar fields.
+            prev = self.store.get(entity_id)
+            try:
+                raw = apply(None if prev is None else dict(prev))
+            except Exception as err:
+                raise self._apply_failed(entity_id, err, run_id) from err
+        else:
+            prev = self._snapshot(entity_id)
+            raw = self._apply(entity_id, apply, prev, run_id)
 
         try:
-            next_state = self.definition.schema.validate(raw, self.kind, entity_id)
+            next_state = self._validate(raw, self.kind, entity_id)
         except SchemaError as err:
             self._rejected.inc()
             pattern = self._secret_pattern(run_id)
@@ -292,12 +300,17 @@ class KindEngine:
         try:
             return apply(given)
         except Exception as err:
-            self._failed.inc()
-            failure = ApplyError(self.kind, entity_id, err)
-            pattern = self._secret_pattern(run_id)
-            if pattern is not None:
-                failure.args = (mask_text(str(failure), pattern),)
-            raise failure from err
+            raise self._apply_failed(entity_id, err, run_id) from err
+
+    def _apply_failed(
+        self, entity_id: str, err: Exception, run_id: str | None
+    ) -> ApplyError:
+        self._failed.inc()
+        failure = ApplyError(self.kind, entity_id, err)
+        pattern = self._secret_pattern(run_id)
+        if pattern is not None:
+            failure.args = (mask_text(str(failure), pattern),)
+        return failure
 
     def _secret_pattern(self, run_id: str | None) -> re.Pattern[str] | None:
         if run_id is None or self.secrets is None:
@@ -315,7 +328,12 @@ class KindEngine:
         run_id: str | None,
         at: float | None,
     ) -> EntityChanged:
-        ts = check_timestamp(self._clock(), "the runtime's clock") if at is None else at
+        if at is None:
+            ts = self._clock()
+            if not _MIN_TS <= ts <= _MAX_TS:
+                check_timestamp(ts, "the runtime's clock")
+        else:
+            ts = at
         log = self._log
         store_backed = self.definition.read is None
         spec = change_rows(prev, next_state, changed_fields)
