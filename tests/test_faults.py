@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -56,11 +57,13 @@ def test_a_hand_off_failure_keeps_the_commit_and_does_not_wedge_drain(
     calls = {"n": 0}
     original = Runtime._publish
 
-    def publish(self: Runtime, change: EntityChanged) -> None:
+    def publish(
+        self: Runtime, changes: list[EntityChanged], wakes: list[Callable[[], None]]
+    ) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated hand-off bug")
-        original(self, change)
+        original(self, changes, wakes)
 
     monkeypatch.setattr(Runtime, "_publish", publish)
 
