@@ -5,18 +5,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import importlib.metadata
 import logging
 import math
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 import pykka
 
 from bench._workload import (
     KIND,
     STATUSES,
+    Apply,
     CountingDeriver,
     CountingSubscriber,
     ItemState,
@@ -24,9 +27,25 @@ from bench._workload import (
     Plan,
     WideState,
     build_plan,
+    check_item,
     wide_state,
 )
 from runtime import EntityHandle, Runtime
+
+try:
+    from eventsourcing.application import (
+        AggregateNotFoundError,
+        Application,
+        ProcessingEvent,
+    )
+    from eventsourcing.dispatch import singledispatchmethod
+    from eventsourcing.domain import Aggregate, event
+    from eventsourcing.system import Follower, SingleThreadedRunner, System
+    from eventsourcing.utils import EnvType
+except ImportError:
+    _HAS_EVENTSOURCING = False
+else:
+    _HAS_EVENTSOURCING = True
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +312,212 @@ def run_runtime_batched(plan: Plan, window: int, size: int) -> ModeResult:
 
     name = f"runtime_mutate_many_{size}"
     return run.result(name, len(plan), seconds, samples, AMORTISED)
+
+
+def eventsourcing_version() -> str | None:
+    """The installed ``eventsourcing`` version, or None when it is not installed.
+
+    It comes only with the ``bench`` extra, so the test extra (and CI) runs
+    without it and the runner skips :func:`run_eventsourcing`.
+    """
+    if not _HAS_EVENTSOURCING:
+        return None
+    return importlib.metadata.version("eventsourcing")
+
+
+EVENTSOURCING_SETUP = (
+    "an Aggregate per id (one Created or Changed event per real change, holding "
+    "the changed fields) in an Application with in-memory (POPO) persistence and "
+    "its aggregate cache on; a Follower in a System run by SingleThreadedRunner "
+    "derives the events and calls the subscriber"
+)
+"""How the eventsourcing mode is built, in one line for the report."""
+
+
+def run_eventsourcing(plan: Plan, window: int) -> ModeResult:
+    """The workload written with the ``eventsourcing`` library's own idioms.
+
+    Each mutation goes through ``Items.mutate``: load the id's aggregate from
+    the application's repository (none yet: a create), apply the plan's
+    callable to a copy of its state, validate with :func:`check_item`, diff,
+    and only on a real change trigger one event holding the changed fields
+    and ``save`` it. Each call is timed on its own.
+
+    The processing step is the library's normal one for an application that
+    others react to: a :class:`~eventsourcing.system.System` in which a
+    ``Follower`` follows the application, run by ``SingleThreadedRunner``.
+    After each ``save`` the runner has the follower pull the new notification
+    from the application's notification log, rebuild the domain event and run
+    its ``policy``, which keeps each id's state (to give the deriver the
+    previous and next state), calls the same :class:`CountingDeriver` and
+    hands the change to the same :class:`CountingSubscriber`; the follower
+    records its tracking position. So every timed call includes its change's
+    processing.
+
+    Both choices give eventsourcing its fastest normal set-up, so the ratio
+    to it is not flattered: a single thread, because under the GIL a
+    threaded runner adds hand-offs but no parallelism; and the repository's
+    aggregate cache (``AGGREGATE_CACHE_MAXSIZE``, the counterpart of the
+    runtime's in-memory store), so a load fast-forwards a cached aggregate
+    instead of replaying all of its events. Persistence is the default
+    in-memory POPO module, named explicitly so that an environment variable
+    cannot swap it.
+
+    Raises:
+        ModuleNotFoundError: eventsourcing is not installed.
+    """
+    if not _HAS_EVENTSOURCING:
+        raise ModuleNotFoundError(
+            "the eventsourcing mode needs the eventsourcing library; install the "
+            "bench extra: pip install -e '.[bench]'"
+        )
+    deriver, subscriber = CountingDeriver(), CountingSubscriber(window)
+    ids = len({entity_id for entity_id, _ in plan})
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.popo",
+        "AGGREGATE_CACHE_MAXSIZE": str(ids),
+    }
+    runner: SingleThreadedRunner[UUID] = SingleThreadedRunner(_SYSTEM, env=env)
+    runner.start()
+
+    try:
+        runner.get(_Derivation).attach(deriver, subscriber)
+        mutate, clock = runner.get(_Items).mutate, time.perf_counter
+        samples = []
+
+        started = clock()
+        for entity_id, apply in plan:
+            t0 = clock()
+            mutate(entity_id, apply)
+            samples.append((clock() - t0) * 1e6)
+        seconds = clock() - started
+    finally:
+        runner.stop()
+
+    return ModeResult(
+        "eventsourcing",
+        len(plan),
+        seconds,
+        samples,
+        PER_CALL,
+        subscriber.count,
+        deriver.fired,
+    )
+
+
+if _HAS_EVENTSOURCING:
+
+    class _Item(Aggregate):
+        """One entity of the workload; its id is derived from its name."""
+
+        class Created(Aggregate.Created):
+            name: str
+            status: str
+            severity: str
+            updates: int
+
+        class Changed(Aggregate.Event):
+            fields: dict[str, Any]
+
+        @staticmethod
+        def create_id(name: str) -> UUID:
+            return uuid5(NAMESPACE_URL, f"/{KIND}/{name}")
+
+        @event(Created)
+        def __init__(self, name: str, status: str, severity: str, updates: int):
+            self.name = name
+            self.status = status
+            self.severity = severity
+            self.updates = updates
+
+        @event(Changed)
+        def change(self, fields: dict[str, Any]) -> None:
+            for field, value in fields.items():
+                setattr(self, field, value)
+
+        def as_state(self) -> dict[str, Any]:
+            return {
+                "status": self.status,
+                "severity": self.severity,
+                "updates": self.updates,
+            }
+
+    class _Items(Application):
+        """The write side: one :meth:`mutate` per mutation of the plan."""
+
+        def mutate(self, entity_id: str, apply: Apply) -> dict[str, Any]:
+            """Run one mutation; return the next state."""
+            try:
+                item: _Item | None = self.repository.get(_Item.create_id(entity_id))
+            except AggregateNotFoundError:
+                item = None
+            prev = None if item is None else item.as_state()
+
+            nxt = apply(None if prev is None else dict(prev))
+
+            check_item(nxt)
+
+            if item is None or prev is None:  # both or neither; mypy needs both
+                item = _Item(entity_id, **nxt)
+            else:
+                delta = {f: v for f, v in nxt.items() if prev[f] != v}
+                if not delta:
+                    return nxt
+                item.change(delta)
+
+            self.save(item)
+            return nxt
+
+    class _Derivation(Follower):
+        """The processing step: derives each change's events, hands it on."""
+
+        def __init__(self, env: EnvType | None = None) -> None:
+            super().__init__(env)
+            self.states: dict[UUID, tuple[str, dict[str, Any]]] = {}
+            self.deriver = CountingDeriver()
+            self.subscriber = CountingSubscriber(1)
+
+        def attach(
+            self, deriver: CountingDeriver, subscriber: CountingSubscriber
+        ) -> None:
+            """Use this deriver and subscriber from now on."""
+            self.deriver, self.subscriber = deriver, subscriber
+
+        @singledispatchmethod
+        def policy(self, domain_event: Any, processing_event: Any) -> None:
+            """Ignore events of any other type (there are none)."""
+
+        @policy.register
+        def _(self, domain_event: _Item.Created, processing: ProcessingEvent) -> None:
+            nxt = {
+                "status": domain_event.status,
+                "severity": domain_event.severity,
+                "updates": domain_event.updates,
+            }
+            self.states[domain_event.originator_id] = (domain_event.name, nxt)
+            self._hand_on(domain_event.name, None, nxt, nxt, processing)
+
+        @policy.register
+        def _(self, domain_event: _Item.Changed, processing: ProcessingEvent) -> None:
+            name, prev = self.states[domain_event.originator_id]
+            nxt = {**prev, **domain_event.fields}
+            self.states[domain_event.originator_id] = (name, nxt)
+            self._hand_on(name, prev, nxt, domain_event.fields, processing)
+
+        def _hand_on(
+            self,
+            name: str,
+            prev: dict[str, Any] | None,
+            nxt: dict[str, Any],
+            delta: dict[str, Any],
+            processing: ProcessingEvent,
+        ) -> None:
+            tracking = processing.tracking
+            seq = None if tracking is None else tracking.notification_id
+            self.deriver.events(prev, nxt)
+            self.subscriber((KIND, name, prev, nxt, delta, seq))
+
+    _SYSTEM = System(pipes=[[_Items, _Derivation]])
 
 
 PROBE_ID = "probe"

@@ -18,10 +18,13 @@ from typing import Any
 
 from bench._modes import (
     AMORTISED,
+    EVENTSOURCING_SETUP,
     PROBE_ROWS,
     MemoryResult,
     ModeResult,
+    eventsourcing_version,
     has_mutate_many,
+    run_eventsourcing,
     run_limit,
     run_memory_and_history,
     run_pykka_ask,
@@ -31,11 +34,21 @@ from bench._modes import (
     run_runtime_mutate,
     run_runtime_pipelined,
 )
-from bench._workload import STATUSES, Plan, build_plan
+from bench._workload import STATUSES, Plan, build_plan, sample_plan
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+HOME_ASSISTANT_VS_LIMIT = 0.20
+"""Home Assistant's throughput on this workload as a share of the limit.
+
+Measured earlier, not run here: Home Assistant needs Python 3.13 and about
+600 MB installed, so the runner compares with this recorded figure.
+"""
+
+TARGETS = {"runtime_vs_eventsourcing": 10.0, "pipelined_vs_home_assistant": 2.0}
+"""The least each comparison ratio should reach."""
 
 
 class MissingExtraError(ImportError):
@@ -57,6 +70,8 @@ class BenchConfig:
         batch: mutations per batched call.
         window: changes per amortised latency sample.
         limit_repeats: runs of the bare loop; the fastest is the limit.
+        eventsourcing_every: the eventsourcing mode runs the mutations of
+            every ``eventsourcing_every``-th id (see :func:`sample_plan`).
     """
 
     size: str
@@ -68,6 +83,7 @@ class BenchConfig:
     batch: int = 100
     window: int = 100
     limit_repeats: int = 3
+    eventsourcing_every: int = 10
 
     @property
     def memory_rows(self) -> int:
@@ -91,11 +107,17 @@ def run_side_by_side(
     ``ratios`` and ``checks`` (whether every mode's subscriber and deriver saw
     what the workload made; a failed check means the harness, not the
     runtime's speed, is wrong).
+
+    The eventsourcing mode, much slower, runs a sample of the plan (the whole
+    life of every ``config.eventsourcing_every``-th id) and is checked
+    against the bare loop on that same sample; without the library it is
+    skipped with a note and its ratio is null.
     """
     say = progress or (lambda _message: None)
     plan = build_plan(config.mutations, config.ids)
-    notes: list[str] = []
+    notes: list[str] = [_HOME_ASSISTANT_NOTE]
     results: list[ModeResult] = []
+    references: dict[str, ModeResult] = {}
 
     modes: list[tuple[str, Callable[[], ModeResult]]] = [
         ("limit", lambda: _best_limit(plan, config)),
@@ -119,10 +141,20 @@ def run_side_by_side(
         notes.append(
             "EntityHandle has no mutate_many: the batched runtime mode is skipped"
         )
+    if eventsourcing_version() is None:
+        notes.append(_NO_EVENTSOURCING_NOTE)
+    else:
+        sample = sample_plan(plan, config.ids, config.eventsourcing_every)
+        references["eventsourcing"] = run_limit(sample, config.window)
+        modes.append(
+            ("eventsourcing", lambda: run_eventsourcing(sample, config.window))
+        )
+        notes.append(_sample_note(config, len(sample)))
 
     for name, run in modes:
         gc.collect()
-        say(f"{name}: {config.mutations:,} mutations")
+        count = references[name].ops if name in references else config.mutations
+        say(f"{name}: {count:,} mutations")
         try:
             results.append(run())
         except TypeError as err:
@@ -135,7 +167,7 @@ def run_side_by_side(
     memory = run_memory_and_history(
         config.memory_changes, config.memory_ids, config.history_calls
     )
-    return _report(config, results, memory, notes)
+    return _report(config, results, memory, notes, references)
 
 
 def _best_limit(plan: Plan, config: BenchConfig) -> ModeResult:
@@ -148,49 +180,82 @@ def _best_limit(plan: Plan, config: BenchConfig) -> ModeResult:
     return max(runs, key=lambda r: r.ops_per_s)
 
 
+def _sample_note(config: BenchConfig, mutations: int) -> str:
+    return (
+        f"eventsourcing runs {mutations:,} of the {config.mutations:,} mutations: "
+        f"the whole life of one id in {config.eventsourcing_every}, so its mix of "
+        "creates and updates and its events per aggregate match the whole plan's "
+        "and its ops/s compare with the other modes' (a prefix of the plan would "
+        "hold only short histories and flatter it)"
+    )
+
+
+_NO_EVENTSOURCING_NOTE = (
+    "eventsourcing is not installed (only the bench extra has it): its mode is "
+    "skipped and runtime_vs_eventsourcing is null"
+)
+_HOME_ASSISTANT_NOTE = (
+    "pipelined_vs_home_assistant compares with Home Assistant's previously "
+    f"measured {HOME_ASSISTANT_VS_LIMIT:.2f} of the limit; Home Assistant is not "
+    "run here (it needs Python 3.13 and about 600 MB)"
+)
+
+
 def _report(
     config: BenchConfig,
     results: list[ModeResult],
     memory: MemoryResult,
     notes: list[str],
+    references: dict[str, ModeResult],
 ) -> dict[str, Any]:
     by_name = {r.name: r for r in results}
     limit_ops = by_name["limit"].ops_per_s
+    pipelined_ops = by_name["runtime_mutate_async"].ops_per_s
     batched = by_name.get(f"runtime_mutate_many_{config.batch}")
+    eventsourcing = by_name.get("eventsourcing")
     blocking_p50 = by_name["runtime_mutate"].percentile(0.5)
     ask_p50 = by_name["pykka_ask"].percentile(0.5)
 
     ratios = {
-        "pipelined_vs_limit": by_name["runtime_mutate_async"].ops_per_s / limit_ops,
+        "pipelined_vs_limit": pipelined_ops / limit_ops,
         "batched_vs_limit": None if batched is None else batched.ops_per_s / limit_ops,
         "blocking_vs_pykka_ask": blocking_p50 / ask_p50,
         "bytes_per_row": memory.bytes_per_row,
+        "runtime_vs_eventsourcing": (
+            None if eventsourcing is None else pipelined_ops / eventsourcing.ops_per_s
+        ),
+        "pipelined_vs_home_assistant": (
+            pipelined_ops / limit_ops / HOME_ASSISTANT_VS_LIMIT
+        ),
     }
-    problems = _check(config, results)
+    problems = _check(results, references)
     for problem in problems:
         logger.error("benchmark harness check failed: %s", problem)
 
     return {
-        "workload": _workload(config, results, memory, notes),
+        "workload": _workload(config, results, memory, notes, references),
         "results": [_entry(r) for r in [*results, memory.history]],
         "ratios": {k: None if v is None else round(v, 4) for k, v in ratios.items()},
         "checks": {"ok": not problems, "problems": problems},
     }
 
 
-def _check(config: BenchConfig, results: list[ModeResult]) -> list[str]:
-    limit_events = results[0].events
+def _check(results: list[ModeResult], references: dict[str, ModeResult]) -> list[str]:
+    # Each mode is held to the bare loop on the plan it ran: the whole plan,
+    # or for a sampled mode the same sample (its reference).
+    limit = results[0]
     problems = []
     for result in results:
-        if result.changes_seen != config.mutations:
+        reference = references.get(result.name, limit)
+        if result.changes_seen != reference.ops:
             problems.append(
                 f"{result.name}: the subscriber saw {result.changes_seen} changes, "
-                f"the workload made {config.mutations}"
+                f"the workload made {reference.ops}"
             )
-        if result.events != limit_events:
+        if result.events != reference.events:
             problems.append(
                 f"{result.name}: the deriver named {result.events}, the bare loop "
-                f"{limit_events}"
+                f"{reference.events}"
             )
     return problems
 
@@ -198,6 +263,7 @@ def _check(config: BenchConfig, results: list[ModeResult]) -> list[str]:
 def _entry(result: ModeResult) -> dict[str, Any]:
     return {
         "name": result.name,
+        "ops": result.ops,
         "ops_per_s": round(result.ops_per_s, 1),
         "p50_us": round(result.percentile(0.5), 3),
         "p99_us": round(result.percentile(0.99), 3),
@@ -211,6 +277,7 @@ def _workload(
     results: list[ModeResult],
     memory: MemoryResult,
     notes: list[str],
+    references: dict[str, ModeResult],
 ) -> dict[str, Any]:
     scaled = config.size != "full"
     return {
@@ -244,8 +311,18 @@ def _workload(
             "pipelined/batched_vs_limit: ops/s over the bare loop's ops/s (the "
             f"fastest of {config.limit_repeats} runs); "
             "blocking_vs_pykka_ask: median runtime mutate over median pykka ask; "
-            "bytes_per_row: traced memory growth over rows written"
+            "bytes_per_row: traced memory growth over rows written; "
+            "runtime_vs_eventsourcing: runtime_mutate_async ops/s over "
+            "eventsourcing ops/s (target >= 10); pipelined_vs_home_assistant: "
+            f"pipelined_vs_limit over Home Assistant's {HOME_ASSISTANT_VS_LIMIT:.2f} "
+            "(target >= 2)"
         ),
+        "ratio_targets": TARGETS,
+        "eventsourcing": _eventsourcing_workload(config, results, references),
+        "home_assistant": {
+            "vs_limit": HOME_ASSISTANT_VS_LIMIT,
+            "measured": "previously; not run here (needs Python 3.13, ~600 MB)",
+        },
         "runtime_mailbox_size": max(10_000, config.mutations + 1),
         "memory": {
             "rows_written": memory.rows_written,
@@ -267,6 +344,24 @@ def _workload(
     }
 
 
+def _eventsourcing_workload(
+    config: BenchConfig, results: list[ModeResult], references: dict[str, ModeResult]
+) -> dict[str, Any]:
+    reference = references.get("eventsourcing")
+    if reference is None:
+        return {"version": None, "skipped": _NO_EVENTSOURCING_NOTE}
+    ran = next((r for r in results if r.name == "eventsourcing"), None)
+    return {
+        "version": eventsourcing_version(),
+        "mutations": reference.ops,
+        "ids": len(range(0, config.ids, config.eventsourcing_every)),
+        "every": config.eventsourcing_every,
+        "setup": EVENTSOURCING_SETUP,
+        "events": None if ran is None else ran.events,
+        "events_expected": reference.events,
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Render a report as the text table the command prints."""
     workload = report["workload"]
@@ -274,14 +369,14 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"entity-runtime bench ({workload['scale']})",
         "",
-        f"{'mode':<26}{'ops/s':>13}{'p50 us':>11}{'p99 us':>11}  "
+        f"{'mode':<26}{'ops':>9}{'ops/s':>13}{'p50 us':>11}{'p99 us':>11}  "
         f"{'latency':<10}{'vs limit':>9}",
     ]
     for entry in report["results"]:
         is_history = entry["changes_seen"] is None
         versus = "" if is_history else f"{entry['ops_per_s'] / limit['ops_per_s']:.4f}"
         lines.append(
-            f"{entry['name']:<26}{entry['ops_per_s']:>13,.0f}"
+            f"{entry['name']:<26}{entry['ops']:>9,}{entry['ops_per_s']:>13,.0f}"
             f"{entry['p50_us']:>11.2f}{entry['p99_us']:>11.2f}  "
             f"{entry['latency']:<10}{versus:>9}"
         )
@@ -289,7 +384,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", "ratios:"]
     for name, value in report["ratios"].items():
         shown = "n/a" if value is None else f"{value:,.4f}"
-        lines.append(f"  {name:<24}{shown}")
+        target = TARGETS.get(name)
+        if target is not None:
+            shown = f"{shown:<12}(target >= {target:g})"
+        lines.append(f"  {name:<30}{shown}")
     lines += ["", f"latency: {workload['latency_note']}"]
     lines += [f"note: {note}" for note in workload["notes"]]
     if not report["checks"]["ok"]:
@@ -326,7 +424,12 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-_COLOURS = {"limit": "tab:gray", "pykka": "tab:orange", "runtime": "tab:blue"}
+_COLOURS = {
+    "limit": "tab:gray",
+    "pykka": "tab:orange",
+    "runtime": "tab:blue",
+    "eventsourcing": "tab:green",
+}
 
 
 def _figure_class() -> Any:

@@ -206,3 +206,16 @@ class LimitModel:
         step = self.step
         for entity_id, apply in plan:
             step(entity_id, apply)
+
+
+def sample_plan(plan: Plan, ids: int, every: int) -> Plan:
+    """Return the mutations of every ``every``-th id of ``plan``, in plan order.
+
+    Each kept id keeps its whole life (its create and every later step), so
+    the sample has the same mix of creates and updates and the same history
+    per id as the whole plan; a prefix of the plan would not (its first
+    ``ids`` mutations are all creates). Relies on :func:`build_plan` visiting
+    the ``ids`` ids in turn, so that ``plan[:ids]`` names each id once.
+    """
+    kept = {entity_id for entity_id, _ in plan[:ids:every]}
+    return [(entity_id, apply) for entity_id, apply in plan if entity_id in kept]

@@ -6,7 +6,9 @@ real command in a subprocess.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +27,39 @@ MODES = {
     "runtime_mutate_async",
 }
 
+RATIOS = {
+    "pipelined_vs_limit",
+    "batched_vs_limit",
+    "blocking_vs_pykka_ask",
+    "bytes_per_row",
+    "runtime_vs_eventsourcing",
+    "pipelined_vs_home_assistant",
+}
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
-    """Run ``entity-runtime bench --smoke --json FILE`` once for this module."""
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    done = subprocess.run(
+HAS_EVENTSOURCING = importlib.util.find_spec("eventsourcing") is not None
+NO_EVENTSOURCING = (
+    "eventsourcing is not installed (only the bench extra has it; CI installs the "
+    "test extra)"
+)
+
+
+def _run_smoke(out: Path, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
         [sys.executable, "-m", "monitoring._cli", "bench", "--smoke", "--json", out],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         cwd=ROOT,
+        env=env,
     )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
+    """Run ``entity-runtime bench --smoke --json FILE`` once for this module."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = _run_smoke(out)
     report = json.loads(out.read_text()) if out.exists() else {}
     return done, report
 
@@ -69,28 +91,33 @@ def test_smoke_bench_json_has_the_report_shape(
         assert 0 < entry["p50_us"] <= entry["p99_us"], entry
 
 
-def test_smoke_bench_ratios_are_positive_or_null_without_mutate_many(
+def test_smoke_bench_ratios_are_positive_or_null_without_their_mode(
     smoke: tuple[Any, dict[str, Any]],
 ) -> None:
     from runtime import EntityHandle
 
     _, report = smoke
     ratios = report["ratios"]
+    notes = report["workload"]["notes"]
 
-    assert set(ratios) == {
-        "pipelined_vs_limit",
-        "batched_vs_limit",
-        "blocking_vs_pykka_ask",
-        "bytes_per_row",
-    }
+    assert set(ratios) == RATIOS
     assert ratios["pipelined_vs_limit"] > 0
     assert ratios["blocking_vs_pykka_ask"] > 0
     assert ratios["bytes_per_row"] > 0
+    assert ratios["pipelined_vs_home_assistant"] == pytest.approx(
+        ratios["pipelined_vs_limit"] / 0.20, rel=1e-3
+    )
+    assert any("Home Assistant" in n and "0.20" in n for n in notes)
     if hasattr(EntityHandle, "mutate_many"):
         assert ratios["batched_vs_limit"] > 0
     else:
         assert ratios["batched_vs_limit"] is None
-        assert any("mutate_many" in n for n in report["workload"]["notes"])
+        assert any("mutate_many" in n for n in notes)
+    if HAS_EVENTSOURCING:
+        assert ratios["runtime_vs_eventsourcing"] > 0
+    else:
+        assert ratios["runtime_vs_eventsourcing"] is None
+        assert any("eventsourcing is not installed" in n for n in notes)
 
 
 def test_every_mode_subscriber_saw_every_change_of_the_workload(
@@ -104,6 +131,48 @@ def test_every_mode_subscriber_saw_every_change_of_the_workload(
         assert seen[mode] == workload["mutations"], mode
     assert workload["events"]["x.created"] == workload["ids"]
     assert sum(workload["events"].values()) == workload["mutations"]
+    assert report["checks"] == {"ok": True, "problems": []}
+
+
+def test_eventsourcing_mode_agrees_with_the_limit_on_its_sample(
+    smoke: tuple[Any, dict[str, Any]],
+) -> None:
+    if not HAS_EVENTSOURCING:
+        pytest.skip(NO_EVENTSOURCING)
+    _, report = smoke
+    sample = report["workload"]["eventsourcing"]
+    entry = next(r for r in report["results"] if r["name"] == "eventsourcing")
+
+    assert sample["mutations"] == report["workload"]["mutations"] // sample["every"]
+    assert entry["ops"] == entry["changes_seen"] == sample["mutations"]
+    assert sample["events"] == sample["events_expected"]
+    assert sample["events_expected"]["x.created"] == sample["ids"]
+    assert sum(sample["events_expected"].values()) == sample["mutations"]
+    assert report["checks"] == {"ok": True, "problems": []}
+
+
+def test_without_eventsourcing_its_mode_is_skipped_and_its_ratio_is_null(
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "eventsourcing.py").write_text("raise ImportError('blocked')\n")
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+
+    done = _run_smoke(out, env)
+
+    assert done.returncode == 0, done.stderr
+    assert "runtime_vs_eventsourcing" in done.stdout
+    report = json.loads(out.read_text())
+    assert set(report["ratios"]) == RATIOS
+    assert report["ratios"]["runtime_vs_eventsourcing"] is None
+    assert report["ratios"]["pipelined_vs_home_assistant"] > 0
+    assert "eventsourcing" not in {r["name"] for r in report["results"]}
+    assert report["workload"]["eventsourcing"]["version"] is None
+    assert any(
+        "eventsourcing is not installed" in n for n in report["workload"]["notes"]
+    )
     assert report["checks"] == {"ok": True, "problems": []}
 
 
