@@ -225,3 +225,73 @@ def test_the_bus_benchmark_still_runs() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("300 changes: local ")
     assert "through the bus to another runtime" in done.stdout
+
+
+PYTEST_QUICK_BENCH = (
+    sys.executable,
+    "-m",
+    "pytest",
+    "bench",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "--benchmark-disable",
+    "-o",
+    "addopts=",
+)
+
+
+def test_the_pytest_benchmark_scenarios_still_run() -> None:
+    env = {**os.environ, "ENTITY_RUNTIME_BENCH_QUICK": "1"}
+
+    done = subprocess.run(
+        [*PYTEST_QUICK_BENCH],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 passed" in done.stdout
+
+
+def test_the_persistence_and_metrics_benchmarks_still_run(tmp_path: Path) -> None:
+    persistence = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_persistence",
+            *("--entities", "300", "--changes", "2", "--mutations", "50"),
+            *("--json", str(tmp_path / "persistence.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    metrics = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_metrics",
+            "--mutations",
+            "300",
+            "--rounds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+
+    assert persistence.returncode == 0, persistence.stderr
+    report = json.loads((tmp_path / "persistence.json").read_text())
+    assert report
+    assert metrics.returncode == 0, metrics.stderr
+    assert metrics.stdout.strip()
