@@ -5,7 +5,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,12 @@ TAKE_AT_ONCE = 256
 """Deliveries a consumer takes from its mailbox per lock; bounds its batch."""
 
 _clock = time.perf_counter
+
+WATCHDOG_CHECKS_PER_TIMEOUT = 4
+"""How often the watchdog looks at a watched call within its timeout."""
+
+_MIN_TICK = 0.005
+_MAX_TICK = 1.0
 
 
 class _ThreadRole(threading.local):
@@ -58,6 +64,164 @@ def handler_name(handler: Callable[..., Any]) -> str:
     name = getattr(handler, "__qualname__", None) or type(handler).__name__
     module = getattr(handler, "__module__", None)
     return f"{module}.{name}" if module else name
+
+
+class CallWatch:
+    """The handler call in progress on one consumer actor, for the watchdog.
+
+    The consumer thread stores the start of each handler call (of each
+    attempt, for a work queue) in ``started`` and clears it when the call
+    returns: two attribute stores per call. It also keeps ``batch``, the
+    deliveries it took last; its mailbox's ``started`` says which of them is
+    in hand. The :class:`Watchdog` reads ``started``; once a call has run for
+    ``timeout`` seconds it takes the delivery over (:meth:`take_over`) and the
+    runtime hands the rest of the batch to a replacement actor. Each actor has
+    a watch of its own, so an abandoned thread never writes to its
+    replacement's.
+
+    NOTE: the consumer decides whether its call is still its own without a
+    lock: it clears ``started``, then reads ``abandoned`` (and only when that
+    is set asks :meth:`lost`, which waits for the lock). The watchdog sets
+    ``abandoned`` under the lock and then reads ``started`` again, withdrawing
+    if the call ended meanwhile. In any interleaving one of the two sees the
+    other's store, so a delivery is finished by the consumer or by the
+    watchdog, never by both and never by neither.
+    """
+
+    __slots__ = (
+        "abandoned",
+        "attempt",
+        "batch",
+        "handler",
+        "lock",
+        "name",
+        "seqs",
+        "started",
+        "stopped",
+        "timeout",
+    )
+
+    def __init__(self, name: str, handler: str, timeout: float) -> None:
+        self.name = name
+        self.handler = handler
+        self.timeout = timeout
+        self.started = 0.0
+        self.abandoned = False
+        self.stopped = False
+        self.batch: Taken = []
+        self.attempt = 1
+        self.seqs: Sequence[int] = ()
+        """The seqs of the delivery taken over, once it was."""
+        self.lock = threading.Lock()
+
+    def lost(self) -> bool:
+        """Whether the watchdog took the call over; waits for its decision."""
+        with self.lock:
+            return self.abandoned
+
+    def take_over(self, now: float) -> bool:
+        """Abandon the call in progress if it has run ``timeout`` seconds.
+
+        Returns True when it did: the delivery in hand and the rest of
+        ``batch`` then belong to the caller, and the consumer thread, should
+        its call ever return, does nothing more.
+        """
+        started = self.started
+        if not started or now - started < self.timeout:
+            return False
+
+        with self.lock:
+            if self.abandoned:
+                return False
+            self.abandoned = True
+            if self.started != started:
+                # The call returned (or the next one began) meanwhile.
+                self.abandoned = False
+                return False
+        return True
+
+
+class Retry:
+    """A work-queue change whose attempt timed out, queued for the next one."""
+
+    __slots__ = ("attempts", "change", "error")
+
+    def __init__(self, change: EntityChanged, attempts: int, error: str) -> None:
+        self.change = change
+        self.attempts = attempts
+        self.error = error
+
+
+class Watchdog:
+    """Finds handler calls that run past their timeout, on a daemon thread.
+
+    The thread starts with the first :meth:`watch`, so a runtime without
+    timeouts runs none. It looks at every watched call
+    ``WATCHDOG_CHECKS_PER_TIMEOUT`` times per shortest timeout, so a call is
+    taken over at most a quarter of its timeout late. For each call it takes
+    over it runs ``on_overdue(owner, watch)`` on its own thread.
+    """
+
+    def __init__(self, on_overdue: Callable[[Any, CallWatch], None]) -> None:
+        self._on_overdue = on_overdue
+        self._watched: dict[CallWatch, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick = _MAX_TICK
+
+    def watch(self, watch: CallWatch, owner: Any) -> None:
+        """Watch the calls of one consumer actor; does nothing once stopped."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._watched[watch] = owner
+            tick = watch.timeout / WATCHDOG_CHECKS_PER_TIMEOUT
+            self._tick = min(self._tick, max(_MIN_TICK, tick))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="entity-runtime-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching and join the thread; harmless to call again."""
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def check(self, now: float) -> int:
+        """Take over every watched call overdue at ``now``; return how many."""
+        with self._lock:
+            watched = list(self._watched.items())
+
+        taken = 0
+        for watch, owner in watched:
+            if watch.stopped:
+                self._forget(watch)
+                continue
+            if not watch.take_over(now):
+                continue
+            taken += 1
+            self._forget(watch)
+            try:
+                self._on_overdue(owner, watch)
+            except Exception:
+                logger.exception(
+                    "watchdog: replacing consumer %s after a timeout failed",
+                    watch.name,
+                )
+        return taken
+
+    def _forget(self, watch: CallWatch) -> None:
+        with self._lock:
+            self._watched.pop(watch, None)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._tick):
+            self.check(_clock())
 
 
 def merge_changes(older: EntityChanged | None, newer: EntityChanged) -> Any:
@@ -113,10 +277,12 @@ class ConsumerActor(pykka.ThreadingActor):
         delivery_seconds: Any,
         restarts: Any = None,
         flush: Callable[[], None] | None = None,
+        watch: CallWatch | None = None,
     ) -> None:
         super().__init__()
         self._restarts = restarts
         self._flush = flush
+        self._watch = watch
         self.mailbox = mailbox
         self._process = process
         self._tracker = tracker
@@ -126,11 +292,18 @@ class ConsumerActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         thread_role.consumer = self.mailbox.name
 
+    def on_stop(self) -> None:
+        if self._watch is not None:
+            self._watch.stopped = True
+
     def on_receive(self, message: Any) -> None:
         if message != WAKE:
             logger.warning(
                 "consumer %s got an unexpected message %r", self.mailbox.name, message
             )
+            return
+        if self._watch is not None:
+            self._receive_watched(self._watch)
             return
 
         mailbox = self.mailbox
@@ -171,17 +344,79 @@ class ConsumerActor(pykka.ThreadingActor):
                 # for what the batch handed on.
                 self._flush()
         finally:
-            mine = mailbox.release(taken)
-            skipped = [seq for _, seqs, _ in mine[handled:] for seq in seqs]
-            if skipped:
+            self._release(taken, handled)
+
+    def _release(self, taken: Taken, handled: int) -> None:
+        mailbox = self.mailbox
+        mine = mailbox.release(taken)
+        skipped = [seq for _, seqs, _ in mine[handled:] for seq in seqs]
+        if skipped:
+            logger.warning(
+                "consumer %s: the runtime stopped delivery; %d deliveries "
+                "already taken are dropped (seqs %s)",
+                mailbox.name,
+                len(skipped),
+                ", ".join(map(str, skipped[:20])),
+            )
+        self._tracker.done([seq for _, seqs, _ in mine for seq in seqs])
+
+    def _receive_watched(self, watch: CallWatch) -> None:
+        if watch.abandoned and watch.lost():
+            return
+
+        mailbox = self.mailbox
+        while not self._abort.is_set():
+            taken = mailbox.take_many(TAKE_AT_ONCE)
+            if taken is None:
+                return
+            if not self._work_through_watched(taken, watch):
                 logger.warning(
-                    "consumer %s: the runtime stopped delivery; %d deliveries "
-                    "already taken are dropped (seqs %s)",
+                    "consumer %s: the handler call on seq=%s abandoned after its "
+                    "%g s timeout has returned; its thread stops without "
+                    "delivering anything more",
                     mailbox.name,
-                    len(skipped),
-                    ", ".join(map(str, skipped[:20])),
+                    ",".join(map(str, watch.seqs)),
+                    watch.timeout,
                 )
-            self._tracker.done([seq for _, seqs, _ in mine for seq in seqs])
+                return
+
+    def _work_through_watched(self, taken: Taken, watch: CallWatch) -> bool:
+        # _work_through, with the batch shown to the watchdog. Returns False
+        # once the watchdog has taken the batch over: the thread then leaves
+        # the tracker, the mailbox and every counter alone.
+        mailbox = self.mailbox
+        process, observe, clock = self._process, self._delivery_seconds.observe, _clock
+        watch.batch = taken
+        handled = 0
+        try:
+            for item, seqs, queued_at in taken:
+                if self._abort.is_set():
+                    break
+                mailbox.started = handled + 1
+                try:
+                    if item is not None:
+                        process(item)
+                except Exception:
+                    if watch.abandoned and watch.lost():
+                        return False
+                    if self._restarts is not None:
+                        self._restarts.inc()
+                    logger.exception(
+                        "consumer %s failed outside its handler on seqs=%s; the "
+                        "delivery is dropped and the consumer carries on",
+                        mailbox.name,
+                        seqs,
+                    )
+                if watch.abandoned and watch.lost():
+                    return False
+                observe(clock() - queued_at)
+                handled += 1
+            if self._flush is not None:
+                self._flush()
+        finally:
+            if not (watch.abandoned and watch.lost()):
+                self._release(taken, handled)
+        return True
 
 
 def broadcast_process(
@@ -189,49 +424,141 @@ def broadcast_process(
     name: str,
     handler: Callable[[EntityChanged], Any],
     metrics: RuntimeMetrics,
+    watch: CallWatch | None = None,
 ) -> Callable[[EntityChanged], None]:
-    """Build the step that hands one change to a broadcast subscriber."""
+    """Build the step that hands one change to a broadcast subscriber.
+
+    With a ``watch``, each call is shown to the watchdog; a call it abandoned
+    that raises later is neither counted nor logged again.
+    """
     errors = metrics.subscriber_errors.labels(kind, name)
+
+    def failed(change: EntityChanged, error: Exception) -> None:
+        errors.inc()
+        logger.error(
+            "subscriber %s failed on %s/%s seq=%d",
+            name,
+            change.kind,
+            change.id,
+            change.seq,
+            exc_info=error,
+        )
 
     def process(change: EntityChanged) -> None:
         try:
             call_handler(handler, change)
-        except Exception:
-            errors.inc()
-            logger.exception(
-                "subscriber %s failed on %s/%s seq=%d",
-                name,
-                change.kind,
-                change.id,
-                change.seq,
-            )
+        except Exception as err:
+            failed(change, err)
 
-    return process
+    if watch is None:
+        return process
+
+    def watched(change: EntityChanged) -> None:
+        watch.started = _clock()
+        try:
+            call_handler(handler, change)
+        except Exception as err:
+            watch.started = 0.0
+            if not (watch.abandoned and watch.lost()):
+                failed(change, err)
+        else:
+            watch.started = 0.0
+
+    return watched
+
+
+def broadcast_timed_out(
+    kind: str, name: str, metrics: RuntimeMetrics
+) -> Callable[[Any, CallWatch], None]:
+    """Build the step that accounts for a subscriber call that timed out."""
+
+    def timed_out(change: EntityChanged, watch: CallWatch) -> None:
+        metrics.subscriber_errors.labels(kind, name).inc()
+        metrics.handler_timeouts.labels(kind, name).inc()
+        logger.error(
+            "subscriber %s timed out on %s/%s seq=%d: no return within %g s; the "
+            "call is abandoned and a new consumer goes on with the next changes",
+            name,
+            change.kind,
+            change.id,
+            change.seq,
+            watch.timeout,
+        )
+
+    return timed_out
 
 
 def trigger_process(
     name: str,
     handler: Callable[[str, Any, EntityChanged], Any],
     metrics: RuntimeMetrics,
+    watch: CallWatch | None = None,
 ) -> Callable[[tuple[str, Any, EntityChanged]], None]:
-    """Build the step that hands one trigger event to a trigger handler."""
+    """Build the step that hands one trigger event to a trigger handler.
+
+    With a ``watch``, each call is shown to the watchdog, as for
+    :func:`broadcast_process`.
+    """
+
+    def failed(event: str, change: EntityChanged, error: Exception) -> None:
+        metrics.subscriber_errors.labels(change.kind, name).inc()
+        logger.error(
+            "trigger handler %s failed on %s for %s/%s seq=%d",
+            name,
+            event,
+            change.kind,
+            change.id,
+            change.seq,
+            exc_info=error,
+        )
 
     def process(item: tuple[str, Any, EntityChanged]) -> None:
         event, payload, change = item
         try:
             call_handler(handler, event, payload, change)
-        except Exception:
-            metrics.subscriber_errors.labels(change.kind, name).inc()
-            logger.exception(
-                "trigger handler %s failed on %s for %s/%s seq=%d",
-                name,
-                event,
-                change.kind,
-                change.id,
-                change.seq,
-            )
+        except Exception as err:
+            failed(event, change, err)
 
-    return process
+    if watch is None:
+        return process
+
+    def watched(item: tuple[str, Any, EntityChanged]) -> None:
+        event, payload, change = item
+        watch.started = _clock()
+        try:
+            call_handler(handler, event, payload, change)
+        except Exception as err:
+            watch.started = 0.0
+            if not (watch.abandoned and watch.lost()):
+                failed(event, change, err)
+        else:
+            watch.started = 0.0
+
+    return watched
+
+
+def trigger_timed_out(
+    name: str, metrics: RuntimeMetrics
+) -> Callable[[Any, CallWatch], None]:
+    """Build the step that accounts for a trigger handler call that timed out."""
+
+    def timed_out(item: tuple[str, Any, EntityChanged], watch: CallWatch) -> None:
+        event, _, change = item
+        metrics.subscriber_errors.labels(change.kind, name).inc()
+        metrics.handler_timeouts.labels(change.kind, name).inc()
+        logger.error(
+            "trigger handler %s timed out on %s for %s/%s seq=%d: no return within "
+            "%g s; the call is abandoned and a new consumer goes on with the next "
+            "events",
+            name,
+            event,
+            change.kind,
+            change.id,
+            change.seq,
+            watch.timeout,
+        )
+
+    return timed_out
 
 
 class WorkGroup:
@@ -242,6 +569,11 @@ class WorkGroup:
     after the group's backoff; after the last attempt the change becomes a dead
     letter. Retries wait on the consumer's own thread, which holds back the
     group's later changes: that is what keeps each id in order.
+
+    An attempt that the watchdog abandons (``timeout``) counts as failed: the
+    change is queued again ahead of the group's later changes as a
+    :class:`Retry`, which the replacement consumer picks up after the backoff,
+    or it is dead-lettered if that was the last attempt.
     """
 
     def __init__(
@@ -259,23 +591,43 @@ class WorkGroup:
         self._abort = abort
         self._dead_letter = dead_letter
 
-    def process(self, change: EntityChanged) -> None:
-        """Handle one change with retries; dead-letter it after the last try."""
+    def process(
+        self, item: EntityChanged | Retry, watch: CallWatch | None = None
+    ) -> None:
+        """Handle one change with retries; dead-letter it after the last try.
+
+        With a ``watch``, each attempt is shown to the watchdog, and ``item``
+        may be a :class:`Retry` of a change whose attempt timed out.
+        """
         handlers = self.handlers
         if not handlers:
             return
+        if isinstance(item, Retry):
+            change, attempt, last_error = item.change, item.attempts, item.error
+        else:
+            change, attempt, last_error = item, 0, ""
         name, handler = handlers[hash(change.id) % len(handlers)]
         spec = self.spec
         errors = self._metrics.subscriber_errors.labels(self.kind, name)
 
-        attempt = 0
-        last_error = ""
+        if attempt and self._abort.wait(spec.delay(attempt)):
+            # A retry after a timed-out attempt, cut short by stop().
+            stopped = f"runtime stopped before attempt {attempt + 1}; {last_error}"
+            self.bury(change, name, stopped, attempt)
+            return
         while attempt < spec.max_attempts:
             attempt += 1
+            if watch is not None:
+                watch.handler = name
+                watch.attempt = attempt
+                watch.started = _clock()
             try:
                 call_handler(handler, change)
-                return
             except Exception as err:
+                if watch is not None:
+                    watch.started = 0.0
+                    if watch.abandoned and watch.lost():
+                        return
                 errors.inc()
                 last_error = f"{type(err).__name__}: {err}"
                 logger.warning(
@@ -289,18 +641,55 @@ class WorkGroup:
                     spec.max_attempts,
                     exc_info=True,
                 )
+            else:
+                if watch is not None:
+                    watch.started = 0.0
+                return
             if attempt < spec.max_attempts and self._abort.wait(spec.delay(attempt)):
                 last_error = f"runtime stopped before attempt {attempt + 1}; " + (
                     last_error
                 )
                 break
 
+        self.bury(change, name, last_error, attempt)
+
+    def timed_out(self, item: EntityChanged | Retry, watch: CallWatch) -> Retry | None:
+        """Account for an attempt the watchdog abandoned.
+
+        Returns the :class:`Retry` to queue again, or ``None`` when that was
+        the last attempt and the change is now a dead letter.
+        """
+        change = item.change if isinstance(item, Retry) else item
+        name, attempt, spec = watch.handler, watch.attempt, self.spec
+        error = f"TimeoutError: timed out after {watch.timeout:g} s; call abandoned"
+        self._metrics.subscriber_errors.labels(self.kind, name).inc()
+        self._metrics.handler_timeouts.labels(self.kind, name).inc()
+        logger.error(
+            "work queue %s: %s timed out on %s/%s seq=%d (attempt %d of %d): no "
+            "return within %g s; the call is abandoned and a new consumer goes on",
+            spec.worker_group,
+            name,
+            change.kind,
+            change.id,
+            change.seq,
+            attempt,
+            spec.max_attempts,
+            watch.timeout,
+        )
+        if attempt < spec.max_attempts:
+            return Retry(change, attempt, error)
+        self.bury(change, name, error, attempt)
+        return None
+
+    def bury(self, change: EntityChanged, name: str, error: str, attempts: int) -> None:
+        """Record ``change`` as a dead letter of ``name``'s group."""
+        spec = self.spec
         letter = DeadLetter(
             worker_group=spec.worker_group,
             subscriber=name,
             change=change,
-            error=last_error,
-            attempts=attempt,
+            error=error,
+            attempts=attempts,
             failed_at=datetime.now(UTC),
         )
         self._metrics.dead_letters.labels(spec.worker_group).inc()
@@ -310,8 +699,8 @@ class WorkGroup:
             change.kind,
             change.id,
             change.seq,
-            attempt,
-            last_error,
+            attempts,
+            error,
         )
         self._dead_letter(letter)
 

@@ -142,6 +142,10 @@ Taken = list[tuple[Any, Sequence[int], float]]
 
 Merge = Callable[[Any, Any], Any]
 
+_PUT_BACK = object()
+# The key of a delivery queued again by ``Mailbox.hand_over``: never any
+# entity's, so no later delivery is folded into it.
+
 
 class Mailbox:
     """The bounded, optionally coalescing queue in front of one consumer actor.
@@ -191,7 +195,8 @@ class Mailbox:
         self.wake: Callable[[], None] = lambda: None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Deliveries not started yet: queued, or taken but not begun."""
+        return len(self._entries) + max(0, len(self._in_hand) - self.started)
 
     def put(self, key: Hashable, item: Any, seq: int) -> bool:
         """Queue one delivery; return False if the mailbox is closed."""
@@ -225,7 +230,7 @@ class Mailbox:
                 newest_of = self._newest
                 for key, item, seq in deliveries:
                     newest = newest_of.get(key)
-                    if newest is not None and len(entries) >= self.capacity:
+                    if newest is not None and len(self) >= self.capacity:
                         # NOTE: the entry keeps only its first seq open in the
                         # tracker: that seq is lower than every seq folded into
                         # it, so drain() still waits for the entry, and memory
@@ -255,13 +260,13 @@ class Mailbox:
 
     def wait_for_space(self, timeout: float) -> bool:
         """Wait until fewer than ``capacity`` deliveries wait; False on timeout."""
-        if len(self._entries) < self.capacity:
+        if len(self) < self.capacity:
             return True
         deadline = time.monotonic() + timeout
         with self._cond:
             self._space_waiters += 1
             try:
-                while len(self._entries) >= self.capacity and not self._closed:
+                while len(self) >= self.capacity and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
@@ -295,8 +300,6 @@ class Mailbox:
                 if newest_of and newest_of.get(key) is entry:
                     del newest_of[key]
                 taken.append((item, seqs, queued_at))
-            if self._space_waiters and len(entries) < self.capacity:
-                self._cond.notify_all()
             self._in_hand = taken
             self.started = 0
             return taken
@@ -309,11 +312,51 @@ class Mailbox:
         (``started`` counts them) are left to the consumer.
         """
         with self._cond:
+            if self._space_waiters:
+                self._cond.notify_all()
             if self._in_hand is taken:
                 self._in_hand = []
                 return taken
             # A delivery started after close() claimed it stays the closer's.
             return taken[: self._claimed_from]
+
+    def hand_over(
+        self, taken: Taken, position: int, retry: Any = None
+    ) -> tuple[list[int], bool]:
+        """Take ``taken`` over from a consumer abandoned at ``position``.
+
+        For a consumer whose handler call timed out: the deliveries before
+        ``position`` are finished, and so is the one at ``position`` unless
+        ``retry`` (the item to try it again with) is given. The rest (the
+        retry first) are queued again ahead of everything waiting, in their
+        order, so a replacement consumer sees them before anything queued
+        later; their seqs stay open and are not counted again, and nothing is
+        ever folded into them. The caller wakes the replacement.
+
+        If :meth:`close` came first, the deliveries it claimed are the
+        closer's and nothing is queued again.
+
+        Returns:
+            The seqs the caller must close, and whether ``retry`` was queued.
+        """
+        with self._cond:
+            if self._in_hand is not taken:
+                mine = taken[: self._claimed_from]
+                return [seq for _, seqs, _ in mine for seq in seqs], False
+
+            self._in_hand = []
+            _, stuck, stuck_at = taken[position]
+            done = [seq for _, seqs, _ in taken[:position] for seq in seqs]
+            rest = taken[position + 1 :]
+            if retry is None:
+                done.extend(stuck)
+            else:
+                rest.insert(0, (retry, stuck, stuck_at))
+            entries = self._entries
+            for item, seqs, queued_at in reversed(rest):
+                entries.appendleft([_PUT_BACK, item, seqs, queued_at])
+            self._scheduled = True
+            return done, retry is not None
 
     def close(self) -> list[tuple[Any, list[int]]]:
         """Refuse further deliveries and return (and forget) what still waits.

@@ -20,17 +20,21 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import pykka
 
 from actors._consumers import (
+    CallWatch,
     ConsumerActor,
     Deriver,
     DeriverStage,
+    Watchdog,
     WorkGroup,
     broadcast_process,
+    broadcast_timed_out,
     call_handler,
     handler_name,
     keep_newer,
     merge_changes,
     thread_role,
     trigger_process,
+    trigger_timed_out,
 )
 from actors._kind import (
     MUTATE,
@@ -119,12 +123,16 @@ class StopReport:
         unpublished: committed changes the bus could not publish before it
             was closed (other instances never see them; always 0 without a
             bus).
+        abandoned: consumers with a handler call that was abandoned after
+            its timeout and had still not returned at the end (its daemon
+            thread is left behind; the delivery was already accounted for).
     """
 
     clean: bool
     undelivered: tuple[tuple[str, int], ...] = ()
     stuck_consumers: tuple[str, ...] = ()
     unpublished: int = 0
+    abandoned: tuple[str, ...] = ()
 
 
 class Unsubscribe:
@@ -142,18 +150,34 @@ class Unsubscribe:
 
 
 class _Consumer:
-    """One consumer actor and its mailbox (subscriber, trigger handler, ...)."""
+    """One consumer actor and its mailbox (subscriber, trigger handler, ...).
+
+    With a ``timeout``, each actor started for it gets a :class:`CallWatch`
+    and runs the process step ``watched(watch)`` builds; ``timed_out(item,
+    watch)`` accounts for a delivery whose call the watchdog abandoned and
+    returns what to queue again (a work queue's retry) or ``None``.
+    """
 
     def __init__(
         self,
         mailbox: Mailbox,
         process: Callable[[Any], None],
         flush: Callable[[], None] | None = None,
+        *,
+        label: str = "",
+        timeout: float | None = None,
+        watched: Callable[[CallWatch], Callable[[Any], None]] | None = None,
+        timed_out: Callable[[Any, CallWatch], Any] | None = None,
     ) -> None:
         self.mailbox = mailbox
         self.process = process
         self.flush = flush
         self.ref: pykka.ActorRef[Any] | None = None
+        self.label = label
+        self.timeout = timeout if watched is not None else None
+        self.watched = watched
+        self.timed_out = timed_out
+        self.watch: CallWatch | None = None
 
 
 class _Feed:
@@ -540,6 +564,10 @@ class Runtime:
         partitions: a ``runtime.PartitionMap`` naming the bus's instance:
             writes for ids another instance owns are refused with
             ``NotOwnerError`` before anything is queued. Needs ``bus``.
+        handler_timeout: seconds a subscriber or trigger handler call may run
+            before it is treated as failed, for subscriptions that give no
+            ``timeout`` of their own; ``None`` (the default) sets no limit.
+            See ``on_entity_changed``.
     """
 
     def __init__(
@@ -564,9 +592,13 @@ class Runtime:
         metrics: bool = True,
         bus: RedisBus | None = None,
         partitions: PartitionMap | None = None,
+        handler_timeout: float | None = None,
     ) -> None:
         if mailbox_size < 1:
             raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
+        self._handler_timeout = _check_timeout("handler_timeout", handler_timeout)
+        self._watchdog = Watchdog(self._take_over)
+        self._abandoned: list[CallWatch] = []
         if partitions is not None:
             if bus is None:
                 raise DefinitionError(
@@ -798,6 +830,7 @@ class Runtime:
         delivery: Broadcast | WorkQueue | None = None,
         *,
         name: str | None = None,
+        timeout: float | None = None,
     ) -> Unsubscribe:
         """Subscribe a handler to every change of a kind.
 
@@ -806,6 +839,18 @@ class Runtime:
         ``work_queue``) retried, then dead-lettered. If it falls more than the
         mailbox size behind, queued changes of one id are folded into one
         (``prev`` of the oldest, ``next`` of the newest), and counted.
+
+        A call that runs longer than ``timeout`` seconds (default: the
+        runtime's ``handler_timeout``; ``None`` there too means no limit) is
+        treated like one that raised: logged at ERROR, counted in
+        ``entity_runtime_subscriber_errors_total`` and
+        ``entity_runtime_handler_timeouts_total``, and for a work queue
+        retried (the timeout applies to each attempt), then dead-lettered. The
+        stuck call is abandoned, not interrupted: a new actor takes over the
+        mailbox and goes on with the next changes in order, and whatever the
+        old call does when it returns is ignored (its side effects stay).
+        Handlers of one worker group share one timeout. With a bus, a work
+        queue takes no timeout.
 
         With a bus, a ``broadcast()`` handler also receives the changes other
         instances commit (in per-id order per instance, resuming after a
@@ -826,17 +871,33 @@ class Runtime:
                 f"{kind}: delivery must be broadcast() or work_queue(...), "
                 f"got {delivery!r}"
             )
+        given = _check_timeout(f"{kind}: timeout", timeout, "; nothing subscribed")
+        on_bus = self.bus is not None
+        if given is not None and on_bus and isinstance(delivery, WorkQueue):
+            raise DefinitionError(
+                f"{kind}: work queue {delivery.worker_group!r} runs on the bus, "
+                f"which has no handler timeout; got timeout={timeout!r}; nothing "
+                "subscribed"
+            )
+        seconds = self._handler_timeout if given is None else given
         label = name or handler_name(handler)
 
         with self._lock:
             self._check_usable("subscribe")
             entry = self._kind(kind)
             if isinstance(delivery, WorkQueue):
-                return self._join_work_group(entry, delivery, label, handler)
+                return self._join_work_group(entry, delivery, label, handler, seconds)
 
             mailbox = self._mailbox(f"subscriber:{kind}:{label}", merge_changes)
             consumer = _Consumer(
-                mailbox, broadcast_process(kind, label, handler, self.metrics)
+                mailbox,
+                broadcast_process(kind, label, handler, self.metrics),
+                label=label,
+                timeout=seconds,
+                watched=lambda watch: broadcast_process(
+                    kind, label, handler, self.metrics, watch
+                ),
+                timed_out=broadcast_timed_out(kind, label, self.metrics),
             )
             self._consumers.append(consumer)
             if self._state == _RUNNING:
@@ -852,23 +913,38 @@ class Runtime:
         handler: Callable[[str, Any, EntityChanged], Any],
         *,
         name: str | None = None,
+        timeout: float | None = None,
     ) -> Unsubscribe:
         """Subscribe ``handler(event, payload, change)`` to a trigger event.
 
         Runs on its own actor like a subscriber; if it falls more than the
         mailbox size behind, queued events of the same name and id are folded
-        into the newest one, and counted.
+        into the newest one, and counted. A call that runs longer than
+        ``timeout`` seconds (default: the runtime's ``handler_timeout``) is
+        abandoned and counted as failed, as for a broadcast subscriber (see
+        ``on_entity_changed``); the event is not retried.
         """
         if not isinstance(event, str) or not event:
             raise DefinitionError(f"event must be a non-empty string, got {event!r}")
         if not callable(handler):
             raise DefinitionError(f"{event}: handler must be callable, got {handler!r}")
+        given = _check_timeout(f"{event}: timeout", timeout, "; nothing subscribed")
+        seconds = self._handler_timeout if given is None else given
         label = name or handler_name(handler)
 
         with self._lock:
             self._check_usable("subscribe")
             mailbox = self._mailbox(f"trigger:{event}:{label}", keep_newer)
-            consumer = _Consumer(mailbox, trigger_process(label, handler, self.metrics))
+            consumer = _Consumer(
+                mailbox,
+                trigger_process(label, handler, self.metrics),
+                label=label,
+                timeout=seconds,
+                watched=lambda watch: trigger_process(
+                    label, handler, self.metrics, watch
+                ),
+                timed_out=trigger_timed_out(label, self.metrics),
+            )
             self._consumers.append(consumer)
             if self._state == _RUNNING:
                 self._start_consumer(consumer)
@@ -971,6 +1047,9 @@ class Runtime:
             entry.refs = []
             entry.queues = []
 
+        # No consumer is replaced from here on: what a stuck call still holds
+        # is reported below like any other stuck consumer's.
+        self._watchdog.stop()
         self._abort.set()
         undelivered: list[tuple[str, int]] = []
         for consumer in self._all_consumers():
@@ -983,12 +1062,20 @@ class Runtime:
         self._close_data_dir()
         self.metrics.close()
 
+        abandoned = sorted({w.name for w in self._abandoned if not w.stopped})
         report = StopReport(
-            clean=not undelivered and not stuck and not unpublished,
+            clean=not undelivered and not stuck and not unpublished and not abandoned,
             undelivered=tuple(undelivered),
             stuck_consumers=tuple(stuck),
             unpublished=unpublished,
+            abandoned=tuple(abandoned),
         )
+        if abandoned:
+            logger.warning(
+                "runtime stopped while handler calls abandoned after their timeout "
+                "still ran in: %s; their daemon threads are left behind",
+                ", ".join(abandoned),
+            )
         if undelivered:
             logger.warning(
                 "runtime stopped with %d deliveries undelivered (first: %s)",
@@ -1400,24 +1487,74 @@ class Runtime:
             return None
         return data_dir.sync
 
-    def _start_consumer(self, consumer: _Consumer) -> None:
+    def _start_consumer(self, consumer: _Consumer, *, replacing: bool = False) -> None:
         if consumer.ref is not None:
             return
         mailbox = consumer.mailbox
+        process, watch = consumer.process, None
+        if consumer.timeout is not None and consumer.watched is not None:
+            watch = CallWatch(mailbox.name, consumer.label, consumer.timeout)
+            process = consumer.watched(watch)
         ref = ConsumerActor.start(
             mailbox,
-            consumer.process,
+            process,
             self._tracker,
             self._abort,
             self.metrics.delivery_seconds,
             self.metrics.actor_restarts.labels(mailbox.name),
             consumer.flush,
+            watch=watch,
         )
         consumer.ref = ref
+        consumer.watch = watch
         mailbox.wake = functools.partial(_wake, ref, mailbox.name)
         self.metrics.watch_mailbox(mailbox.name, lambda: len(mailbox))
-        if len(mailbox):
+        if watch is not None:
+            self._watchdog.watch(watch, (consumer, ref))
+        # A replacement is always woken: the mailbox is still marked as
+        # scheduled by the actor it replaces, so no put would wake it.
+        if replacing or len(mailbox):
             mailbox.wake()
+
+    def _take_over(self, owner: Any, watch: CallWatch) -> None:
+        """Replace a consumer actor whose handler call ran past its timeout.
+
+        Runs on the watchdog's thread once ``watch.take_over`` has decided.
+        The stuck delivery is accounted for by the consumer's ``timed_out``
+        (failed, or a work queue's retry); the rest of the abandoned batch goes
+        back to the front of the mailbox, and a new actor carries on with it.
+        """
+        consumer, old = owner
+        mailbox = consumer.mailbox
+        batch, watch.batch = watch.batch, []
+        position = mailbox.started - 1
+        item, watch.seqs, _ = batch[position]
+        assert consumer.timed_out is not None
+        retry = consumer.timed_out(item, watch)
+
+        with self._lock:
+            done, requeued = mailbox.hand_over(batch, position, retry)
+            self._tracker.done(done)
+            self._abandoned = [w for w in self._abandoned if not w.stopped]
+            self._abandoned.append(watch)
+            if consumer.ref is old and not self._abort.is_set():
+                consumer.ref = None
+                self._start_consumer(consumer, replacing=True)
+            elif retry is not None and not requeued:
+                logger.warning(
+                    "consumer %s ended while its call was stuck; the timed-out "
+                    "delivery (seq=%s) is not retried",
+                    mailbox.name,
+                    ",".join(map(str, watch.seqs)),
+                )
+
+        # The abandoned actor is no longer the runtime's: it leaves the
+        # registry now and stops as soon as its call returns, if ever.
+        pykka.ActorRegistry.unregister(old)
+        try:
+            old.stop(block=False)
+        except pykka.ActorDeadError:
+            logger.debug("abandoned consumer of %s had already stopped", mailbox.name)
 
     def _stop_consumers(self, consumers: list[_Consumer], deadline: float) -> list[str]:
         futures = []
@@ -1441,10 +1578,27 @@ class Runtime:
         spec: WorkQueue,
         label: str,
         handler: Callable[[EntityChanged], Any],
+        timeout: float | None,
     ) -> Unsubscribe:
+        kind = entry.definition.kind
         if self.bus is not None:
+            if timeout is not None:
+                logger.warning(
+                    "%s: work queue %s runs on the bus, which has no handler "
+                    "timeout; handler_timeout=%g s does not apply to %s",
+                    kind,
+                    spec.worker_group,
+                    timeout,
+                    label,
+                )
             return self._join_bus_group(entry, spec, label, handler)
         found = entry.groups.get(spec.worker_group)
+        if found is not None and found[1].timeout != timeout:
+            raise DefinitionError(
+                f"{kind}: worker group {spec.worker_group!r} has timeout "
+                f"{found[1].timeout!r}, and its handlers share one consumer; got "
+                f"timeout {timeout!r} for {label}; nothing subscribed"
+            )
         if found is None:
             group = WorkGroup(
                 entry.definition.kind,
@@ -1457,7 +1611,14 @@ class Runtime:
                 f"work_queue:{entry.definition.kind}:{spec.worker_group}",
                 merge_changes,
             )
-            consumer = _Consumer(mailbox, group.process)
+            consumer = _Consumer(
+                mailbox,
+                group.process,
+                label=spec.worker_group,
+                timeout=timeout,
+                watched=functools.partial(_watched_group, group),
+                timed_out=group.timed_out,
+            )
             entry.groups[spec.worker_group] = (group, consumer)
             if self._state == _RUNNING:
                 self._start_consumer(consumer)
@@ -1803,6 +1964,27 @@ class Runtime:
                     self._waiters[key] = left
                 else:
                     self._waiters.pop(key, None)
+
+
+def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
+    if value is None:
+        return None
+    seconds = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise DefinitionError(
+            f"{what} must be a positive, finite number of seconds or None (no "
+            f"limit), got {value!r}{outcome}"
+        )
+    return seconds
+
+
+def _watched_group(group: WorkGroup, watch: CallWatch) -> Callable[[Any], None]:
+    return functools.partial(group.process, watch=watch)
 
 
 def _stop_at_exit(ref: weakref.ref[Runtime]) -> None:

@@ -305,6 +305,13 @@ class RuntimeMetrics:
             ["worker_group"],
             registry=r,
         )
+        self.handler_timeouts = Counter(
+            "entity_runtime_handler_timeouts",
+            "Subscriber and trigger handler calls abandoned after running past "
+            "their timeout (also counted in entity_runtime_subscriber_errors).",
+            ["kind", "subscriber"],
+            registry=r,
+        )
         self.coalesced = FastCounter(
             "entity_runtime_coalesced",
             "Queued deliveries folded into a newer one of the same id because "
