@@ -51,7 +51,7 @@ thread_role = _ThreadRole()
 def call_handler(handler: Callable[..., Any], *args: Any) -> None:
     """Call a handler; run it to completion if it returns an awaitable."""
     result = handler(*args)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
 
         async def _finish() -> Any:
             return await result
@@ -315,11 +315,12 @@ class ConsumerActor(pykka.ThreadingActor):
 
     def _work_through(self, taken: Taken) -> None:
         mailbox = self.mailbox
-        process, observe, clock = self._process, self._delivery_seconds.observe, _clock
+        process, aborted, clock = self._process, self._abort.is_set, _clock
+        waited = []
         handled = 0
         try:
             for item, seqs, queued_at in taken:
-                if self._abort.is_set():
+                if aborted():
                     break
                 mailbox.started = handled + 1
                 try:
@@ -337,13 +338,14 @@ class ConsumerActor(pykka.ThreadingActor):
                         mailbox.name,
                         seqs,
                     )
-                observe(clock() - queued_at)
+                waited.append(clock() - queued_at)
                 handled += 1
             if self._flush is not None:
                 # Before the batch's seqs are closed, so drain() also waits
                 # for what the batch handed on.
                 self._flush()
         finally:
+            self._delivery_seconds.observe_many(waited)
             self._release(taken, handled)
 
     def _release(self, taken: Taken, handled: int) -> None:
@@ -737,10 +739,8 @@ class DeriverStage:
         for deriver in self.derivers:
             try:
                 names = deriver.derive(change)
-                if not isinstance(names, str):
-                    names = list(names)
-                if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-                    raise TypeError(f"must return a list of event names, got {names!r}")
+                if type(names) is not list or not _all_str(names):
+                    names = _event_names(names)
             except Exception:
                 self._errors.inc()
                 logger.exception(
@@ -756,7 +756,9 @@ class DeriverStage:
 
         fired = []
         pattern = (
-            None if self._secrets is None else self._secrets.pattern(change.run_id)
+            None
+            if self._secrets is None or change.run_id is None
+            else self._secrets.pattern(change.run_id)
         )
         for event, deriver in chosen.items():
             if deriver.to_payload is None:
@@ -805,6 +807,19 @@ class DeriverStage:
         held, self._held = self._held, {}
         for box, deliveries in held.items():
             box.put_many(deliveries)
+
+
+def _all_str(names: list[Any]) -> bool:
+    return all(type(name) is str for name in names)
+
+
+def _event_names(names: Any) -> list[str]:
+    """Check a deriver's answer that is not plainly a list of str."""
+    if not isinstance(names, str):
+        names = list(names)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"must return a list of event names, got {names!r}")
+    return names  # type: ignore[no-any-return]
 
 
 class Deriver:
