@@ -7,11 +7,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 from runtime._engine import check_timestamp
 from runtime._errors import EntityRuntimeError
-from runtime._events import ReadOnlyDict, Transition, freeze
+from runtime._events import ReadOnlyDict, freeze
 from runtime._log import TransitionLog
 from runtime._persistence import (
     CorruptFileError,
@@ -268,32 +269,22 @@ def restore_into_log(log: TransitionLog, changes: Iterable[ChangeRecord]) -> int
     """Append restored changes to an empty log; return how many."""
     count = 0
     for change in changes:
-        spec = [[f, freeze(before), freeze(after)] for f, before, after in change.rows]
+        spec = [
+            [None if f is None else intern(f), freeze(before), freeze(after)]
+            for f, before, after in change.rows
+        ]
         log.append_rows(
             change.seq,
             change.kind,
             change.id,
             change.ts,
-            change.actor,
-            change.run_id,
+            intern(change.actor),
+            None if change.run_id is None else intern(change.run_id),
             spec,
             change.changed_fields,
         )
         count += 1
     return count
-
-
-def _encode_change(rows: tuple[Transition, ...]) -> list[Any]:
-    first = rows[0]
-    return [
-        first.seq,
-        first.kind,
-        first.id,
-        first.timestamp,
-        first.actor,
-        first.run_id,
-        [[r.field, r.before, r.after] for r in rows],
-    ]
 
 
 class DataDir:
@@ -430,7 +421,7 @@ class DataDir:
                     kind: {"store_backed": backed, "states": states}
                     for kind, (backed, states) in kinds.items()
                 },
-                "changes": [_encode_change(rows) for rows in changes],
+                "changes": list(changes.encoded()),
             }
             path = write_snapshot(self.directory, seq, payload, trusted=True)
             self.last_snapshot_seq = seq
