@@ -328,6 +328,7 @@ class Agent:
             journal_fsync=journal_fsync,
             retention_max_rows=retention_rows,
             stop_timeout=30.0,
+            freeze_gc=True,
         )
         self._define(self.runtime)
         self._last_at: dict[str, float] = {}

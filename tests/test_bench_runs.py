@@ -258,7 +258,7 @@ def test_the_pytest_benchmark_scenarios_still_run() -> None:
     assert "8 passed" in done.stdout
 
 
-def test_the_persistence_and_metrics_benchmarks_still_run(tmp_path: Path) -> None:
+def test_the_persistence_metrics_and_gc_benchmarks_still_run(tmp_path: Path) -> None:
     persistence = subprocess.run(
         [
             sys.executable,
@@ -290,8 +290,19 @@ def test_the_persistence_and_metrics_benchmarks_still_run(tmp_path: Path) -> Non
         cwd=ROOT,
     )
 
+    collector = subprocess.run(
+        [sys.executable, "-m", "bench.bench_gc", "--entities", "500", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+
     assert persistence.returncode == 0, persistence.stderr
     report = json.loads((tmp_path / "persistence.json").read_text())
     assert report
     assert metrics.returncode == 0, metrics.stderr
     assert metrics.stdout.strip()
+    assert collector.returncode == 0, collector.stderr
+    assert collector.stdout.startswith("500 entities: full collection ")
