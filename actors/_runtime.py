@@ -358,11 +358,6 @@ class EntityHandle(Generic[S]):
         Mutations of one id submitted from one thread are applied in
         submission order.
         """
-        if not callable(apply):
-            raise DefinitionError(
-                f"{self.kind}/{entity_id}: apply must be callable, got {apply!r}; "
-                "nothing recorded"
-            )
         return self._rt._submit(self.kind, MUTATE, entity_id, apply, actor, run_id, at)
 
     def mutate_many(
@@ -426,11 +421,6 @@ class EntityHandle(Generic[S]):
         at: datetime | float | None = None,
     ) -> MutationFuture[bool]:
         """Submit a removal without waiting; see :meth:`remove`."""
-        if apply is not None and not callable(apply):
-            raise DefinitionError(
-                f"{self.kind}/{entity_id}: apply must be callable or None, got "
-                f"{apply!r}; nothing recorded"
-            )
         return self._rt._submit(self.kind, REMOVE, entity_id, apply, actor, run_id, at)
 
     def get(self, entity_id: str) -> ReadOnlyDict | None:
@@ -1823,6 +1813,13 @@ class Runtime:
             _refuse_secret_in_id(kind, entity_id, run_id, pattern)
         check_entity_id(kind, entity_id)
         _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id, pattern)
+        if not callable(apply) and (op == MUTATE or apply is not None):
+            shown = repr(apply) if pattern is None else mask_text(repr(apply), pattern)
+            needed = "callable" if op == MUTATE else "callable or None"
+            raise DefinitionError(
+                f"{kind}/{entity_id}: apply must be {needed}, got {shown}; "
+                "nothing recorded"
+            )
         if self.partitions is not None:
             self.partitions.check_owner(self._instance_id, kind, entity_id)
         ts = None if at is None else to_timestamp(at, self.clock)

@@ -267,6 +267,24 @@ REFUSED_WRITES: list[tuple[str, Write, type[Exception], str]] = [
         r"^ticket: actor 'bot:\*\*\*' contains a secret of run run-1",
     ),
     (
+        "a non-callable apply for an id containing a secret",
+        lambda h: h.mutate(f"t-{TOKEN}", "not callable", run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id 't-\*\*\*' contains a secret of run run-1",
+    ),
+    (
+        "a non-callable apply holding a secret",
+        lambda h: h.mutate("t-1", f"key {TOKEN}", run_id="run-1"),
+        DefinitionError,
+        r"^ticket/t-1: apply must be callable, got 'key \*\*\*'; nothing recorded$",
+    ),
+    (
+        "a non-callable remove apply holding a secret",
+        lambda h: h.remove_async("t-1", [TOKEN], run_id="run-1"),
+        DefinitionError,
+        r"^ticket/t-1: apply must be callable or None, got \['\*\*\*'\]",
+    ),
+    (
         "mutate_many with a malformed item holding a secret",
         lambda h: h.mutate_many(
             [("t-2", _keep), (f"t-{TOKEN}", "not callable")], run_id="run-1"
