@@ -298,11 +298,13 @@ class RequestQueue:
         """Resolves the futures of the requests queued here."""
         self._lock = threading.Lock()
         self._requests: deque[Request] = deque()
+        self._backlog: deque[Request] = deque()
+        """Requests already taken from the shared queue; only the actor uses it."""
         self._scheduled = False
         self.wake: Callable[[], None] = lambda: None
 
     def __len__(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._backlog)
 
     def put(self, request: Request) -> None:
         """Queue one request, waking the actor if it is idle."""
@@ -325,25 +327,34 @@ class RequestQueue:
     def take_all(self) -> deque[Request] | None:
         """Take every waiting request; ``None`` (and idle) when there are none."""
         with self._lock:
-            if not self._requests:
+            taken, self._backlog = self._backlog, deque()
+            taken.extend(self._requests)
+            self._requests.clear()
+            if not taken:
                 self._scheduled = False
                 return None
-            taken, self._requests = self._requests, deque()
             return taken
 
     def take(self, limit: int) -> list[Request] | None:
-        """Take up to ``limit`` of the oldest requests; ``None`` (and idle) if none."""
-        with self._lock:
-            requests = self._requests
-            if not requests:
-                self._scheduled = False
-                return None
-            if len(requests) <= limit:
-                taken = list(requests)
-                requests.clear()
-                return taken
-            popleft = requests.popleft
-            return [popleft() for _ in range(limit)]
+        """Take up to ``limit`` of the oldest requests; ``None`` (and idle) if none.
+
+        Everything waiting is moved out of the shared queue in one swap, so
+        writers never wait for the lock while the actor copies requests out.
+        """
+        backlog = self._backlog
+        if not backlog:
+            with self._lock:
+                if not self._requests:
+                    self._scheduled = False
+                    return None
+                backlog, self._requests = self._requests, deque()
+            self._backlog = backlog
+        if len(backlog) <= limit:
+            taken = list(backlog)
+            backlog.clear()
+            return taken
+        popleft = backlog.popleft
+        return [popleft() for _ in range(limit)]
 
 
 _Outcome = tuple[Request, Any, EntityChanged | None, BaseException | None]

@@ -27,12 +27,16 @@ class DeliveryTracker:
         self._cond = threading.Condition(threading.Lock())
         self._open: dict[int, int] = {}
         self._waiting = 0
+        # Admission has a lock of its own, held only for a few integer
+        # operations: every write takes it, and it must not queue behind the
+        # delivery bookkeeping that kind actors and consumers do under _cond.
+        self._count_lock = threading.Lock()
         self._pending = 0
         self._admission = self.CLOSED
 
     def set_admission(self, mode: int) -> None:
         """Open or close the gate for new mutations (see ``admit``)."""
-        with self._cond:
+        with self._count_lock:
             self._admission = mode
 
     def admit(self, internal: bool, count: int = 1) -> bool:
@@ -42,7 +46,7 @@ class DeliveryTracker:
         consumer threads (``internal``) are let in, so that subscribers can
         finish the cascades of changes that were committed before the stop.
         """
-        with self._cond:
+        with self._count_lock:
             mode = self._admission
             if mode == self.ACCEPTING or (mode == self.INTERNAL_ONLY and internal):
                 self._pending += count
@@ -51,16 +55,16 @@ class DeliveryTracker:
 
     def finish_mutation(self) -> None:
         """Mark one admitted mutation as finished (committed or failed)."""
-        with self._cond:
-            self._pending -= 1
-            if self._waiting:
-                self._cond.notify_all()
+        self.finish_mutations(1)
 
     def finish_mutations(self, count: int) -> None:
         """Mark ``count`` admitted mutations as finished."""
-        with self._cond:
+        with self._count_lock:
             self._pending -= count
-            if self._waiting:
+        if self._waiting:
+            # A waiter holds _cond from its check of _pending until it sleeps,
+            # so this notification cannot fall between the two.
+            with self._cond:
                 self._cond.notify_all()
 
     def wait_mutations(self, timeout: float | None) -> bool:

@@ -1812,7 +1812,10 @@ class Runtime:
         if pattern is not None:
             _refuse_secret_in_id(kind, entity_id, run_id, pattern)
         check_entity_id(kind, entity_id)
-        _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id, pattern)
+        if run_id is not None or type(actor) is not str or actor not in _ACTORS_SEEN:
+            _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id, pattern)
+            if len(_ACTORS_SEEN) < _ACTORS_REMEMBERED:
+                _ACTORS_SEEN.add(actor)
         if not callable(apply) and (op == MUTATE or apply is not None):
             shown = repr(apply) if pattern is None else mask_text(repr(apply), pattern)
             needed = "callable" if op == MUTATE else "callable or None"
@@ -2033,6 +2036,16 @@ def _refuse_secret_in_id(
             f"contains a secret of run {run_id}; ids are keys and are never "
             "masked, so they must not contain one",
         )
+
+
+_ACTORS_SEEN: set[str] = {SYSTEM_ACTOR}
+"""Actor strings that passed ``_check_actor_and_run``, to skip the check next time.
+
+Only the actor's own format is remembered: a write with a ``run_id`` (whose
+secrets may forbid the actor) is always checked in full.
+"""
+
+_ACTORS_REMEMBERED = 4096
 
 
 def _check_actor_and_run(
