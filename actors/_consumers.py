@@ -14,6 +14,7 @@ import pykka
 from actors._mailbox import DeliveryTracker, Mailbox, Taken
 from runtime._delivery import DeadLetter, WorkQueue
 from runtime._diff import diff_states
+from runtime._errors import HandlerExitError
 from runtime._events import EntityChanged, ReadOnlyDict
 from runtime._metrics import RuntimeMetrics
 from runtime._secrets import RunSecrets, mask_value
@@ -49,14 +50,42 @@ thread_role = _ThreadRole()
 
 
 def call_handler(handler: Callable[..., Any], *args: Any) -> None:
-    """Call a handler; run it to completion if it returns an awaitable."""
-    result = handler(*args)
-    if result is not None and inspect.isawaitable(result):
+    """Call a handler; run it to completion if it returns an awaitable.
 
-        async def _finish() -> Any:
-            return await result
+    Raises:
+        HandlerExitError: the handler raised something that is not an
+            ``Exception`` (``SystemExit``, ``KeyboardInterrupt``, ...), which
+            would otherwise stop every actor of the process.
+    """
+    try:
+        result = handler(*args)
+        if result is not None and inspect.isawaitable(result):
 
-        asyncio.run(_finish())
+            async def _finish() -> Any:
+                return await result
+
+            asyncio.run(_finish())
+    except Exception:
+        raise
+    except BaseException as exit_:
+        raise _exit_error(exit_) from exit_
+
+
+def call_user(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a deriver or payload mapper; see :func:`call_handler` on exits."""
+    try:
+        return function(*args)
+    except Exception:
+        raise
+    except BaseException as exit_:
+        raise _exit_error(exit_) from exit_
+
+
+def _exit_error(exit_: BaseException) -> HandlerExitError:
+    return HandlerExitError(
+        f"raised {type(exit_).__name__}({exit_}); on a runtime thread this is a "
+        "failed call, not a way to stop the program"
+    )
 
 
 def handler_name(handler: Callable[..., Any]) -> str:
@@ -358,7 +387,7 @@ class ConsumerActor(pykka.ThreadingActor):
                 "already taken are dropped (seqs %s)",
                 mailbox.name,
                 len(skipped),
-                ", ".join(map(str, skipped[:20])),
+                ", ".join(map(str, skipped)),
             )
         self._tracker.done([seq for _, seqs, _ in mine for seq in seqs])
 
@@ -738,7 +767,7 @@ class DeriverStage:
         chosen: dict[str, Deriver] = {}
         for deriver in self.derivers:
             try:
-                names = deriver.derive(change)
+                names = call_user(deriver.derive, change)
                 if type(names) is not list or not _all_str(names):
                     names = _event_names(names)
             except Exception:
@@ -765,7 +794,7 @@ class DeriverStage:
                 fired.append((event, change))
                 continue
             try:
-                payload = deriver.to_payload(change)
+                payload = call_user(deriver.to_payload, change)
                 if pattern is not None:
                     payload = mask_value(payload, pattern)
                 fired.append((event, payload))
@@ -806,7 +835,15 @@ class DeriverStage:
         """Queue the trigger events held since the last flush, one lock per box."""
         held, self._held = self._held, {}
         for box, deliveries in held.items():
-            box.put_many(deliveries)
+            if not box.put_many(deliveries):
+                logger.error(
+                    "%s: %d trigger events derived after %s was closed (the runtime "
+                    "is stopping) are not delivered: %s",
+                    self.kind,
+                    len(deliveries),
+                    box.name,
+                    ", ".join(f"{item[0]} seq={seq}" for _, item, seq in deliveries),
+                )
 
 
 def _all_str(names: list[Any]) -> bool:

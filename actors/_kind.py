@@ -393,9 +393,12 @@ class KindActor(pykka.ThreadingActor):
         requests: RequestQueue,
         sync: Callable[[], None] | None = None,
         restarts: Any = None,
+        abort: threading.Event | None = None,
     ) -> None:
         super().__init__()
         self._restarts = restarts
+        self._abort = abort
+        self._stalled = False
         self.requests = requests
         self._sync = sync
         self.engine = engine
@@ -487,23 +490,55 @@ class KindActor(pykka.ThreadingActor):
     def _run_all(
         self, batch: Iterable[Request], wakes: list[Callable[[], None]]
     ) -> list[_Outcome]:
-        """Run, make durable and hand on one burst; return each request's outcome."""
+        """Run, make durable and hand on one burst; return each request's outcome.
+
+        The changes are handed on at the end of the burst, or earlier when
+        the deriver stage's mailbox could not take them all: its bound counts
+        the changes the burst has not handed on yet.
+        """
         outcomes: list[_Outcome] = []
+        segment: list[_Outcome] = []
+        waiting = 0
+        box = self._deriver_box()
+        self._stalled = False
         for request in batch:
+            if self._abort is not None and self._abort.is_set():
+                segment.append((request, None, None, self._stopped_error(request)))
+                continue
+            if box is not None and waiting and len(box) + waiting >= box.capacity:
+                outcomes += self._finish_segment(segment, wakes)
+                segment, waiting = [], 0
+                for wake in wakes:
+                    wake()
+                wakes.clear()
+
             try:
                 result, change = self._run(request)
             except BaseException as err:
-                outcomes.append((request, None, None, err))
+                segment.append((request, None, None, err))
             else:
-                outcomes.append((request, result, change, None))
+                segment.append((request, result, change, None))
+                waiting += change is not None
 
-        if self._sync is not None and any(o[2] is not None for o in outcomes):
-            outcomes = self._make_durable(outcomes)
+        outcomes += self._finish_segment(segment, wakes)
+        return outcomes
 
-        changes = [o[2] for o in outcomes if o[2] is not None]
+    def _finish_segment(
+        self, segment: list[_Outcome], wakes: list[Callable[[], None]]
+    ) -> list[_Outcome]:
+        if self._sync is not None and any(o[2] is not None for o in segment):
+            segment = self._make_durable(segment)
+
+        changes = [o[2] for o in segment if o[2] is not None]
         if changes:
             self._hand_off(changes, wakes)
-        return outcomes
+        return segment
+
+    def _stopped_error(self, request: Request) -> RuntimeStoppedError:
+        return RuntimeStoppedError(
+            f"{self.engine.kind}/{request.entity_id}: the runtime stopped before "
+            "this mutation ran; nothing recorded"
+        )
 
     def _hand_off(
         self, changes: list[EntityChanged], wakes: list[Callable[[], None]]
@@ -586,13 +621,19 @@ class KindActor(pykka.ThreadingActor):
 
     def _run(self, request: Request) -> tuple[Any, EntityChanged | None]:
         box = self._deriver_box()
-        if box is not None and not box.wait_for_space(self._backpressure_timeout):
-            self.engine.count_failed()
-            raise BackpressureError(
-                f"{self.engine.kind}/{request.entity_id}: the deriver stage has "
-                f"{len(box)} changes waiting and made no room within "
-                f"{self._backpressure_timeout} s; nothing recorded"
-            )
+        if box is not None and len(box) >= box.capacity:
+            # One wait per burst: once the stage made no room in time, the
+            # burst's later writes are refused at once instead of each waiting.
+            if self._stalled or not box.wait_for_space(self._backpressure_timeout):
+                self._stalled = True
+                self.engine.count_failed()
+                raise BackpressureError(
+                    f"{self.engine.kind}/{request.entity_id}: the deriver stage has "
+                    f"{len(box)} changes waiting and made no room within "
+                    f"{self._backpressure_timeout} s; nothing recorded"
+                )
+            if box.closed:
+                raise self._stopped_error(request)
 
         engine = self.engine
         if request.op == MUTATE:

@@ -198,6 +198,11 @@ class Mailbox:
         """How many deliveries of the consumer's current batch it has started."""
         self.wake: Callable[[], None] = lambda: None
 
+    @property
+    def closed(self) -> bool:
+        """Whether the mailbox refuses deliveries (its consumer was retired)."""
+        return self._closed
+
     def __len__(self) -> int:
         """Deliveries not started yet: queued, or taken but not begun."""
         return len(self._entries) + max(0, len(self._in_hand) - self.started)

@@ -1059,7 +1059,9 @@ class Runtime:
         self._watchdog.stop()
         self._abort.set()
         undelivered: list[tuple[str, int]] = []
-        for consumer in self._all_consumers():
+        # Deriver stages first: trigger events they still derive then find
+        # their handlers' mailboxes open, and are reported with them below.
+        for consumer in sorted(self._all_consumers(), key=lambda c: c.flush is None):
             for _item, seqs in consumer.mailbox.close():
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
                 tracker.done(seqs)
@@ -1498,6 +1500,7 @@ class Runtime:
                 requests,
                 self._group_sync(),
                 self.metrics.actor_restarts.labels(f"kind:{entry.engine.kind}/{shard}"),
+                self._abort,
             )
             requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
             entry.refs.append(ref)
@@ -1938,10 +1941,13 @@ class Runtime:
         if boxes:
             by_id = [(c.id, c, c.seq) for c in changes]
             for box in boxes:
-                box.put_many(by_id, wakes)
+                if not box.put_many(by_id, wakes):
+                    _log_too_late(box, changes)
         deriver = entry.deriver
         if deriver is not None:
-            deriver.mailbox.put_many([(c.seq, c, c.seq) for c in changes], wakes)
+            box = deriver.mailbox
+            if not box.put_many([(c.seq, c, c.seq) for c in changes], wakes):
+                _log_too_late(box, changes)
 
         bus = self.bus
         if bus is not None:
@@ -2046,6 +2052,16 @@ secrets may forbid the actor) is always checked in full.
 """
 
 _ACTORS_REMEMBERED = 4096
+
+
+def _log_too_late(box: Mailbox, changes: list[EntityChanged]) -> None:
+    logger.error(
+        "%d changes committed after %s was closed (the runtime stopped while "
+        "their writes ran) are not delivered to it: %s",
+        len(changes),
+        box.name,
+        ", ".join(f"{c.kind}/{c.id} seq={c.seq}" for c in changes),
+    )
 
 
 def _check_actor_and_run(

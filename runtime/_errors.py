@@ -123,3 +123,13 @@ class MutationBatchError(EntityRuntimeError, RuntimeError):
 
 class ReentrantCallError(EntityRuntimeError, RuntimeError):
     """A call from one of the runtime's own threads would wait for itself."""
+
+
+class HandlerExitError(EntityRuntimeError, RuntimeError):
+    """A handler, deriver or payload mapper raised ``SystemExit``, ``KeyboardInterrupt``
+    or another exception that is not an ``Exception``.
+
+    On a runtime thread such an exception cannot mean "stop the program" (it
+    would only stop the actors); it is treated as the call failing, and the
+    original is kept as ``__cause__``.
+    """

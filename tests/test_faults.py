@@ -10,7 +10,7 @@ from conftest import Ticket, ticket
 
 from actors._consumers import ConsumerActor
 from actors._kind import KindActor
-from runtime import ActorFailedError, EntityChanged, Runtime
+from runtime import ActorFailedError, EntityChanged, Runtime, work_queue
 
 
 def _restarts(rt: Runtime, actor: str) -> float:
@@ -109,3 +109,85 @@ def test_a_consumer_failing_outside_its_handler_carries_on(
 
     assert seen == [2]
     assert _restarts(rt, "subscriber:ticket:audit") == 1
+
+
+def _value(rt: Runtime, name: str, **labels: str) -> float:
+    found = rt.metrics_registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def test_handlers_that_raise_exits_fail_their_call_and_stop_nothing() -> None:
+    rt = Runtime()
+    other = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+    others = other.define_entity("ticket", Ticket)
+    healthy: list[int] = []
+    triggered: list[int] = []
+    attempts: list[int] = []
+
+    def exits(change: EntityChanged) -> None:
+        raise SystemExit(3)
+
+    def interrupted_deriver(change: EntityChanged) -> list[str]:
+        if change.seq == 1:
+            raise KeyboardInterrupt
+        return ["ticket.changed"]
+
+    def interrupted_trigger(event: str, payload: Any, change: EntityChanged) -> None:
+        triggered.append(change.seq)
+        raise KeyboardInterrupt
+
+    def exits_in_work_queue(change: EntityChanged) -> None:
+        attempts.append(change.seq)
+        raise SystemExit("bye")
+
+    rt.on_entity_changed("ticket", exits, name="exits")
+    rt.on_entity_changed("ticket", lambda c: healthy.append(c.seq), name="healthy")
+    rt.register_change_deriver("ticket", interrupted_deriver)
+    rt.on_trigger("ticket.changed", interrupted_trigger, name="trigger")
+    rt.on_entity_changed(
+        "ticket",
+        exits_in_work_queue,
+        delivery=work_queue("jobs", max_attempts=2, backoff=0.001),
+        name="job",
+    )
+
+    with rt, other:
+        for status in ("open", "working", "closed"):
+            tickets.mutate("t-1", lambda prev, s=status: ticket(status=s))
+        rt.drain(timeout=10)
+        later = tickets.mutate("t-2", lambda prev: ticket())
+        rt.drain(timeout=10)
+        still_other = others.mutate("t-1", lambda prev: ticket())
+        letters = rt.dead_letters()
+        report = rt.stop()
+
+    assert later == ticket()
+    assert still_other == ticket()
+    assert healthy == [1, 2, 3, 4]
+    assert triggered == [2, 3, 4]
+    assert attempts == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [(d.change.seq, d.attempts) for d in letters] == [
+        (s, 2) for s in (1, 2, 3, 4)
+    ]
+    assert all("HandlerExitError: raised SystemExit(bye)" in d.error for d in letters)
+    assert (
+        _value(
+            rt,
+            "entity_runtime_subscriber_errors_total",
+            kind="ticket",
+            subscriber="exits",
+        )
+        == 4
+    )
+    assert (
+        _value(
+            rt,
+            "entity_runtime_subscriber_errors_total",
+            kind="ticket",
+            subscriber="trigger",
+        )
+        == 3
+    )
+    assert _value(rt, "entity_runtime_deriver_errors_total", kind="ticket") == 1
+    assert report.clean

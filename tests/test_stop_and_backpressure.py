@@ -1,0 +1,142 @@
+"""Bounds that hold when consumers fall behind or the runtime stops mid-write."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import Ticket, ticket
+
+from runtime import (
+    BackpressureError,
+    EntityChanged,
+    Runtime,
+    RuntimeStoppedError,
+)
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
+
+
+def test_a_burst_against_a_blocked_deriver_waits_once_and_records_nothing() -> None:
+    timeout = 0.3
+    rt = Runtime(mailbox_size=2, backpressure_timeout=timeout)
+    tickets = rt.define_entity("ticket", Ticket)
+    release = threading.Event()
+    rt.register_change_deriver("ticket", lambda c: release.wait(30) and [])
+
+    with rt:
+        for i in range(3):
+            tickets.mutate(f"t-{i}", lambda prev: ticket())
+        recorded = rt.log.last_seq
+        started = time.monotonic()
+        futures = [
+            tickets.mutate_async(f"u-{i}", lambda prev: ticket()) for i in range(10)
+        ]
+        errors = [f.exception(timeout=30) for f in futures]
+        waited = time.monotonic() - started
+        after = rt.log.last_seq
+        release.set()
+
+    assert recorded == 3
+    assert after == 3
+    assert all(isinstance(e, BackpressureError) for e in errors)
+    # Ten writes each waiting in turn would take ten timeouts.
+    assert waited < 5 * timeout
+
+
+def test_the_deriver_mailbox_bound_holds_for_a_large_batch() -> None:
+    rt = Runtime(mailbox_size=2, backpressure_timeout=30)
+    tickets = rt.define_entity("ticket", Ticket)
+    depths: list[float] = []
+
+    def slow_deriver(change: EntityChanged) -> list[str]:
+        depth = rt.metrics_registry.get_sample_value(
+            "entity_runtime_mailbox_depth", {"actor": "derive:ticket"}
+        )
+        depths.append(depth or 0.0)
+        time.sleep(0.0005)
+        return []
+
+    rt.register_change_deriver("ticket", slow_deriver)
+
+    with rt:
+        tickets.mutate_many([(f"t-{i}", lambda prev: ticket()) for i in range(300)])
+        rt.drain(timeout=30)
+
+    assert len(depths) == 300
+    assert max(depths) <= 2
+
+
+def test_writes_running_when_stop_gives_up_are_refused_or_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rt = Runtime(stop_timeout=0.3)
+    tickets = rt.define_entity("ticket", Ticket)
+    seen: list[int] = []
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.seq), name="audit")
+    entered = threading.Event()
+
+    def slow(prev: Any) -> dict[str, Any]:
+        entered.set()
+        time.sleep(1.0)
+        return ticket()
+
+    rt.start()
+    slow_write = tickets.mutate_async("t-1", slow)
+    assert entered.wait(10)
+    queued = tickets.mutate_async("t-2", lambda prev: ticket())
+    with caplog.at_level(logging.ERROR):
+        report = rt.stop()
+        result = slow_write.get(timeout=10)
+        queued_error = queued.exception(timeout=10)
+
+    assert report.stuck_consumers == ("kind:ticket/0",)
+    assert result == ticket()
+    assert {r.seq for r in tickets.history("t-1")} == {1}
+    assert seen == []
+    assert isinstance(queued_error, RuntimeStoppedError)
+    assert tickets.get("t-2") is None
+    assert "ticket/t-1 seq=1" in caplog.text
+    assert "not delivered" in caplog.text
+
+
+def test_trigger_events_derived_after_stop_closed_their_mailbox_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rt = Runtime(stop_timeout=0.3)
+    tickets = rt.define_entity("ticket", Ticket)
+    entered, release = threading.Event(), threading.Event()
+    handled: list[int] = []
+
+    def held_deriver(change: EntityChanged) -> list[str]:
+        entered.set()
+        release.wait(30)
+        return ["ticket.seen"]
+
+    rt.register_change_deriver("ticket", held_deriver)
+    rt.on_trigger("ticket.seen", lambda e, p, c: handled.append(c.seq), name="t")
+
+    with caplog.at_level(logging.ERROR):
+        rt.start()
+        tickets.mutate("t-1", lambda prev: ticket())
+        assert entered.wait(10)
+        report = rt.stop()
+        release.set()
+        logged = _wait_for(lambda: "ticket.seen seq=1" in caplog.text)
+
+    assert report.stuck_consumers == ("derive:ticket",)
+    assert handled == []
+    assert logged
+    assert "trigger events derived after trigger:ticket.seen:t was closed" in (
+        caplog.text
+    )
