@@ -602,6 +602,8 @@ class Runtime:
         if not isinstance(freeze_gc, bool):
             raise DefinitionError(f"freeze_gc must be True or False, got {freeze_gc!r}")
         self._freeze_gc = freeze_gc
+        self._retiring: list[tuple[str, Any]] = []
+        """Stops of the actors of ended subscriptions, awaited by stop()."""
         self._watchdog = Watchdog(self._take_over)
         self._abandoned: list[CallWatch] = []
         if partitions is not None:
@@ -1066,6 +1068,7 @@ class Runtime:
                 undelivered.extend((consumer.mailbox.name, s) for s in seqs)
                 tracker.done(seqs)
         stuck += self._stop_consumers(self._all_consumers(), deadline)
+        stuck += self._wait_retired(deadline)
         unpublished = self._close_bus(deadline - time.monotonic())
         self._stop_housekeeping()
         self._close_data_dir()
@@ -1792,11 +1795,26 @@ class Runtime:
             self._trigger_boxes = boxes
             self._retire(consumer)
 
+    def _wait_retired(self, deadline: float) -> list[str]:
+        """Wait for the actors of ended subscriptions; name those still running."""
+        retiring, self._retiring = self._retiring, []
+        stuck = []
+        for name, future in retiring:
+            try:
+                future.get(timeout=max(0.05, deadline - time.monotonic()))
+            except pykka.Timeout:
+                stuck.append(name)
+            except Exception:
+                logger.debug("the actor of ended subscription %s failed to stop", name)
+        return stuck
+
     def _retire(self, consumer: _Consumer) -> None:
         for _, seqs in consumer.mailbox.close():
             self._tracker.done(seqs)
         if consumer.ref is not None:
-            consumer.ref.stop(block=False)
+            self._retiring.append(
+                (consumer.mailbox.name, consumer.ref.stop(block=False))
+            )
             consumer.ref = None
             self.metrics.forget_mailbox(consumer.mailbox.name)
 
@@ -2052,6 +2070,16 @@ secrets may forbid the actor) is always checked in full.
 """
 
 _ACTORS_REMEMBERED = 4096
+
+
+def _stopped(future: Any) -> bool:
+    try:
+        future.get(timeout=0)
+    except pykka.Timeout:
+        return False
+    except Exception:
+        logger.debug("an ended subscription's actor stopped with an error")
+    return True
 
 
 def _log_too_late(box: Mailbox, changes: list[EntityChanged]) -> None:
