@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from runtime._diff import diff_states
 from runtime._errors import HandlerExitError
 from runtime._events import EntityChanged, ReadOnlyDict
 from runtime._metrics import RuntimeMetrics
-from runtime._secrets import RunSecrets, mask_value
+from runtime._secrets import RunSecrets, mask_text, mask_value
 
 logger = logging.getLogger(__name__)
 
@@ -450,29 +451,51 @@ class ConsumerActor(pykka.ThreadingActor):
         return True
 
 
+def _run_pattern(
+    secrets: RunSecrets | None, change: EntityChanged
+) -> re.Pattern[str] | None:
+    if secrets is None or change.run_id is None:
+        return None
+    return secrets.pattern(change.run_id)
+
+
+def _shown_error(error: BaseException, pattern: re.Pattern[str] | None) -> str:
+    # What a log line adds about a handler's failure: nothing without run
+    # secrets (its traceback is logged), else the masked error text instead,
+    # since a traceback repeats the message.
+    if pattern is None:
+        return ""
+    return ": " + mask_text(f"{type(error).__name__}: {error}", pattern)
+
+
 def broadcast_process(
     kind: str,
     name: str,
     handler: Callable[[EntityChanged], Any],
     metrics: RuntimeMetrics,
     watch: CallWatch | None = None,
+    secrets: RunSecrets | None = None,
 ) -> Callable[[EntityChanged], None]:
     """Build the step that hands one change to a broadcast subscriber.
 
     With a ``watch``, each call is shown to the watchdog; a call it abandoned
-    that raises later is neither counted nor logged again.
+    that raises later is neither counted nor logged again. A failure of a
+    change whose run has ``secrets`` is logged as its masked text, without
+    the traceback.
     """
     errors = metrics.subscriber_errors.labels(kind, name)
 
     def failed(change: EntityChanged, error: Exception) -> None:
         errors.inc()
+        pattern = _run_pattern(secrets, change)
         logger.error(
-            "subscriber %s failed on %s/%s seq=%d",
+            "subscriber %s failed on %s/%s seq=%d%s",
             name,
             change.kind,
             change.id,
             change.seq,
-            exc_info=error,
+            _shown_error(error, pattern),
+            exc_info=error if pattern is None else None,
         )
 
     def process(change: EntityChanged) -> None:
@@ -524,23 +547,26 @@ def trigger_process(
     handler: Callable[[str, Any, EntityChanged], Any],
     metrics: RuntimeMetrics,
     watch: CallWatch | None = None,
+    secrets: RunSecrets | None = None,
 ) -> Callable[[tuple[str, Any, EntityChanged]], None]:
     """Build the step that hands one trigger event to a trigger handler.
 
-    With a ``watch``, each call is shown to the watchdog, as for
-    :func:`broadcast_process`.
+    With a ``watch``, each call is shown to the watchdog, and failures of a
+    run with ``secrets`` are logged masked, as for :func:`broadcast_process`.
     """
 
     def failed(event: str, change: EntityChanged, error: Exception) -> None:
         metrics.subscriber_errors.labels(change.kind, name).inc()
+        pattern = _run_pattern(secrets, change)
         logger.error(
-            "trigger handler %s failed on %s for %s/%s seq=%d",
+            "trigger handler %s failed on %s for %s/%s seq=%d%s",
             name,
             event,
             change.kind,
             change.id,
             change.seq,
-            exc_info=error,
+            _shown_error(error, pattern),
+            exc_info=error if pattern is None else None,
         )
 
     def process(item: tuple[str, Any, EntityChanged]) -> None:
@@ -605,6 +631,9 @@ class WorkGroup:
     change is queued again ahead of the group's later changes as a
     :class:`Retry`, which the replacement consumer picks up after the backoff,
     or it is dead-lettered if that was the last attempt.
+
+    The failures of a change whose run has ``secrets`` are logged and
+    dead-lettered with those secrets masked, and logged without tracebacks.
     """
 
     def __init__(
@@ -614,6 +643,7 @@ class WorkGroup:
         metrics: RuntimeMetrics,
         abort: threading.Event,
         dead_letter: Callable[[DeadLetter], None],
+        secrets: RunSecrets | None = None,
     ) -> None:
         self.kind = kind
         self.spec = spec
@@ -621,6 +651,7 @@ class WorkGroup:
         self._metrics = metrics
         self._abort = abort
         self._dead_letter = dead_letter
+        self._secrets = secrets
 
     def process(
         self, item: EntityChanged | Retry, watch: CallWatch | None = None
@@ -660,9 +691,12 @@ class WorkGroup:
                     if watch.abandoned and watch.lost():
                         return
                 errors.inc()
+                pattern = _run_pattern(self._secrets, change)
                 last_error = f"{type(err).__name__}: {err}"
+                if pattern is not None:
+                    last_error = mask_text(last_error, pattern)
                 logger.warning(
-                    "work queue %s: %s failed on %s/%s seq=%d (attempt %d of %d)",
+                    "work queue %s: %s failed on %s/%s seq=%d (attempt %d of %d)%s",
                     spec.worker_group,
                     name,
                     change.kind,
@@ -670,7 +704,8 @@ class WorkGroup:
                     change.seq,
                     attempt,
                     spec.max_attempts,
-                    exc_info=True,
+                    "" if pattern is None else f": {last_error}",
+                    exc_info=pattern is None,
                 )
             else:
                 if watch is not None:
@@ -713,8 +748,15 @@ class WorkGroup:
         return None
 
     def bury(self, change: EntityChanged, name: str, error: str, attempts: int) -> None:
-        """Record ``change`` as a dead letter of ``name``'s group."""
+        """Record ``change`` as a dead letter of ``name``'s group.
+
+        ``error`` is masked with the secrets of the change's run, if any.
+        """
         spec = self.spec
+        pattern = _run_pattern(self._secrets, change)
+        if pattern is not None:
+            error = mask_text(error, pattern)
+
         letter = DeadLetter(
             worker_group=spec.worker_group,
             subscriber=name,

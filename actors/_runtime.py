@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import pykka
 
@@ -496,6 +496,8 @@ class EntityHandle(Generic[S]):
 
         Raises:
             DeliveryTimeoutError: the predicate did not hold within ``timeout``.
+            ReentrantCallError: called from inside an ``apply`` (on a kind's
+                actor thread, which would hold up the writes it waits for).
         """
         return self._rt._wait_until(self.kind, entity_id, predicate, timeout)
 
@@ -596,8 +598,34 @@ class Runtime:
         handler_timeout: float | None = None,
         freeze_gc: bool = False,
     ) -> None:
-        if mailbox_size < 1:
-            raise DefinitionError(f"mailbox_size must be 1 or more, got {mailbox_size}")
+        mailbox_size = _check_count("mailbox_size", mailbox_size)
+        backpressure_timeout = _check_seconds(
+            "backpressure_timeout", backpressure_timeout, zero=True
+        )
+        stop_timeout = _check_seconds("stop_timeout", stop_timeout, zero=True)
+        max_dead_letters = _check_count("max_dead_letters", max_dead_letters)
+        journal_interval = _check_seconds("journal_interval", journal_interval)
+        snapshot_every = _check_count("snapshot_every", snapshot_every, none=True)
+        snapshot_interval = _check_seconds(
+            "snapshot_interval", snapshot_interval, none=True
+        )
+        keep_snapshots = _check_count("keep_snapshots", keep_snapshots)
+        max_age = _check_seconds(
+            "retention_max_age", retention_max_age, none=True, timedelta_ok=True
+        )
+        retention_max_rows = _check_count(
+            "retention_max_rows", retention_max_rows, none=True
+        )
+        removed_after = _check_seconds(
+            "retention_removed_after",
+            retention_removed_after,
+            zero=True,
+            timedelta_ok=True,
+        )
+        housekeeping_interval = _check_seconds(
+            "housekeeping_interval", housekeeping_interval
+        )
+
         self._handler_timeout = _check_timeout("handler_timeout", handler_timeout)
         if not isinstance(freeze_gc, bool):
             raise DefinitionError(f"freeze_gc must be True or False, got {freeze_gc!r}")
@@ -661,22 +689,11 @@ class Runtime:
                 recover_damaged,
             )
         )
-        if snapshot_every is not None and snapshot_every < 1:
-            raise DefinitionError(
-                f"snapshot_every must be 1 or more (or None), got {snapshot_every}"
-            )
-        if retention_max_rows is not None and retention_max_rows < 1:
-            raise DefinitionError(
-                f"retention_max_rows must be 1 or more (or None), got "
-                f"{retention_max_rows}"
-            )
         self._snapshot_every = snapshot_every
         self._snapshot_interval = snapshot_interval
-        self._retention_max_age = (
-            _as_seconds(retention_max_age) if retention_max_age is not None else None
-        )
+        self._retention_max_age = max_age
         self._retention_max_rows = retention_max_rows
-        self._retention_removed_after = _as_seconds(retention_removed_after)
+        self._retention_removed_after = removed_after
         self._housekeeping_interval = housekeeping_interval
         self._housekeeper: threading.Thread | None = None
         self._housekeeping_stop = threading.Event()
@@ -898,11 +915,13 @@ class Runtime:
             mailbox = self._mailbox(f"subscriber:{kind}:{label}", merge_changes)
             consumer = _Consumer(
                 mailbox,
-                broadcast_process(kind, label, handler, self.metrics),
+                broadcast_process(
+                    kind, label, handler, self.metrics, secrets=self._secrets
+                ),
                 label=label,
                 timeout=seconds,
                 watched=lambda watch: broadcast_process(
-                    kind, label, handler, self.metrics, watch
+                    kind, label, handler, self.metrics, watch, self._secrets
                 ),
                 timed_out=broadcast_timed_out(kind, label, self.metrics),
             )
@@ -944,11 +963,11 @@ class Runtime:
             mailbox = self._mailbox(f"trigger:{event}:{label}", keep_newer)
             consumer = _Consumer(
                 mailbox,
-                trigger_process(label, handler, self.metrics),
+                trigger_process(label, handler, self.metrics, secrets=self._secrets),
                 label=label,
                 timeout=seconds,
                 watched=lambda watch: trigger_process(
-                    label, handler, self.metrics, watch
+                    label, handler, self.metrics, watch, self._secrets
                 ),
                 timed_out=trigger_timed_out(label, self.metrics),
             )
@@ -1146,7 +1165,16 @@ class Runtime:
         Raises:
             DeliveryTimeoutError: deliveries were still running after
                 ``timeout`` seconds; the message names the oldest open changes.
+            ReentrantCallError: called from one of the runtime's own threads
+                (an ``apply``, a deriver or a handler), which would wait for
+                itself.
         """
+        if thread_role.kind_shard is not None:
+            raise ReentrantCallError(
+                "drain() was called from inside an apply, on a kind's actor thread, "
+                "which hands on the changes drain() waits for only after the apply "
+                "returns; call it from outside the runtime's applies and handlers"
+            )
         if thread_role.consumer is not None:
             raise ReentrantCallError(
                 "drain() was called from a consumer's own thread, which would "
@@ -1634,6 +1662,7 @@ class Runtime:
                 self.metrics,
                 self._abort,
                 self._record_dead_letter,
+                self._secrets,
             )
             mailbox = self._mailbox(
                 f"work_queue:{entry.definition.kind}:{spec.worker_group}",
@@ -1830,11 +1859,14 @@ class Runtime:
     ) -> MutationFuture[Any]:
         entry = self._kind(kind)
         pattern = self._secrets.pattern(run_id)
-        if pattern is not None:
+        if pattern is None:
+            check_entity_id(kind, entity_id)
+        else:
             _refuse_secret_in_id(kind, entity_id, run_id, pattern)
-        check_entity_id(kind, entity_id)
+            _check_masked(pattern, check_entity_id, kind, entity_id)
         if run_id is not None or type(actor) is not str or actor not in _ACTORS_SEEN:
-            _check_actor_and_run(f"{kind}/{entity_id}", actor, run_id, pattern)
+            where = f"{kind}/{entity_id}"
+            _check_masked(pattern, _check_actor_and_run, where, actor, run_id, pattern)
             if len(_ACTORS_SEEN) < _ACTORS_REMEMBERED:
                 _ACTORS_SEEN.add(actor)
         if not callable(apply) and (op == MUTATE or apply is not None):
@@ -1894,8 +1926,8 @@ class Runtime:
                 )
             if pattern is not None:
                 _refuse_secret_in_id(kind, item[0], run_id, pattern)
-            check_entity_id(kind, item[0])
-        _check_actor_and_run(kind, actor, run_id, pattern)
+            _check_masked(pattern, check_entity_id, kind, item[0])
+        _check_masked(pattern, _check_actor_and_run, kind, actor, run_id, pattern)
         partitions = self.partitions
         if partitions is not None:
             for entity_id, _ in items:
@@ -1993,6 +2025,13 @@ class Runtime:
         predicate: Callable[[ReadOnlyDict | None], bool],
         timeout: float,
     ) -> ReadOnlyDict | None:
+        if thread_role.kind_shard is not None:
+            raise ReentrantCallError(
+                f"{kind}/{entity_id}: wait_until() was called from inside an apply, "
+                "on a kind's actor thread, which would hold up the writes it waits "
+                "for; return the state instead, or wait from a subscriber"
+            )
+
         handle: EntityHandle[Any] = EntityHandle(self, kind)
         key = (kind, entity_id)
         event = threading.Event()
@@ -2037,6 +2076,69 @@ def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
             f"limit), got {value!r}{outcome}"
         )
     return seconds
+
+
+@overload
+def _check_count(name: str, value: Any) -> int: ...
+
+
+@overload
+def _check_count(name: str, value: Any, *, none: bool) -> int | None: ...
+
+
+def _check_count(name: str, value: Any, *, none: bool = False) -> int | None:
+    # A Runtime setting that counts something: a whole number, 1 or more.
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DefinitionError(
+            f"{name} must be a whole number, 1 or more{' (or None)' if none else ''}"
+            f", got {value!r}; nothing started"
+        )
+    return value
+
+
+@overload
+def _check_seconds(
+    name: str, value: Any, *, zero: bool = ..., timedelta_ok: bool = ...
+) -> float: ...
+
+
+@overload
+def _check_seconds(
+    name: str, value: Any, *, zero: bool = ..., none: bool, timedelta_ok: bool = ...
+) -> float | None: ...
+
+
+def _check_seconds(
+    name: str,
+    value: Any,
+    *,
+    zero: bool = False,
+    none: bool = False,
+    timedelta_ok: bool = False,
+) -> float | None:
+    # A Runtime setting in seconds: finite, positive (or 0 where ``zero``).
+    if value is None and none:
+        return None
+
+    seconds = math.nan
+    if isinstance(value, timedelta) and timedelta_ok:
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)):
+        return seconds
+
+    kinds = "number of seconds or a timedelta" if timedelta_ok else "number of seconds"
+    least = "0 or more" if zero else "more than 0"
+    raise DefinitionError(
+        f"{name} must be a finite {kinds}, {least}{' (or None)' if none else ''}, "
+        f"got {value!r}; nothing started"
+    )
 
 
 def _watched_group(group: WorkGroup, watch: CallWatch) -> Callable[[Any], None]:
@@ -2090,6 +2192,43 @@ def _log_too_late(box: Mailbox, changes: list[EntityChanged]) -> None:
         box.name,
         ", ".join(f"{c.kind}/{c.id} seq={c.seq}" for c in changes),
     )
+
+
+def _check_masked(
+    pattern: re.Pattern[str] | None, check: Callable[..., Any], *args: Any
+) -> None:
+    # Run a write's argument check; with run secrets, what it refuses is raised
+    # again with those secrets masked, and without the unmasked error as context.
+    if pattern is None:
+        check(*args)
+        return
+
+    try:
+        check(*args)
+    except InvalidIdError as err:
+        if not pattern.search(repr(err.entity_id)):
+            raise
+        shown = _Shown(mask_text(repr(err.entity_id), pattern))
+        refused: Exception = InvalidIdError(err.kind, shown, err.reason)
+    except DefinitionError as err:
+        if not pattern.search(str(err)):
+            raise
+        refused = DefinitionError(mask_text(str(err), pattern))
+    else:
+        return
+    raise refused
+
+
+class _Shown:
+    """A refused value, shown by its masked ``repr`` only."""
+
+    __slots__ = ("shown",)
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+
+    def __repr__(self) -> str:
+        return self.shown
 
 
 def _check_actor_and_run(

@@ -228,6 +228,7 @@ class KindEngine:
             prev = self._snapshot(entity_id)
             raw = self._apply(entity_id, apply, prev, run_id)
 
+        refused: SchemaError | None = None
         try:
             next_state = self._validate(raw, self.kind, entity_id)
         except SchemaError as err:
@@ -235,9 +236,10 @@ class KindEngine:
             pattern = self._secret_pattern(run_id)
             if pattern is None:
                 raise
-            raise SchemaError(
-                err.kind, err.entity_id, err.field, mask_text(err.reason, pattern)
-            ) from None
+            refused = _masked_schema_error(err, pattern)
+        if refused is not None:
+            # Raised outside the handler, so the unmasked error is not its context.
+            raise refused
 
         delta, changed_fields = diff_states(prev, next_state)
         if not changed_fields:
@@ -433,6 +435,16 @@ class KindEngine:
             self.store.pop(entity_id, None)
         else:
             self.store[entity_id] = state
+
+
+def _masked_schema_error(err: SchemaError, pattern: re.Pattern[str]) -> SchemaError:
+    """A copy of ``err`` with the run's secrets masked in its field and reason."""
+    field = None if err.field is None else mask_text(err.field, pattern)
+    masked = SchemaError(err.kind, err.entity_id, field, mask_text(err.reason, pattern))
+    masked.args = tuple(
+        mask_text(arg, pattern) if isinstance(arg, str) else arg for arg in masked.args
+    )
+    return masked
 
 
 def monotonic() -> float:

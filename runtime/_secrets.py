@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runtime._errors import DefinitionError
@@ -97,17 +97,23 @@ def mask_text(text: str, pattern: re.Pattern[str]) -> str:
 def mask_value(value: Any, pattern: re.Pattern[str]) -> Any:
     """Return ``value`` with every secret replaced, at any depth and in keys.
 
-    Returns the very same object when nothing in it matched, so unmasked data
-    is not copied.
+    Strings, bytes (as UTF-8) and the items of lists, tuples, sets and
+    mappings are masked; other objects are returned as they are. A masked
+    container comes back read-only: mappings as ``ReadOnlyDict``, lists as
+    ``ReadOnlyList``, sets as ``frozenset``, bytes as ``bytes``, tuples as
+    tuples of their own type when it is a named tuple. Returns the very same
+    object when nothing in it matched, so unmasked data is not copied.
     """
     if isinstance(value, str):
         return pattern.sub(MASK, value) if pattern.search(value) else value
+    if value is None or isinstance(value, int | float):
+        return value
 
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
         changed = False
         for key, item in value.items():
-            new_key = mask_value(key, pattern) if isinstance(key, str) else key
+            new_key = mask_value(key, pattern)
             new_item = mask_value(item, pattern)
             if new_key is not key or new_item is not item:
                 changed = True
@@ -119,10 +125,22 @@ def mask_value(value: Any, pattern: re.Pattern[str]) -> Any:
             out[new_key] = new_item
         return ReadOnlyDict(out) if changed else value
 
-    if isinstance(value, list):
+    if isinstance(value, list | tuple | set | frozenset):
         items = [mask_value(item, pattern) for item in value]
         if all(new is old for new, old in zip(items, value, strict=True)):
             return value
-        return ReadOnlyList(items)
+        if isinstance(value, list):
+            return ReadOnlyList(items)
+        if isinstance(value, set | frozenset):
+            return frozenset(items)
+        if hasattr(value, "_make"):
+            return value._make(items)
+        return tuple(items)
+
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "surrogateescape")
+        if not pattern.search(text):
+            return value
+        return pattern.sub(MASK, text).encode("utf-8", "surrogateescape")
 
     return value

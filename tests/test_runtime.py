@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +20,7 @@ from runtime import (
     InvalidTimeError,
     MutationBatchError,
     ReadError,
+    ReentrantCallError,
     Runtime,
     RuntimeStoppedError,
     SchemaError,
@@ -332,6 +335,79 @@ def test_wait_until_times_out_with_the_last_state(rt: Runtime) -> None:
         tickets.mutate("t-1", lambda prev: ticket())
         with pytest.raises(DeliveryTimeoutError, match=r"ticket/t-1: .* 0.05 s"):
             tickets.wait_until("t-1", lambda s: s["status"] == "closed", timeout=0.05)
+
+
+WAITS_INSIDE_AN_APPLY: list[tuple[str, Callable[[Runtime], Any], str]] = [
+    ("drain", lambda rt: rt.drain(timeout=3), r"^drain\(\) was called from"),
+    (
+        "drain until idle",
+        lambda rt: rt.drain(timeout=3, until_idle=True),
+        r"^drain\(\) was called from",
+    ),
+    (
+        "wait_until",
+        lambda rt: rt.handle("ticket").wait_until("a", lambda s: False, timeout=3),
+        r"^ticket/a: wait_until\(\) was called from",
+    ),
+]
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["mutate", "mutate_many"])
+@pytest.mark.parametrize(
+    ("wait", "message"),
+    [case[1:] for case in WAITS_INSIDE_AN_APPLY],
+    ids=[case[0] for case in WAITS_INSIDE_AN_APPLY],
+)
+def test_waiting_for_the_runtime_inside_an_apply_is_refused_at_once(
+    rt: Runtime, burst: bool, wait: Callable[[Runtime], Any], message: str
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    refused: list[ReentrantCallError] = []
+
+    def waits(prev: Any) -> Any:
+        try:
+            wait(rt)
+        except ReentrantCallError as err:
+            refused.append(err)
+        return ticket(status="working")
+
+    with rt:
+        started = time.monotonic()
+        if burst:
+            tickets.mutate_many([("a", lambda prev: ticket()), ("b", waits)])
+        else:
+            tickets.mutate("b", waits)
+        took = time.monotonic() - started
+
+    assert len(refused) == 1
+    assert took < 1.0
+    with pytest.raises(ReentrantCallError, match=message):
+        raise refused[0]
+    assert "actor thread" in str(refused[0])
+    assert tickets.get("b") == ticket(status="working")
+
+
+def test_drain_inside_a_subscriber_is_refused_at_once(rt: Runtime) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    refused: list[ReentrantCallError] = []
+
+    def drains(change: EntityChanged) -> None:
+        try:
+            rt.drain(timeout=3)
+        except ReentrantCallError as err:
+            refused.append(err)
+
+    rt.on_entity_changed("ticket", drains)
+
+    with rt:
+        started = time.monotonic()
+        tickets.mutate("a", lambda prev: ticket())
+        rt.drain()
+        took = time.monotonic() - started
+
+    assert len(refused) == 1
+    assert took < 1.0
+    assert str(refused[0]).startswith("drain() was called from")
 
 
 # -- plugin-backed kinds ----------------------------------------------------

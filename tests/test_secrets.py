@@ -3,9 +3,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
+import msgspec
+import pydantic
 import pytest
 from conftest import Ticket, ticket
 
@@ -292,6 +296,51 @@ REFUSED_WRITES: list[tuple[str, Write, type[Exception], str]] = [
         DefinitionError,
         r"^ticket: item 1 must be an \(id, apply\) pair .*'t-\*\*\*'",
     ),
+    (
+        "an id given as bytes holding a secret",
+        lambda h: h.mutate(TOKEN.encode(), _keep, run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id b'\*\*\*' must be a string; nothing recorded$",
+    ),
+    (
+        "a long id given as a list, cut inside its secret",
+        lambda h: h.mutate(["x" * 50 + TOKEN], _keep, run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id \['x+\*\*\*'\] must be a string",
+    ),
+    (
+        "remove_async of an id given as bytes holding a secret",
+        lambda h: h.remove_async(TOKEN.encode(), run_id="run-1"),
+        InvalidIdError,
+        r"^ticket: id b'\*\*\*' must be a string",
+    ),
+    (
+        "an actor given as a list holding a secret",
+        lambda h: h.mutate("t-1", _keep, actor=[TOKEN], run_id="run-1"),
+        DefinitionError,
+        r"^ticket/t-1: actor must be a non-empty printable string, got "
+        r"\['\*\*\*'\]; nothing recorded$",
+    ),
+    (
+        "an actor given as bytes holding a secret",
+        lambda h: h.mutate("t-1", _keep, actor=TOKEN.encode(), run_id="run-1"),
+        DefinitionError,
+        r"got b'\*\*\*'; nothing recorded$",
+    ),
+    (
+        "mutate_many with an id given as bytes holding a secret",
+        lambda h: h.mutate_many(
+            [("t-2", _keep), (TOKEN.encode(), _keep)], run_id="run-1"
+        ),
+        InvalidIdError,
+        r"^ticket: id b'\*\*\*' must be a string",
+    ),
+    (
+        "mutate_many with an actor given as bytes holding a secret",
+        lambda h: h.mutate_many([("t-2", _keep)], actor=TOKEN.encode(), run_id="run-1"),
+        DefinitionError,
+        r"^ticket: actor must be a non-empty printable string, got b'\*\*\*'",
+    ),
 ]
 
 
@@ -375,3 +424,156 @@ def test_a_run_id_that_cannot_be_a_key_is_refused_as_before(rt: Runtime) -> None
         tickets.mutate("t-1", _keep, run_id=["run-1"])  # type: ignore[arg-type]
 
     assert rt.log.last_seq == 0
+
+
+@dataclass
+class Labelled:
+    """A schema with a mapping whose keys are the caller's."""
+
+    name: str
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+class LabelledStruct(msgspec.Struct):
+    name: str
+    labels: dict[str, int] = {}
+
+
+class LabelledModel(pydantic.BaseModel):
+    name: str
+    labels: dict[str, int] = {}
+
+
+@pytest.mark.parametrize("schema", [Labelled, LabelledStruct, LabelledModel])
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"name": "n", TOKEN: 1},
+        {"name": "n", f"x-{TOKEN}": 1},
+        {"name": "n", "labels": {f"k-{TOKEN}": "bad"}},
+        {"name": "n", "labels": {TOKEN: [TOKEN]}},
+    ],
+    ids=["extra-field", "extra-field-part", "bad-label", "bad-label-list"],
+)
+def test_schema_errors_of_a_run_mask_its_secrets_in_field_names(
+    rt: Runtime, caplog: pytest.LogCaptureFixture, schema: Any, state: Any
+) -> None:
+    labelled = rt.define_entity("labelled", schema)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    with caplog.at_level(logging.DEBUG), rt, pytest.raises(SchemaError) as refused:
+        labelled.mutate("l-1", lambda prev: state, run_id="run-1")
+
+    error = refused.value
+    assert TOKEN not in str(error)
+    assert TOKEN not in repr(error.args)
+    assert TOKEN not in str(error.field)
+    assert TOKEN not in error.reason
+    if not (schema is LabelledStruct and "labels" in state):
+        assert MASK in str(error)
+    assert error.__context__ is None or TOKEN not in str(error.__context__)
+    assert TOKEN not in caplog.text
+    assert rt.log.last_seq == 0
+
+
+class _Leaky(RuntimeError):
+    """A handler's failure whose text holds a secret of the run."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the service refused key {TOKEN}")
+
+
+def _raises_leaky(*args: Any) -> None:
+    raise _Leaky
+
+
+def test_failing_handlers_of_a_run_keep_its_secrets_out_of_logs_and_dead_letters(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+    rt.on_entity_changed("ticket", _raises_leaky, name="subscriber")
+    rt.on_entity_changed(
+        "ticket", _raises_leaky, work_queue("jobs", max_attempts=2, backoff=0)
+    )
+    rt.register_change_deriver("ticket", lambda c: ["ticket.any"])
+    rt.on_trigger("ticket.any", _raises_leaky, name="trigger")
+
+    with caplog.at_level(logging.DEBUG), rt:
+        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-1")
+        rt.drain()
+
+    letters = rt.dead_letters()
+    assert [letter.error for letter in letters] == [
+        f"_Leaky: the service refused key {MASK}"
+    ]
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(failures) == 5
+    assert not any(r.exc_info for r in failures)
+    assert all(MASK in r.getMessage() for r in failures)
+    assert TOKEN not in caplog.text
+
+
+def test_failing_handlers_without_a_run_still_log_their_tracebacks(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+    rt.on_entity_changed("ticket", _raises_leaky, name="subscriber")
+    rt.on_entity_changed(
+        "ticket", _raises_leaky, work_queue("jobs", max_attempts=1, backoff=0)
+    )
+    rt.register_change_deriver("ticket", lambda c: ["ticket.any"])
+    rt.on_trigger("ticket.any", _raises_leaky, name="trigger")
+
+    with caplog.at_level(logging.DEBUG), rt:
+        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-2")
+        rt.drain()
+
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 3
+    assert rt.dead_letters()[0].error == f"_Leaky: the service refused key {TOKEN}"
+
+
+class _Pair(NamedTuple):
+    name: str
+    value: Any
+
+
+PAYLOADS: list[tuple[str, Any, Any]] = [
+    ("tuple", (f"k={TOKEN}", 1), (f"k={MASK}", 1)),
+    ("nested tuple", {"t": (1, [TOKEN])}, {"t": (1, [MASK])}),
+    ("named tuple", _Pair("key", TOKEN), _Pair("key", MASK)),
+    ("set", {TOKEN, "plain"}, frozenset({MASK, "plain"})),
+    ("frozenset", frozenset({(TOKEN, 1)}), frozenset({(MASK, 1)})),
+    ("mapping proxy", MappingProxyType({"k": TOKEN}), {"k": MASK}),
+    ("tuple key", {(TOKEN, 1): "v"}, {(MASK, 1): "v"}),
+    ("bytes", f"Bearer {TOKEN}".encode(), f"Bearer {MASK}".encode()),
+    ("bytearray", bytearray(TOKEN.encode()), MASK.encode()),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "masked"),
+    [case[1:] for case in PAYLOADS],
+    ids=[case[0] for case in PAYLOADS],
+)
+def test_payloads_of_a_run_are_masked_in_any_container(
+    rt: Runtime, payload: Any, masked: Any
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+    rt.register_change_deriver(
+        "ticket", lambda c: ["ticket.any"], to_payload=lambda c: payload
+    )
+    seen: list[Any] = []
+    rt.on_trigger("ticket.any", lambda e, p, c: seen.append(p))
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-1")
+        tickets.mutate("t-2", lambda prev: ticket())
+        rt.drain()
+
+    assert seen == [masked, payload]
+    assert type(seen[0]) is type(masked) or isinstance(masked, dict)
+    assert TOKEN not in repr(seen[0])

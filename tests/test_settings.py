@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import math
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+
+from runtime import DefinitionError, Runtime
+
+NUMBERS_THAT_ARE_NOT: list[Any] = [None, "1", True, False, math.nan, [1]]
+"""Values refused by every numeric setting that does not take None."""
+
+BAD_SETTINGS: dict[str, list[Any]] = {
+    "mailbox_size": [*NUMBERS_THAT_ARE_NOT, 2.5, 1.0, 0, -1, math.inf],
+    "backpressure_timeout": [*NUMBERS_THAT_ARE_NOT, -5, math.inf, -math.inf],
+    "stop_timeout": [*NUMBERS_THAT_ARE_NOT, -5, math.inf, 10**400],
+    "max_dead_letters": [*NUMBERS_THAT_ARE_NOT, 2.5, 0, -1],
+    "journal_interval": [*NUMBERS_THAT_ARE_NOT, 0, -0.05, math.inf],
+    "snapshot_every": ["1", True, math.nan, 2.5, 0, -1],
+    "snapshot_interval": ["1", True, math.nan, 0, -1, math.inf],
+    "keep_snapshots": [*NUMBERS_THAT_ARE_NOT, 2.5, 0, -1],
+    "retention_max_age": ["1", True, math.nan, 0, -1, math.inf, timedelta(0)],
+    "retention_max_rows": ["1", True, math.nan, 2.5, 0, -1],
+    "retention_removed_after": [
+        *NUMBERS_THAT_ARE_NOT,
+        -1,
+        math.inf,
+        timedelta(seconds=-1),
+    ],
+    "housekeeping_interval": [*NUMBERS_THAT_ARE_NOT, 0, -1, math.inf],
+}
+
+CASES = [(name, value) for name, values in BAD_SETTINGS.items() for value in values]
+
+
+@pytest.mark.parametrize("with_data_dir", [False, True], ids=["memory", "data-dir"])
+@pytest.mark.parametrize(("name", "value"), CASES, ids=[repr(c) for c in CASES])
+def test_a_bad_numeric_setting_is_refused_naming_it_and_nothing_starts(
+    tmp_path: Path, name: str, value: Any, with_data_dir: bool
+) -> None:
+    data_dir = tmp_path / "data" if with_data_dir else None
+    threads = set(threading.enumerate())
+
+    with pytest.raises(DefinitionError) as refused:
+        Runtime(data_dir=data_dir, **{name: value})
+
+    message = str(refused.value)
+    assert message.startswith(f"{name} must be ")
+    assert f"got {value!r}; nothing started" in message
+    assert set(threading.enumerate()) <= threads
+    assert not pykka.ActorRegistry.get_all()
+    assert not (tmp_path / "data").exists()
+
+
+GOOD_SETTINGS: list[tuple[str, Any]] = [
+    ("backpressure_timeout", 0),
+    ("stop_timeout", 0),
+    ("stop_timeout", 0.25),
+    ("snapshot_every", None),
+    ("snapshot_interval", None),
+    ("retention_max_age", None),
+    ("retention_max_age", timedelta(hours=1)),
+    ("retention_max_rows", None),
+    ("retention_removed_after", 0),
+    ("retention_removed_after", timedelta(days=2)),
+    ("mailbox_size", 1),
+    ("keep_snapshots", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), GOOD_SETTINGS)
+def test_edge_values_that_make_sense_are_accepted(name: str, value: Any) -> None:
+    rt = Runtime(**{name: value})
+
+    with rt:
+        pass
+
+    assert rt.stop().clean
