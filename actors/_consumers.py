@@ -812,25 +812,16 @@ class DeriverStage:
                 names = call_user(deriver.derive, change)
                 if type(names) is not list or not _all_str(names):
                     names = _event_names(names)
-            except Exception:
-                self._errors.inc()
-                logger.exception(
-                    "deriver %s failed on %s/%s seq=%d",
-                    deriver.name,
-                    change.kind,
-                    change.id,
-                    change.seq,
+            except Exception as err:
+                self._failed(
+                    err, change, "deriver %s failed on %s/%s seq=%d%s", (deriver.name,)
                 )
                 continue
             for event in names:
                 chosen.setdefault(event, deriver)
 
         fired = []
-        pattern = (
-            None
-            if self._secrets is None or change.run_id is None
-            else self._secrets.pattern(change.run_id)
-        )
+        pattern = _run_pattern(self._secrets, change)
         for event, deriver in chosen.items():
             if deriver.to_payload is None:
                 fired.append((event, change))
@@ -840,17 +831,35 @@ class DeriverStage:
                 if pattern is not None:
                     payload = mask_value(payload, pattern)
                 fired.append((event, payload))
-            except Exception:
-                self._errors.inc()
-                logger.exception(
-                    "payload mapper of %s failed for %s on %s/%s seq=%d",
-                    deriver.name,
-                    event,
-                    change.kind,
-                    change.id,
-                    change.seq,
+            except Exception as err:
+                self._failed(
+                    err,
+                    change,
+                    "payload mapper of %s failed for %s on %s/%s seq=%d%s",
+                    (deriver.name, event),
                 )
         return fired
+
+    def _failed(
+        self,
+        error: Exception,
+        change: EntityChanged,
+        message: str,
+        names: tuple[str, ...],
+    ) -> None:
+        # With run secrets the masked error text replaces the traceback,
+        # which would repeat the message unmasked.
+        self._errors.inc()
+        pattern = _run_pattern(self._secrets, change)
+        logger.error(
+            message,
+            *names,
+            change.kind,
+            change.id,
+            change.seq,
+            _shown_error(error, pattern),
+            exc_info=error if pattern is None else None,
+        )
 
     def process(self, change: EntityChanged) -> None:
         """Derive one change's events; hold them for their handlers until flush."""

@@ -577,3 +577,31 @@ def test_payloads_of_a_run_are_masked_in_any_container(
     assert seen == [masked, payload]
     assert type(seen[0]) is type(masked) or isinstance(masked, dict)
     assert TOKEN not in repr(seen[0])
+
+
+def test_failing_derivers_and_payload_mappers_of_a_run_keep_its_secrets_out_of_logs(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.register_run_secrets("run-1", [TOKEN])
+
+    def leaky_deriver(change: EntityChanged) -> list[str]:
+        raise ValueError(f"cannot derive with {TOKEN}")
+
+    def leaky_mapper(change: EntityChanged) -> Any:
+        raise ValueError(f"cannot map with {TOKEN}")
+
+    rt.register_change_deriver("ticket", leaky_deriver)
+    rt.register_change_deriver("ticket", lambda c: ["ticket.seen"], leaky_mapper)
+
+    with caplog.at_level(logging.DEBUG), rt:
+        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-1")
+        rt.drain()
+
+    errors = rt.metrics_registry.get_sample_value(
+        "entity_runtime_deriver_errors_total", {"kind": "ticket"}
+    )
+    assert errors == 2
+    assert TOKEN not in caplog.text
+    assert "cannot derive with ***" in caplog.text
+    assert "cannot map with ***" in caplog.text
