@@ -499,6 +499,9 @@ class EntityHandle(Generic[S]):
             ReentrantCallError: called from inside an ``apply`` (on a kind's
                 actor thread, which would hold up the writes it waits for).
         """
+        timeout = _check_seconds(
+            "wait_until()'s timeout", timeout, zero=True, outcome="nothing waited for"
+        )
         return self._rt._wait_until(self.kind, entity_id, predicate, timeout)
 
 
@@ -1024,6 +1027,9 @@ class Runtime:
                 "stop() was called from one of the runtime's own threads, which "
                 "would wait for itself; call it from the thread that owns the runtime"
             )
+        timeout = _check_seconds(
+            "stop()'s timeout", timeout, zero=True, none=True, outcome="not stopped"
+        )
         with self._lock:
             state = self._state
             if state == _RUNNING:
@@ -1180,6 +1186,9 @@ class Runtime:
                 "drain() was called from a consumer's own thread, which would "
                 "wait for itself; call it from outside the runtime's handlers"
             )
+        timeout = _check_seconds(
+            "drain()'s timeout", timeout, zero=True, outcome="nothing waited for"
+        )
         with self.log.lock:
             # Under the lock: a commit registers its delivery before releasing
             # it, so every seq read here is already tracked.
@@ -2100,13 +2109,24 @@ def _check_count(name: str, value: Any, *, none: bool = False) -> int | None:
 
 @overload
 def _check_seconds(
-    name: str, value: Any, *, zero: bool = ..., timedelta_ok: bool = ...
+    name: str,
+    value: Any,
+    *,
+    zero: bool = ...,
+    timedelta_ok: bool = ...,
+    outcome: str = ...,
 ) -> float: ...
 
 
 @overload
 def _check_seconds(
-    name: str, value: Any, *, zero: bool = ..., none: bool, timedelta_ok: bool = ...
+    name: str,
+    value: Any,
+    *,
+    zero: bool = ...,
+    none: bool,
+    timedelta_ok: bool = ...,
+    outcome: str = ...,
 ) -> float | None: ...
 
 
@@ -2117,8 +2137,9 @@ def _check_seconds(
     zero: bool = False,
     none: bool = False,
     timedelta_ok: bool = False,
+    outcome: str = "nothing started",
 ) -> float | None:
-    # A Runtime setting in seconds: finite, positive (or 0 where ``zero``).
+    # A number of seconds: finite, positive (or 0 where ``zero``).
     if value is None and none:
         return None
 
@@ -2137,7 +2158,7 @@ def _check_seconds(
     least = "0 or more" if zero else "more than 0"
     raise DefinitionError(
         f"{name} must be a finite {kinds}, {least}{' (or None)' if none else ''}, "
-        f"got {value!r}; nothing started"
+        f"got {value!r}; {outcome}"
     )
 
 

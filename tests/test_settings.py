@@ -8,6 +8,7 @@ from typing import Any
 
 import pykka
 import pytest
+from conftest import Ticket, ticket
 
 from runtime import DefinitionError, Runtime
 
@@ -80,3 +81,24 @@ def test_edge_values_that_make_sense_are_accepted(name: str, value: Any) -> None
         pass
 
     assert rt.stop().clean
+
+
+@pytest.mark.parametrize("bad", [None, -1, math.nan, math.inf, "1", True])
+def test_bad_wait_timeouts_are_refused_and_nothing_waits(bad: Any) -> None:
+    rt = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        with pytest.raises(DefinitionError, match=r"drain\(\)'s timeout must be"):
+            rt.drain(timeout=bad)
+        with pytest.raises(DefinitionError, match=r"wait_until\(\)'s timeout must"):
+            tickets.wait_until("t-1", lambda state: True, timeout=bad)
+        if bad is not None:
+            with pytest.raises(DefinitionError, match=r"stop\(\)'s timeout must be"):
+                rt.stop(timeout=bad)
+        still_running = rt.running
+
+    assert still_running
+    assert not rt.running
+    assert tickets.get("t-1") == ticket()
