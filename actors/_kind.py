@@ -32,6 +32,20 @@ BURST = 256
 """Requests a kind actor runs before handing their changes on and answering."""
 
 
+def _wait_seconds(timeout: Any) -> float | None:
+    # A caller's timeout for waiting on a future: None or more than any timer
+    # can wait means no limit.
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout != timeout or timeout < 0:
+        raise ValueError(f"timeout must be 0 or more seconds, got {timeout!r}")
+    if timeout >= threading.TIMEOUT_MAX / 2:
+        return None
+    return float(timeout)
+
+
 class Completion:
     """Resolves the mutation futures of one kind actor and wakes their waiters.
 
@@ -65,7 +79,13 @@ class Completion:
             future._run_callbacks()
 
     def wait(self, future: MutationFuture[Any], timeout: float | None) -> bool:
-        """Block until ``future`` is resolved; False if ``timeout`` ran out."""
+        """Block until ``future`` is resolved; False if ``timeout`` ran out.
+
+        Raises:
+            TypeError: ``timeout`` is not a number of seconds or None.
+            ValueError: ``timeout`` is NaN or negative.
+        """
+        timeout = _wait_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._waiting += 1
@@ -128,6 +148,8 @@ class MutationFuture(Generic[T]):
             raise TimeoutError(
                 f"the mutation did not finish within {timeout} seconds"
             ) from None
+        if timeout is not None:
+            _wait_seconds(timeout)
         if self._error is not None:
             raise self._error
         result: T = self._result
@@ -141,6 +163,8 @@ class MutationFuture(Generic[T]):
         """Wait for the mutation; return its error, or ``None`` on success."""
         if not self._done and not self._completion.wait(self, timeout):
             raise TimeoutError(f"the mutation did not finish within {timeout} seconds")
+        if timeout is not None:
+            _wait_seconds(timeout)
         return self._error
 
     def add_done_callback(self, callback: Callable[[MutationFuture[T]], None]) -> None:

@@ -2070,6 +2070,13 @@ class Runtime:
                     self._waiters.pop(key, None)
 
 
+LONGEST_WAIT = 1e9
+"""The longest time in seconds (about 31 years) a setting or wait may give.
+
+Longer ones overflow the platform's timers when waited for.
+"""
+
+
 def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
     if value is None:
         return None
@@ -2079,10 +2086,10 @@ def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
             seconds = float(value)
         except OverflowError:
             seconds = math.inf
-    if not math.isfinite(seconds) or seconds <= 0:
+    if not math.isfinite(seconds) or not 0 < seconds <= LONGEST_WAIT:
         raise DefinitionError(
-            f"{what} must be a positive, finite number of seconds or None (no "
-            f"limit), got {value!r}{outcome}"
+            f"{what} must be a positive number of seconds up to {LONGEST_WAIT:g}, "
+            f"or None (no limit), got {value!r}{outcome}"
         )
     return seconds
 
@@ -2151,14 +2158,14 @@ def _check_seconds(
             seconds = float(value)
         except OverflowError:
             seconds = math.inf
-    if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)):
+    if seconds <= LONGEST_WAIT and (seconds > 0 or (zero and seconds == 0)):
         return seconds
 
     kinds = "number of seconds or a timedelta" if timedelta_ok else "number of seconds"
     least = "0 or more" if zero else "more than 0"
     raise DefinitionError(
-        f"{name} must be a finite {kinds}, {least}{' (or None)' if none else ''}, "
-        f"got {value!r}; {outcome}"
+        f"{name} must be a {kinds}, {least} and at most {LONGEST_WAIT:g}"
+        f"{' (or None)' if none else ''}, got {value!r}; {outcome}"
     )
 
 

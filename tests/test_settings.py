@@ -102,3 +102,35 @@ def test_bad_wait_timeouts_are_refused_and_nothing_waits(bad: Any) -> None:
     assert still_running
     assert not rt.running
     assert tickets.get("t-1") == ticket()
+
+
+@pytest.mark.parametrize(
+    "setting", ["backpressure_timeout", "stop_timeout", "handler_timeout"]
+)
+def test_waits_longer_than_any_timer_are_refused(setting: str) -> None:
+    with pytest.raises(DefinitionError, match=r"up to 1e\+09|at most 1e\+09"):
+        Runtime(**{setting: 1e10})
+
+
+def test_a_future_takes_any_sensible_timeout_and_refuses_the_rest() -> None:
+    rt = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        future = tickets.mutate_async("t-1", lambda prev: ticket())
+        results = [future.get(timeout=t) for t in (math.inf, 1e10, 10**400, 5)]
+        with pytest.raises(ValueError, match="0 or more seconds, got nan"):
+            future.get(timeout=math.nan)
+        with pytest.raises(TypeError, match="number of seconds or None, got '1'"):
+            future.get(timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(DefinitionError, match=r"drain\(\)'s timeout must be"):
+            rt.drain(timeout=1e10)
+        unsubscribe_error = None
+        try:
+            rt.on_entity_changed("ticket", lambda c: None, timeout=1e10)
+        except DefinitionError as err:
+            unsubscribe_error = err
+
+    assert results == [ticket()] * 4
+    assert unsubscribe_error is not None
+    assert tickets.get("t-1") == ticket()
