@@ -49,6 +49,7 @@ from actors._kind import (
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue
 from runtime._durability import (
+    FSYNC_MODES,
     DataDir,
     RestoredData,
     freeze_states,
@@ -602,6 +603,11 @@ class Runtime:
         freeze_gc: bool = False,
     ) -> None:
         mailbox_size = _check_count("mailbox_size", mailbox_size)
+        if not isinstance(journal_fsync, str) or journal_fsync not in FSYNC_MODES:
+            raise DefinitionError(
+                f"journal_fsync must be one of {', '.join(FSYNC_MODES)}, got "
+                f"{journal_fsync!r}; nothing started"
+            )
         backpressure_timeout = _check_seconds(
             "backpressure_timeout", backpressure_timeout, zero=True
         )

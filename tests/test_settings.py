@@ -21,6 +21,7 @@ BAD_SETTINGS: dict[str, list[Any]] = {
     "stop_timeout": [*NUMBERS_THAT_ARE_NOT, -5, math.inf, 10**400],
     "max_dead_letters": [*NUMBERS_THAT_ARE_NOT, 2.5, 0, -1],
     "journal_interval": [*NUMBERS_THAT_ARE_NOT, 0, -0.05, math.inf],
+    "journal_fsync": ["bogus", None, 1, "ALWAYS", ["always"]],
     "snapshot_every": ["1", True, math.nan, 2.5, 0, -1],
     "snapshot_interval": ["1", True, math.nan, 0, -1, math.inf],
     "keep_snapshots": [*NUMBERS_THAT_ARE_NOT, 2.5, 0, -1],
