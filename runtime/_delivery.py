@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from runtime._errors import DefinitionError
 from runtime._events import EntityChanged
+
+logger = logging.getLogger(__name__)
 
 Backoff = Callable[[int], float]
 
@@ -17,6 +20,13 @@ class Broadcast:
 
     A handler that raises is logged and counted; the change is not retried.
     """
+
+
+LONGEST_PAUSE = 86_400.0 * 365
+"""The longest pause between two attempts, in seconds (a year)."""
+
+MAX_ATTEMPTS = 1_000_000
+"""The most attempts a work queue may make for one change."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,8 +46,32 @@ class WorkQueue:
     backoff: Backoff
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
-        return max(0.0, float(self.backoff(attempt)))
+        """Seconds to wait after failed attempt number ``attempt`` (from 1).
+
+        A backoff function's answer is kept between 0 and ``LONGEST_PAUSE``;
+        one that is not a number (or NaN) means no pause, with a warning, so a
+        bad function never loses the change it was retrying.
+        """
+        try:
+            pause = float(self.backoff(attempt))
+        except Exception:
+            logger.warning(
+                "work queue %s: its backoff function failed for attempt %d; "
+                "retrying without a pause",
+                self.worker_group,
+                attempt,
+                exc_info=True,
+            )
+            return 0.0
+        if pause != pause:
+            logger.warning(
+                "work queue %s: its backoff function gave NaN for attempt %d; "
+                "retrying without a pause",
+                self.worker_group,
+                attempt,
+            )
+            return 0.0
+        return min(max(0.0, pause), LONGEST_PAUSE)
 
 
 def broadcast() -> Broadcast:
@@ -66,22 +100,43 @@ def work_queue(
         raise DefinitionError(
             f"worker_group must be a non-empty string, got {worker_group!r}"
         )
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise DefinitionError(f"max_attempts must be 1 or more, got {max_attempts!r}")
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_ATTEMPTS
+    ):
+        raise DefinitionError(
+            f"max_attempts must be a whole number from 1 to {MAX_ATTEMPTS}, got "
+            f"{max_attempts!r}"
+        )
+    if not _is_pause(max_backoff):
+        raise DefinitionError(
+            f"max_backoff must be seconds from 0 to {LONGEST_PAUSE:g}, got "
+            f"{max_backoff!r}"
+        )
 
     if callable(backoff):
         pause: Backoff = backoff
-    elif isinstance(backoff, int | float) and backoff >= 0:
-        base = float(backoff)
+    elif _is_pause(backoff):
+        base, cap = float(backoff), float(max_backoff)
 
         def pause(attempt: int) -> float:
-            return min(max_backoff, base * 2.0 ** (attempt - 1))
+            return min(cap, base * 2.0 ** min(attempt - 1, 64))
 
     else:
         raise DefinitionError(
-            f"backoff must be seconds (>= 0) or a function, got {backoff!r}"
+            f"backoff must be seconds from 0 to {LONGEST_PAUSE:g} or a function, "
+            f"got {backoff!r}"
         )
     return WorkQueue(worker_group, max_attempts, pause)
+
+
+def _is_pause(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= LONGEST_PAUSE
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
