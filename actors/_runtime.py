@@ -14,7 +14,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -65,6 +65,7 @@ from runtime._errors import (
     DefinitionError,
     DeliveryTimeoutError,
     InvalidIdError,
+    InvalidTimeError,
     MutationBatchError,
     ReentrantCallError,
     RuntimeStoppedError,
@@ -284,18 +285,35 @@ class _Kind:
         return None if self.deriver is None else self.deriver.mailbox
 
 
-def _as_timestamp(value: datetime | float | None) -> float | None:
+def _as_timestamp(value: datetime | float | None, what: str) -> float | None:
+    """A query's time bound as POSIX seconds (``None`` stays ``None``).
+
+    Raises:
+        InvalidTimeError: naive datetimes, values that are not a datetime or
+            a number, and numbers that are no time in the years 1 to 9999.
+    """
     if value is None:
         return None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            raise ValueError(f"times must be timezone-aware, got naive {value!r}")
+            raise InvalidTimeError(
+                f"{what} must be timezone-aware, got naive {value!r}"
+            )
         return value.timestamp()
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTimeError(
+            f"{what} must be a datetime or POSIX seconds, got {value!r}"
+        )
+    seconds = float(value) if abs(value) < 1e300 else math.inf
+    if not _EARLIEST <= seconds <= _LATEST:
+        raise InvalidTimeError(
+            f"{what} must be a time between the years 1 and 9999, got {value!r}"
+        )
+    return seconds
 
 
-def _as_seconds(window: timedelta | float) -> float:
-    return window.total_seconds() if isinstance(window, timedelta) else float(window)
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 
 
 class EntityHandle(Generic[S]):
@@ -460,7 +478,11 @@ class EntityHandle(Generic[S]):
         ``since`` is inclusive and ``until`` exclusive. Cost: O(log n + k).
         """
         return self._rt.log.history(
-            self.kind, entity_id, field, _as_timestamp(since), _as_timestamp(until)
+            self.kind,
+            entity_id,
+            field,
+            _as_timestamp(since, "history()'s since"),
+            _as_timestamp(until, "history()'s until"),
         )
 
     def in_state_since(self, entity_id: str, field: str) -> datetime | None:
@@ -481,7 +503,14 @@ class EntityHandle(Generic[S]):
         self, entity_id: str, field: str, window: timedelta | float
     ) -> int:
         """Count the changes of ``field`` within the last ``window``."""
-        since = self._rt.clock() - _as_seconds(window)
+        seconds = _check_seconds(
+            "transition_count()'s window",
+            window,
+            zero=True,
+            timedelta_ok=True,
+            outcome="nothing counted",
+        )
+        since = self._rt.clock() - seconds
         return self._rt.log.count_since(self.kind, entity_id, field, since)
 
     def wait_until(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ import pykka
 import pytest
 from conftest import Ticket, ticket
 
-from runtime import DefinitionError, Runtime, work_queue
+from runtime import DefinitionError, InvalidTimeError, Runtime, work_queue
 
 NUMBERS_THAT_ARE_NOT: list[Any] = [None, "1", True, False, math.nan, [1]]
 """Values refused by every numeric setting that does not take None."""
@@ -196,3 +196,40 @@ def test_a_backoff_function_with_a_bad_answer_never_loses_the_change(
 
     assert attempts == [1, 1]
     assert [(d.change.seq, d.attempts) for d in letters] == [(1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"since": "x"}, r"since must be a datetime or POSIX seconds, got 'x'"),
+        ({"since": True}, r"since must be a datetime or POSIX seconds, got True"),
+        ({"until": math.nan}, r"until must be a time between the years 1 and 9999"),
+        ({"since": 10**400}, r"since must be a time between the years 1 and 9999"),
+        ({"since": datetime(2024, 1, 1)}, r"since must be timezone-aware"),
+    ],
+)
+def test_bad_history_bounds_are_refused(bounds: Any, message: str) -> None:
+    rt = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        with pytest.raises(InvalidTimeError, match=message):
+            tickets.history("t-1", **bounds)
+        rows = tickets.history("t-1", since=0)
+
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize("window", ["x", "5", None, math.nan, -1, math.inf, True])
+def test_bad_transition_count_windows_are_refused(window: Any) -> None:
+    rt = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        with pytest.raises(DefinitionError, match=r"window must be a number of"):
+            tickets.transition_count("t-1", "status", window)
+        counted = tickets.transition_count("t-1", "status", timedelta(hours=1))
+
+    assert counted == 1
