@@ -663,10 +663,27 @@ class Runtime:
         housekeeping_interval = _check_seconds(
             "housekeeping_interval", housekeeping_interval
         )
+        if clock is not None and not callable(clock):
+            raise DefinitionError(
+                f"clock must be a function returning POSIX seconds, or None, got "
+                f"{clock!r}; nothing started"
+            )
+        if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+            raise DefinitionError(
+                f"data_dir must be a path (str or os.PathLike) or None, got "
+                f"{data_dir!r}; nothing started"
+            )
+        for flag, value in (
+            ("recover_damaged", recover_damaged),
+            ("metrics", metrics),
+            ("freeze_gc", freeze_gc),
+        ):
+            if not isinstance(value, bool):
+                raise DefinitionError(
+                    f"{flag} must be True or False, got {value!r}; nothing started"
+                )
 
         self._handler_timeout = _check_timeout("handler_timeout", handler_timeout)
-        if not isinstance(freeze_gc, bool):
-            raise DefinitionError(f"freeze_gc must be True or False, got {freeze_gc!r}")
         self._freeze_gc = freeze_gc
         self._retiring: list[tuple[str, Any]] = []
         """Stops of the actors of ended subscriptions, awaited by stop()."""

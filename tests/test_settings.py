@@ -34,6 +34,11 @@ BAD_SETTINGS: dict[str, list[Any]] = {
         timedelta(seconds=-1),
     ],
     "housekeeping_interval": [*NUMBERS_THAT_ARE_NOT, 0, -1, math.inf],
+    "clock": [5, "time", 1.5],
+    "data_dir": [5, 1.5, ["x"], True],
+    "recover_damaged": ["yes", 1, None],
+    "metrics": ["no", 0, None],
+    "freeze_gc": ["yes", 1, None],
 }
 
 CASES = [(name, value) for name, values in BAD_SETTINGS.items() for value in values]
@@ -41,14 +46,15 @@ CASES = [(name, value) for name, values in BAD_SETTINGS.items() for value in val
 
 @pytest.mark.parametrize("with_data_dir", [False, True], ids=["memory", "data-dir"])
 @pytest.mark.parametrize(("name", "value"), CASES, ids=[repr(c) for c in CASES])
-def test_a_bad_numeric_setting_is_refused_naming_it_and_nothing_starts(
+def test_a_bad_setting_is_refused_naming_it_and_nothing_starts(
     tmp_path: Path, name: str, value: Any, with_data_dir: bool
 ) -> None:
-    data_dir = tmp_path / "data" if with_data_dir else None
+    settings = {"data_dir": tmp_path / "data" if with_data_dir else None}
+    settings[name] = value
     threads = set(threading.enumerate())
 
     with pytest.raises(DefinitionError) as refused:
-        Runtime(data_dir=data_dir, **{name: value})
+        Runtime(**settings)
 
     message = str(refused.value)
     assert message.startswith(f"{name} must be ")
