@@ -24,6 +24,14 @@ from runtime._secrets import RunSecrets, mask_text, mask_value
 
 logger = logging.getLogger(__name__)
 
+_APPLY_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+"""What an ``apply`` may raise that fails its mutation with ``ApplyError``.
+
+``apply`` runs on a kind's actor thread, where ``SystemExit`` or
+``KeyboardInterrupt`` can only come from the function itself: it is a failed
+write, not a request to stop the program.
+"""
+
 MAX_ID_LENGTH = 1024
 """The longest entity id accepted, in characters."""
 
@@ -222,7 +230,7 @@ class KindEngine:
             prev = self.store.get(entity_id)
             try:
                 raw = apply(None if prev is None else dict(prev))
-            except Exception as err:
+            except _APPLY_FAILURES as err:
                 raise self._apply_failed(entity_id, err, run_id) from err
         else:
             prev = self._snapshot(entity_id)
@@ -301,11 +309,11 @@ class KindEngine:
             given = thaw(prev)
         try:
             return apply(given)
-        except Exception as err:
+        except _APPLY_FAILURES as err:
             raise self._apply_failed(entity_id, err, run_id) from err
 
     def _apply_failed(
-        self, entity_id: str, err: Exception, run_id: str | None
+        self, entity_id: str, err: BaseException, run_id: str | None
     ) -> ApplyError:
         self._failed.inc()
         failure = ApplyError(self.kind, entity_id, err)

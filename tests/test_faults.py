@@ -10,7 +10,7 @@ from conftest import Ticket, ticket
 
 from actors._consumers import ConsumerActor
 from actors._kind import KindActor
-from runtime import ActorFailedError, EntityChanged, Runtime, work_queue
+from runtime import ActorFailedError, ApplyError, EntityChanged, Runtime, work_queue
 
 
 def _restarts(rt: Runtime, actor: str) -> float:
@@ -191,3 +191,24 @@ def test_handlers_that_raise_exits_fail_their_call_and_stop_nothing() -> None:
     )
     assert _value(rt, "entity_runtime_deriver_errors_total", kind="ticket") == 1
     assert report.clean
+
+
+@pytest.mark.parametrize("exit_", [SystemExit(2), KeyboardInterrupt()])
+def test_an_apply_raising_an_exit_fails_its_write_only(
+    rt: Runtime, exit_: BaseException
+) -> None:
+    tickets = rt.define_entity("ticket", Ticket)
+
+    def leaves(prev: Any) -> Any:
+        raise exit_
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        with pytest.raises(ApplyError, match=type(exit_).__name__) as failed:
+            tickets.mutate("t-1", leaves)
+        after = tickets.mutate("t-2", lambda prev: ticket("closed"))
+
+    assert failed.value.__cause__ is exit_
+    assert tickets.get("t-1") == ticket()
+    assert after == ticket("closed")
+    assert rt.log.last_seq == 2
