@@ -284,11 +284,6 @@ class Mailbox:
             finally:
                 self._space_waiters -= 1
 
-    def take(self) -> tuple[Any, Sequence[int], float] | None:
-        """Remove the oldest delivery; ``None`` (and unscheduled) when empty."""
-        taken = self.take_many(1)
-        return None if taken is None else taken[0]
-
     def take_many(self, limit: int) -> Taken | None:
         """Remove up to ``limit`` of the oldest deliveries, oldest first.
 

@@ -14,7 +14,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -65,7 +65,6 @@ from runtime._errors import (
     DefinitionError,
     DeliveryTimeoutError,
     InvalidIdError,
-    InvalidTimeError,
     MutationBatchError,
     ReentrantCallError,
     RuntimeStoppedError,
@@ -286,34 +285,10 @@ class _Kind:
 
 
 def _as_timestamp(value: datetime | float | None, what: str) -> float | None:
-    """A query's time bound as POSIX seconds (``None`` stays ``None``).
-
-    Raises:
-        InvalidTimeError: naive datetimes, values that are not a datetime or
-            a number, and numbers that are no time in the years 1 to 9999.
-    """
+    # A query's time bound as POSIX seconds; None (no bound) stays None.
     if value is None:
         return None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise InvalidTimeError(
-                f"{what} must be timezone-aware, got naive {value!r}"
-            )
-        return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTimeError(
-            f"{what} must be a datetime or POSIX seconds, got {value!r}"
-        )
-    seconds = float(value) if abs(value) < 1e300 else math.inf
-    if not _EARLIEST <= seconds <= _LATEST:
-        raise InvalidTimeError(
-            f"{what} must be a time between the years 1 and 9999, got {value!r}"
-        )
-    return seconds
-
-
-_EARLIEST = datetime(1, 1, 2, tzinfo=UTC).timestamp()
-_LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+    return to_timestamp(value, time.time, what, "nothing returned")
 
 
 class EntityHandle(Generic[S]):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -66,8 +67,16 @@ _MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 _MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 
 
-def to_timestamp(at: datetime | float | None, clock: Callable[[], float]) -> float:
+def to_timestamp(
+    at: datetime | float | None,
+    clock: Callable[[], float],
+    what: str = "'at'",
+    outcome: str = "nothing recorded",
+) -> float:
     """Return ``at`` as POSIX seconds, or the clock's time when ``at`` is None.
+
+    ``what`` names the value in errors and ``outcome`` says what the refusal
+    left undone.
 
     Raises:
         InvalidTimeError: ``at`` is naive, not a number, not finite, or outside
@@ -77,21 +86,22 @@ def to_timestamp(at: datetime | float | None, clock: Callable[[], float]) -> flo
         return check_timestamp(clock(), "the runtime's clock")
     if isinstance(at, datetime):
         if at.tzinfo is None:
-            raise InvalidTimeError(f"'at' must be timezone-aware, got naive {at!r}")
+            raise InvalidTimeError(f"{what} must be timezone-aware, got naive {at!r}")
         return at.timestamp()
     if isinstance(at, bool) or not isinstance(at, int | float):
         raise InvalidTimeError(
-            f"'at' must be a datetime or POSIX seconds, got {type(at).__name__}"
+            f"{what} must be a datetime or POSIX seconds, got {at!r}"
         )
-    return check_timestamp(float(at), "'at'")
+    seconds = math.inf if abs(at) >= 1e300 else float(at)
+    return check_timestamp(seconds, what, outcome)
 
 
-def check_timestamp(ts: float, what: str) -> float:
+def check_timestamp(ts: float, what: str, outcome: str = "nothing recorded") -> float:
     """Return ``ts`` if it is a usable POSIX time, else raise InvalidTimeError."""
     if not _MIN_TS <= ts <= _MAX_TS:  # also false for NaN
         raise InvalidTimeError(
             f"{what} gave {ts!r}, which is not a time between the years 1 and 9999 "
-            "(POSIX seconds expected; milliseconds?); nothing recorded"
+            f"(POSIX seconds expected; milliseconds?); {outcome}"
         )
     return ts
 
