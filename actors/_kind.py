@@ -537,7 +537,7 @@ class KindActor(pykka.ThreadingActor):
                 wakes.clear()
 
             try:
-                result, change = self._run(request)
+                result, change = self._run(request, box)
             except BaseException as err:
                 segment.append((request, None, None, err))
             else:
@@ -643,8 +643,9 @@ class KindActor(pykka.ThreadingActor):
             ]
         return outcomes
 
-    def _run(self, request: Request) -> tuple[Any, EntityChanged | None]:
-        box = self._deriver_box()
+    def _run(
+        self, request: Request, box: Mailbox | None
+    ) -> tuple[Any, EntityChanged | None]:
         if box is not None and len(box) >= box.capacity:
             # One wait per burst: once the stage made no room in time, the
             # burst's later writes are refused at once instead of each waiting.
