@@ -13,8 +13,8 @@ from the environment, so the only address ever contacted is the server's own.
 Limitations:
     - Targets must be on a loopback host (`127.0.0.1`, `localhost`, `[::1]`).
     - Only instant queries (`/api/v1/query`) are offered; range queries are not.
-    - The free port is chosen before Prometheus binds it. If another process
-      takes it in between, start-up is retried on a new port a few times.
+    - The free port is chosen before Prometheus binds it (see
+      `server_process`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,15 +32,14 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
+
+from server_process import ServerProcess, find_binary
 
 Sample = tuple[dict[str, str], float]
 """One element of a query result: the series labels and the sample value."""
 
-_FALLBACK_BINARY = Path("/usr/bin/prometheus")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
-_START_ATTEMPTS = 3
-_LOG_TAIL_LINES = 30
 
 # An opener without proxy handling: http_proxy and friends in the environment
 # must not send requests for 127.0.0.1 anywhere else.
@@ -64,15 +62,10 @@ def find_prometheus_binary() -> str | None:
         The path found on ``PATH``, else ``/usr/bin/prometheus`` when it is an
         executable file, else ``None``.
     """
-    found = shutil.which("prometheus")
-    if found is not None:
-        return found
-    if _FALLBACK_BINARY.is_file() and os.access(_FALLBACK_BINARY, os.X_OK):
-        return str(_FALLBACK_BINARY)
-    return None
+    return find_binary("prometheus", Path("/usr/bin/prometheus"))
 
 
-class PrometheusServer:
+class PrometheusServer(ServerProcess):
     """
     A private Prometheus process that scrapes the given targets.
 
@@ -112,6 +105,8 @@ class PrometheusServer:
         ValueError: If ``targets`` is empty or names a non-loopback host.
     """
 
+    start_error = PrometheusStartError
+
     def __init__(
         self,
         targets: Sequence[str],
@@ -134,6 +129,7 @@ class PrometheusServer:
                     f"({', '.join(sorted(_LOOPBACK_HOSTS))}); nothing started"
                 )
 
+        super().__init__()
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
         self.job_name = job_name
@@ -144,8 +140,6 @@ class PrometheusServer:
         self._binary = binary
         self._given_dir = None if tmp_dir is None else Path(tmp_dir)
         self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -207,25 +201,16 @@ class PrometheusServer:
         self.config_path.write_text(self._render_config(), encoding="utf-8")
 
         try:
-            self._start_with_retries(binary)
+            self.start_on_free_port(
+                lambda port: self._spawn(binary, port), self._wait_until_ready
+            )
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
         """Stop Prometheus if it runs and release its files; safe to call twice."""
-        process, self._process = self._process, None
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.terminate()
         if self._dir is not None and self._given_dir is None:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
@@ -345,23 +330,10 @@ class PrometheusServer:
             f"      - targets: [{targets}]\n"
         )
 
-    def _start_with_retries(self, binary: str) -> None:
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self._spawn(binary)
-            try:
-                self._wait_until_ready()
-            except PrometheusStartError:
-                port_taken = "address already in use" in self._log_tail()
-                if not port_taken or attempt == _START_ATTEMPTS:
-                    raise
-                self._reap()
-            else:
-                return
-
-    def _spawn(self, binary: str) -> None:
+    def _spawn(self, binary: str, port: int) -> None:
         workdir = self._workdir()
-        self.port = _free_port()
-        listen = f"127.0.0.1:{self.port}"
+        self.port = port
+        listen = f"127.0.0.1:{port}"
         command = [
             binary,
             f"--config.file={self.config_path}",
@@ -371,45 +343,10 @@ class PrometheusServer:
             f"--web.external-url=http://{listen}/",
             "--log.level=info",
         ]
-
-        if self._log is not None:
-            self._log.close()
-        self._log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
-
-    def _reap(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait()
+        self.spawn(command, workdir, append=False)
 
     def _wait_until_ready(self) -> None:
-        process = self._process
-        assert process is not None
-        deadline = time.monotonic() + self.start_timeout
-
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise PrometheusStartError(
-                    f"prometheus exited with code {process.returncode} before "
-                    f"becoming ready on {self.url}; last log lines:\n"
-                    f"{self._log_tail()}"
-                )
-            if self._is_ready():
-                return
-            time.sleep(0.1)
-
-        raise PrometheusStartError(
-            f"prometheus was not ready on {self.url}/-/ready after "
-            f"{self.start_timeout}s; last log lines:\n{self._log_tail()}"
-        )
+        self.wait_until_ready(self._is_ready, self.start_timeout, self.url, 0.1)
 
     def _is_ready(self) -> bool:
         try:
@@ -440,22 +377,6 @@ class PrometheusServer:
                 f"prometheus rejected query {expr!r}: {body.get('error', body)}"
             )
         return body
-
-    def _log_tail(self) -> str:
-        if self._log is not None:
-            self._log.flush()
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except (OSError, RuntimeError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-_LOG_TAIL_LINES:])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _promql_string(value: str) -> str:

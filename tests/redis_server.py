@@ -7,8 +7,7 @@ only on 127.0.0.1 on a free port, with its own temporary directory, no RDB
 snapshots and (unless asked) no append-only file, and stops it on exit.
 
 Limitations:
-    - The free port is chosen before Redis binds it. If another process takes
-      it in between, the first start is retried on a new port a few times;
+    - The free port is chosen before Redis binds it (see `server_process`);
       `restart` must reuse the port and fails if it was taken meanwhile.
     - Data survives `restart` only with ``appendonly=True``.
 """
@@ -16,19 +15,13 @@ Limitations:
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-_FALLBACK_BINARY = Path("/usr/bin/redis-server")
-_START_ATTEMPTS = 3
-_LOG_TAIL_LINES = 30
+from server_process import ServerProcess, find_binary
 
 
 class RedisStartError(RuntimeError):
@@ -43,15 +36,10 @@ def find_redis_server() -> str | None:
         The path found on ``PATH``, else ``/usr/bin/redis-server`` when it is
         an executable file, else ``None`` (tests then skip).
     """
-    found = shutil.which("redis-server")
-    if found is not None:
-        return found
-    if _FALLBACK_BINARY.is_file() and os.access(_FALLBACK_BINARY, os.X_OK):
-        return str(_FALLBACK_BINARY)
-    return None
+    return find_binary("redis-server", Path("/usr/bin/redis-server"))
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """
     A private redis-server process on a free 127.0.0.1 port.
 
@@ -81,6 +69,8 @@ class RedisServer:
         stop_timeout (float): Seconds to wait after SIGTERM before SIGKILL.
     """
 
+    start_error = RedisStartError
+
     def __init__(
         self,
         *,
@@ -89,14 +79,13 @@ class RedisServer:
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
     ) -> None:
+        super().__init__()
         self.appendonly = appendonly
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.port: int | None = None
         self._binary = binary
         self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -104,11 +93,6 @@ class RedisServer:
         if self.port is None:
             raise RuntimeError("RedisServer was never started; enter it first")
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        """Whether the redis-server process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     @property
     def log_path(self) -> Path:
@@ -159,18 +143,9 @@ class RedisServer:
             self._wait_until_ready()
             return
 
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self._spawn(binary, _free_port())
-            try:
-                self._wait_until_ready()
-            except RedisStartError:
-                if "already in use" not in self._log_tail() or (
-                    attempt == _START_ATTEMPTS
-                ):
-                    raise
-                self._reap()
-            else:
-                return
+        self.start_on_free_port(
+            lambda port: self._spawn(binary, port), self._wait_until_ready
+        )
 
     def stop(self) -> None:
         """
@@ -180,17 +155,7 @@ class RedisServer:
         append-only file) and SIGKILL if it has not exited within
         ``stop_timeout``. Safe to call twice.
         """
-        process, self._process = self._process, None
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.terminate()
 
     def restart(self) -> None:
         """Stop the server and start it again on the same port and directory."""
@@ -233,62 +198,14 @@ class RedisServer:
             "--loglevel",
             "notice",
         ]
-
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
-
-    def _reap(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.spawn(command, workdir, append=True)
 
     def _wait_until_ready(self) -> None:
-        process = self._process
-        assert process is not None
-        assert self.port is not None
-        deadline = time.monotonic() + self.start_timeout
-
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RedisStartError(
-                    f"redis-server exited with code {process.returncode} before "
-                    f"answering PING on port {self.port}; log tail:\n"
-                    f"{self._log_tail()}"
-                )
-            if _answers_ping(self.port):
-                return
-            time.sleep(0.02)
-
-        self._reap()
-        raise RedisStartError(
-            f"redis-server did not answer PING on port {self.port} within "
-            f"{self.start_timeout} s; log tail:\n{self._log_tail()}"
+        port = self.port
+        assert port is not None
+        self.wait_until_ready(
+            lambda: _answers_ping(port), self.start_timeout, f"port {port}", 0.02
         )
-
-    def _log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-_LOG_TAIL_LINES:])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers_ping(port: int) -> bool:
