@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
+from child_processes import ChildProcesses
 from redis_server import RedisServer, find_redis_server
 
 from runtime import DeadLetter, EntityChanged, EntityRuntimeError, ReadOnlyDict
@@ -534,49 +535,15 @@ def test_resumed_broadcast_reader_reports_entries_trimmed_before_it_read_them(
 # -- separate processes -----------------------------------------------------
 
 
-class Workers:
+class Workers(ChildProcesses):
     """Runs bus instances as separate processes of this module."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
+        super().__init__(tmp_path, ROOT, stop_timeout=15)
 
     def start(self, url: str, prefix: str, name: str, stall_on: int = 0) -> None:
-        log = (self.tmp_path / f"{name}.log").open("wb")
-        self._logs.append(log)
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, __file__, "worker", url, prefix, name, str(stall_on)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            cwd=ROOT,
-        )
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {path.name}:\n{path.read_text(errors='replace')[-2000:]}"
-            for path in sorted(self.tmp_path.glob("*.log"))
-        )
-
-    def stop(self, name: str) -> int:
-        """Close a worker's stdin (it then closes its bus) and wait for it."""
-        process = self.processes[name]
-        assert process.stdin is not None
-        process.stdin.close()
-        return process.wait(timeout=15)
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.stdin is not None and not process.stdin.closed:
-                process.stdin.close()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for log in self._logs:
-            log.close()
+        argv = [sys.executable, __file__, "worker", url, prefix, name, str(stall_on)]
+        self.spawn(name, argv)
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
+from child_processes import ChildProcesses
 from redis_server import RedisServer, find_redis_server
 
 from runtime import (
@@ -313,61 +314,27 @@ def test_changes_committed_while_redis_restarts_are_all_delivered_afterwards() -
 # -- separate processes ------------------------------------------------------
 
 
-class Instances:
+class Instances(ChildProcesses):
     """Runs ``tests/bus_instance.py`` processes and reads what they recorded."""
 
     def __init__(self, tmp_path: Path, url: str, prefix: str, names: list[str]) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path, ROOT, stop_timeout=20)
         self.url = url
         self.prefix = prefix
         self.names = names
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
 
     def start(self, name: str, writes: int, stall_on: int = 0) -> None:
-        log = (self.tmp_path / f"{name}.log").open("wb")
-        self._logs.append(log)
-        self.processes[name] = subprocess.Popen(
-            [
-                sys.executable,
-                str(INSTANCE_SCRIPT),
-                self.url,
-                self.prefix,
-                name,
-                ",".join(self.names),
-                str(writes),
-                str(stall_on),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            cwd=ROOT,
-        )
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {path.name}:\n{path.read_text(errors='replace')[-2000:]}"
-            for path in sorted(self.tmp_path.glob("*.log"))
-        )
-
-    def stop(self, name: str) -> int:
-        """Close an instance's stdin (it then stops its runtime); wait for it."""
-        process = self.processes[name]
-        assert process.stdin is not None
-        process.stdin.close()
-        return process.wait(timeout=20)
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.stdin is not None and not process.stdin.closed:
-                process.stdin.close()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for log in self._logs:
-            log.close()
+        argv = [
+            sys.executable,
+            str(INSTANCE_SCRIPT),
+            self.url,
+            self.prefix,
+            name,
+            ",".join(self.names),
+            str(writes),
+            str(stall_on),
+        ]
+        self.spawn(name, argv)
 
 
 @pytest.fixture
