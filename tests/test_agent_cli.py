@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from raw_server import raw_server
 
 from monitoring import (
     DEFAULT_CONFIG_TOML,
@@ -523,7 +524,7 @@ def test_scraped_times_past_year_9999_are_invalid_and_the_data_dir_stays_usable(
     payload = b"x 1 99999999999999999999\n"
     state = tmp_path / "state"
     report = tmp_path / "r.json"
-    with one_answer_server(
+    with raw_server(
         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
     ) as url:
         for _ in range(2):
@@ -726,7 +727,7 @@ def test_a_slow_target_does_not_hold_the_run_past_its_duration(
 ) -> None:
     """A target that never answers is abandoned when --duration is up."""
     report = tmp_path / "r.json"
-    with one_answer_server(None) as slow:
+    with raw_server(None) as slow:
         started = time.monotonic()
         code = agent_cli(
             "--scrape",
@@ -747,49 +748,6 @@ def test_a_slow_target_does_not_hold_the_run_past_its_duration(
     assert code == 0
     assert took < 4.0
     assert json.loads(report.read_text(encoding="utf-8"))["incidents"] == []
-
-
-@contextlib.contextmanager
-def one_answer_server(answer: bytes | None) -> Iterator[str]:
-    """A TCP server on 127.0.0.1 answering every connection with ``answer``.
-
-    ``answer`` is sent as it is, whatever was asked, and the connection
-    closed; with ``None`` connections are held open, never answered.
-    """
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.05)
-    done = threading.Event()
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if answer is None:
-                held.append(conn)
-                continue
-            with contextlib.suppress(OSError):
-                conn.settimeout(5.0)
-                conn.recv(65536)
-                conn.sendall(answer)
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
-    finally:
-        done.set()
-        thread.join(timeout=10)
-        for conn in held:
-            conn.close()
-        listener.close()
 
 
 def _catches_sigterm(pid: int) -> bool:
