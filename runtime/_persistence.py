@@ -657,19 +657,7 @@ def list_snapshots(directory: StrPath) -> list[Path]:
     Files are not opened, so a listed snapshot may still be corrupt. A missing
     directory has no snapshots.
     """
-    directory = Path(directory)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        raise DataDirError(
-            directory, f"could not list ({_oserror_text(err)})", err
-        ) from err
-
-    found = [(int(m.group(1)), m.group(0)) for m in map(_SNAPSHOT_RE.match, names) if m]
-    found.sort(reverse=True)
-    return [directory / name for _, name in found]
+    return _numbered_files(Path(directory), _SNAPSHOT_RE, newest_first=True)
 
 
 @dataclass(frozen=True)
@@ -797,7 +785,16 @@ def list_journals(directory: StrPath) -> list[Path]:
 
     A missing directory has no journals.
     """
-    directory = Path(directory)
+    return _numbered_files(Path(directory), _JOURNAL_RE, newest_first=False)
+
+
+def _numbered_files(
+    directory: Path, pattern: re.Pattern[str], newest_first: bool
+) -> list[Path]:
+    """The files of ``directory`` whose whole name ``pattern`` matches, by number.
+
+    The number is the pattern's first group. A missing directory has none.
+    """
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -807,8 +804,8 @@ def list_journals(directory: StrPath) -> list[Path]:
             directory, f"could not list ({_oserror_text(err)})", err
         ) from err
 
-    found = [(int(m.group(1)), m.group(0)) for m in map(_JOURNAL_RE.match, names) if m]
-    found.sort()
+    found = [(int(m.group(1)), m.group(0)) for m in map(pattern.match, names) if m]
+    found.sort(reverse=newest_first)
     return [directory / name for _, name in found]
 
 
