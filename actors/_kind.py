@@ -524,20 +524,27 @@ class KindActor(pykka.ThreadingActor):
         segment: list[_Outcome] = []
         waiting = 0
         box = self._deriver_box()
+        abort = self._abort
         self._stalled = False
+        self.engine.begin_burst()
         for request in batch:
-            if self._abort is not None and self._abort.is_set():
+            if abort is not None and abort.is_set():
                 segment.append((request, None, None, self._stopped_error(request)))
                 continue
-            if box is not None and waiting and len(box) + waiting >= box.capacity:
-                outcomes += self._finish_segment(segment, wakes)
-                segment, waiting = [], 0
-                for wake in wakes:
-                    wake()
-                wakes.clear()
+            # One read of the mailbox's length serves both of its checks.
+            depth = 0
+            if box is not None:
+                depth = len(box)
+                if waiting and depth + waiting >= box.capacity:
+                    outcomes += self._finish_segment(segment, wakes)
+                    segment, waiting = [], 0
+                    for wake in wakes:
+                        wake()
+                    wakes.clear()
+                    depth = len(box)
 
             try:
-                result, change = self._run(request, box)
+                result, change = self._run(request, box, depth)
             except BaseException as err:
                 segment.append((request, None, None, err))
             else:
@@ -644,9 +651,10 @@ class KindActor(pykka.ThreadingActor):
         return outcomes
 
     def _run(
-        self, request: Request, box: Mailbox | None
+        self, request: Request, box: Mailbox | None, depth: int
     ) -> tuple[Any, EntityChanged | None]:
-        if box is not None and len(box) >= box.capacity:
+        """Run one request, first waiting for room if ``depth`` fills ``box``."""
+        if box is not None and depth >= box.capacity:
             # One wait per burst: once the stage made no room in time, the
             # burst's later writes are refused at once instead of each waiting.
             if self._stalled or not box.wait_for_space(self._backpressure_timeout):

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from math import copysign
 from typing import Any
+
+from runtime._events import ReadOnlyDict
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -57,8 +60,37 @@ def diff_states(
     if prev is None:
         return dict(next), tuple(next)
 
+    delta = _delta(prev, next)
+    return delta, tuple(delta)
+
+
+_NO_CHANGE: tuple[ReadOnlyDict, tuple[str, ...]] = (ReadOnlyDict(), ())
+
+
+def diff_change(
+    prev: Mapping[str, Any] | None, next: Mapping[str, Any]
+) -> tuple[ReadOnlyDict, tuple[str, ...]]:
+    """:func:`diff_states` for a write that keeps the entity, delta read-only.
+
+    The write path's form: the delta goes into the change event as it is, and
+    on a create it is ``next`` itself when that is read-only already.
+    """
+    if prev is None:
+        if type(next) is not ReadOnlyDict:
+            next = ReadOnlyDict(next)
+        return next, tuple(next)
+
+    delta = _delta(prev, next)
+    if not delta:
+        return _NO_CHANGE
+    return ReadOnlyDict(delta), tuple(delta)
+
+
+def _delta(prev: Mapping[str, Any], next: Mapping[str, Any]) -> dict[str, Any]:
+    """The changed fields of ``next`` over ``prev`` with their new values."""
     delta: dict[str, Any] = {}
     get = prev.get
+    added = 0
     for field, value in next.items():
         old = get(field, _MISSING)
         if old is value:
@@ -67,9 +99,53 @@ def diff_states(
         if kind is type(old) and kind in _EXACT_EQ:
             if old != value:
                 delta[field] = value
-        elif old is _MISSING or not same_value(old, value):
+        elif old is _MISSING:
             delta[field] = value
-    for field in prev:
-        if field not in next:
-            delta[field] = None
-    return delta, tuple(delta)
+            added += 1
+        elif not same_value(old, value):
+            delta[field] = value
+
+    # Every field of ``next`` but the ``added`` ones is in ``prev``: ``prev``
+    # has a field that ``next`` lacks only if it has more than that many.
+    if len(prev) > len(next) - added:
+        for field in prev:
+            if field not in next:
+                delta[field] = None
+    return delta
+
+
+def diff_scalars(
+    prev: Mapping[str, Any] | None, next: ReadOnlyDict
+) -> tuple[ReadOnlyDict, tuple[str, ...]]:
+    """:func:`diff_change` for a ``next`` whose values are all scalars.
+
+    Scalars are ``str``, ``int``, ``float``, ``bool`` and ``None``: for them
+    :func:`same_value` is "same type and ``==``, and the same sign for a zero
+    float", one expression per field, which the write path of kinds with flat
+    schemas runs instead of the general loop. ``prev`` may hold anything.
+    """
+    if prev is None:
+        return next, tuple(next)
+
+    delta: dict[str, Any] = {}
+    get = prev.get
+    added = 0
+    for field, value in next.items():
+        old = get(field, _MISSING)
+        if old is not value and (
+            old != value
+            or type(old) is not type(value)
+            or (value == 0.0 and copysign(1.0, old) != copysign(1.0, value))
+        ):
+            delta[field] = value
+            if old is _MISSING:
+                added += 1
+
+    # As in _delta: only then can ``prev`` have a field that ``next`` lacks.
+    if len(prev) > len(next) - added:
+        for field in prev:
+            if field not in next:
+                delta[field] = None
+    if not delta:
+        return _NO_CHANGE
+    return ReadOnlyDict(delta), tuple(delta)

@@ -6,9 +6,10 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from threading import get_ident
 from typing import Any
 
-from runtime._diff import diff_states
+from runtime._diff import diff_change, diff_scalars, diff_states
 from runtime._errors import (
     ApplyError,
     InvalidIdError,
@@ -40,6 +41,9 @@ ReadFn = Callable[[list[str]], Mapping[str, Any]]
 JournalFn = Callable[[Any], None]
 ApplyFn = Callable[[dict[str, Any] | None], Any]
 CommitHook = Callable[[EntityChanged], None]
+
+_NO_DELTA = ReadOnlyDict()
+"""The delta of every tombstone."""
 
 
 def check_entity_id(kind: str, entity_id: Any) -> str:
@@ -150,9 +154,11 @@ class KindEngine:
         self.secrets: RunSecrets | None = None
         """Run secrets to mask in rows, events and errors of writes with a run."""
 
+        self._store_backed = definition.store_backed
         self._flat = definition.store_backed and definition.schema.flat
         """Store-backed, and states hold only scalars (a shallow copy is a copy)."""
-        self._validate = definition.schema.validate
+        self._validate = definition.schema.validator
+        self._diff = diff_scalars if definition.schema.flat else diff_change
 
         kind = self.kind
         self._changed = metrics.mutations.labels(kind, "changed")
@@ -169,8 +175,21 @@ class KindEngine:
             else PerThreadCells(3)
         )
         """Per-thread cells of the three counters every commit bumps."""
+        self._cells: tuple[int | None, list[float]] = (None, [])
+        """The cells of the thread that committed last, with its id."""
+        self.log_commits = logger.isEnabledFor(logging.DEBUG)
+        """Whether commits are logged (at debug level); see :meth:`begin_burst`."""
         if definition.store_backed:
             metrics.entities.labels(kind).set_function(lambda: len(self.store))
+
+    def begin_burst(self) -> None:
+        """Re-read the logger's level, which decides whether commits are logged.
+
+        Called by the kind's actor before each burst of writes: a level change
+        takes effect from the next burst, and a commit costs no logger call
+        when debug logging is off.
+        """
+        self.log_commits = logger.isEnabledFor(logging.DEBUG)
 
     def next_seq(self) -> int:
         """The sequence number the next change committed anywhere will get, or less.
@@ -259,7 +278,7 @@ class KindEngine:
             # Raised outside the handler, so the unmasked error is not its context.
             raise refused
 
-        delta, changed_fields = diff_states(prev, next_state)
+        delta, changed_fields = self._diff(prev, next_state)
         if not changed_fields:
             self._unchanged.inc()
             return next_state, None
@@ -292,7 +311,7 @@ class KindEngine:
 
         _, changed_fields = diff_states(prev, None)
         return self._commit(
-            entity_id, prev, None, {}, changed_fields, actor, run_id, at
+            entity_id, prev, None, _NO_DELTA, changed_fields, actor, run_id, at
         )
 
     def _snapshot(self, entity_id: str) -> ReadOnlyDict | None:
@@ -342,7 +361,7 @@ class KindEngine:
         entity_id: str,
         prev: ReadOnlyDict | None,
         next_state: ReadOnlyDict | None,
-        delta: dict[str, Any],
+        delta: ReadOnlyDict,
         changed_fields: tuple[str, ...],
         actor: str,
         run_id: str | None,
@@ -354,15 +373,23 @@ class KindEngine:
                 check_timestamp(ts, "the runtime's clock")
         else:
             ts = at
+        kind = self.kind
         log = self._log
-        store_backed = self.definition.read is None
-        spec = change_rows(prev, next_state, changed_fields)
+        store_backed = self._store_backed
+
+        # Rows are built as triples only when they are journaled or masked (or
+        # the change is a tombstone); otherwise the log takes them straight
+        # from the states.
+        pattern = None if run_id is None else self._secret_pattern(run_id)
+        spec: list[list[Any]] | None = None
         shown_prev, shown_next, shown_delta = prev, next_state, delta
-        pattern = self._secret_pattern(run_id)
+        if pattern is not None or self.journal is not None or next_state is None:
+            spec = change_rows(prev, next_state, changed_fields)
         if pattern is not None:
             # Rows and events show masked values; the store keeps the state.
             spec = [
-                [f, mask_value(b, pattern), mask_value(a, pattern)] for f, b, a in spec
+                [f, mask_value(b, pattern), mask_value(a, pattern)]
+                for f, b, a in spec  # type: ignore[union-attr]
             ]
             shown_prev = mask_value(prev, pattern)
             shown_next = mask_value(next_state, pattern)
@@ -370,13 +397,33 @@ class KindEngine:
 
         with log.lock:
             seq = log.last_seq + 1
-            if self.journal is not None:
-                self._journal_change(
-                    seq, entity_id, ts, actor, run_id, store_backed, next_state, spec
+            if spec is None:
+                log.append_states(
+                    seq,
+                    kind,
+                    entity_id,
+                    ts,
+                    actor,
+                    run_id,
+                    prev,
+                    changed_fields,
+                    delta.values(),
                 )
-            log.append_rows(
-                seq, self.kind, entity_id, ts, actor, run_id, spec, changed_fields
-            )
+            else:
+                if self.journal is not None:
+                    self._journal_change(
+                        seq,
+                        entity_id,
+                        ts,
+                        actor,
+                        run_id,
+                        store_backed,
+                        next_state,
+                        spec,
+                    )
+                log.append_rows(
+                    seq, kind, entity_id, ts, actor, run_id, spec, changed_fields
+                )
             if store_backed:
                 if next_state is None:
                     del self.store[entity_id]
@@ -384,11 +431,11 @@ class KindEngine:
                     self.store[entity_id] = next_state
             change = new_change(
                 (
-                    self.kind,
+                    kind,
                     entity_id,
                     shown_prev,
                     shown_next,
-                    ReadOnlyDict(shown_delta),
+                    shown_delta,
                     changed_fields,
                     actor,
                     ts,
@@ -398,17 +445,17 @@ class KindEngine:
             )
             self._on_commit(change)
 
-        cells = self._committed.mine()
+        owner, cells = self._cells
+        if owner != get_ident():
+            cells = self._committed.mine()
+            self._cells = (get_ident(), cells)
         cells[0] += 1
-        cells[1] += len(spec)
+        cells[1] += len(changed_fields) if spec is None else len(spec)
         cells[2] += 1
-        logger.debug(
-            "committed %s/%s seq=%d fields=%s",
-            self.kind,
-            entity_id,
-            seq,
-            changed_fields,
-        )
+        if self.log_commits:
+            logger.debug(
+                "committed %s/%s seq=%d fields=%s", kind, entity_id, seq, changed_fields
+            )
         return change
 
     def _journal_change(

@@ -6,8 +6,9 @@ import weakref
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
+from itertools import repeat
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -75,7 +76,9 @@ class _Block:
         self.key = key
         self.base = key << _SLOT_BITS
         self.epoch = epoch
-        self.seqs = array("q")
+        # Sequences (and places) are positive: unsigned arrays take an append
+        # without the generic argument parsing that signed ones go through.
+        self.seqs = array("Q")
         self.times = array("d")
         self.ents: list[_Entity | None] = []
         self.actors: list[str] = []
@@ -176,9 +179,9 @@ class _Entity:
     def __init__(self, kind: str, entity_id: str) -> None:
         self.kind = kind
         self.id = entity_id
-        self.seqs = array("q")
+        self.seqs = array("Q")
         self.times = array("d")
-        self.places = array("q")
+        self.places = array("Q")
         self.by_field: dict[str | None, array[int]] = {}
         self.nrows = 0
         self.ordered = True
@@ -404,7 +407,7 @@ class TransitionLog:
                     try:
                         by_field[field].append(seq)
                     except KeyError:
-                        by_field[field] = array("q", (seq,))
+                        by_field[field] = array("Q", (seq,))
             block.starts.append(len(fields))
 
             times = entity.times
@@ -421,6 +424,73 @@ class TransitionLog:
             return count
         finally:
             lock.release()
+
+    def append_states(
+        self,
+        seq: int,
+        kind: str,
+        entity_id: str,
+        at: float,
+        actor: str,
+        run_id: str | None,
+        prev: Mapping[str, Any] | None,
+        changed_fields: tuple[str, ...],
+        afters: Iterable[Any],
+    ) -> None:
+        """Record one change that keeps its entity, straight from its states.
+
+        Records what :meth:`append_rows` records for the triples of
+        :func:`change_rows`, without building them: ``afters`` are the new
+        values of ``changed_fields`` in order (``None`` for a field the entity
+        lost), ``prev`` gives the old ones. The write path's common case: the
+        caller holds ``lock``, numbers the change ``last_seq + 1``, gives at
+        least one field and needs nothing masked or journaled.
+        """
+        if type(at) is not float:
+            at = at.timestamp() if isinstance(at, datetime) else float(at)
+
+        block = self._open
+        if block is None or len(block.seqs) >= _BLOCK_CHANGES:
+            block = self._open = _Block(seq, self._epoch)
+            self._blocks[seq] = block
+        key = (kind, entity_id)
+        entity = self._entities.get(key)
+        if entity is None:
+            entity = self._entities[key] = _Entity(kind, entity_id)
+
+        # One extend per row column: the rows never exist as triples.
+        place = block.base + len(block.seqs)
+        block.seqs.append(seq)
+        block.times.append(at)
+        block.ents.append(entity)
+        block.actors.append(actor)
+        block.run_ids.append(run_id)
+        fields = block.fields
+        fields.extend(changed_fields)
+        if prev is None:
+            block.befores.extend(repeat(None, len(changed_fields)))
+        else:
+            block.befores.extend(map(prev.get, changed_fields))
+        block.afters.extend(afters)
+        block.starts.append(len(fields))
+
+        by_field = entity.by_field
+        for field in changed_fields:
+            try:
+                by_field[field].append(seq)
+            except KeyError:
+                by_field[field] = array("Q", (seq,))
+        times = entity.times
+        if times and at < times[-1]:
+            entity.ordered = False
+        entity.seqs.append(seq)
+        times.append(at)
+        entity.places.append(place)
+        entity.removed = False
+        count = len(changed_fields)
+        entity.nrows += count
+        self._row_count += count
+        self.last_seq = seq
 
     def advance_to(self, seq: int) -> None:
         """Continue numbering after ``seq`` (restores with no rows left)."""
@@ -883,7 +953,7 @@ class TransitionLog:
             if gone is None and not tombstones:
                 continue
             stop = len(index) if limit is None else bisect_left(index, limit)
-            fresh = array("q", _without(index[:stop], gone or {}, tombstones))
+            fresh = array("Q", _without(index[:stop], gone or {}, tombstones))
             if len(fresh) == stop:
                 continue
             fresh += index[stop:]
@@ -957,7 +1027,7 @@ class TransitionLog:
 def _index_row(by_field: dict[str | None, array[int]], field: str, seq: int) -> None:
     index = by_field.get(field)
     if index is None:
-        index = by_field[field] = array("q")
+        index = by_field[field] = array("Q")
     index.append(seq)
 
 

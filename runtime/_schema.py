@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import re
 import types
@@ -145,12 +146,16 @@ class StateSchema:
         fields: tuple[str, ...],
         check: Callable[[Any], ReadOnlyDict],
         flat: bool = False,
+        quick: _Validator | None = None,
     ) -> None:
         self.source = source
         self.fields = fields
-        self._check = check
         self.flat = flat
         """Whether every valid state holds only scalars (no lists or mappings)."""
+        self.validator: _Validator = (
+            functools.partial(_validate_with, check) if quick is None else quick
+        )
+        """:meth:`validate` as a plain function (generated for flat schemas)."""
 
     @property
     def name(self) -> str:
@@ -159,15 +164,24 @@ class StateSchema:
 
     def validate(self, value: Any, kind: str, entity_id: str) -> ReadOnlyDict:
         """Return the validated, read-only state or raise :class:`SchemaError`."""
-        try:
-            return self._check(value)
-        except _Invalid as err:
-            field = err.path or None
-            raise SchemaError(kind, entity_id, field, err.reason) from None
-        except RecursionError:
-            raise SchemaError(
-                kind, entity_id, None, "nests too deeply (or is a cycle)"
-            ) from None
+        return self.validator(value, kind, entity_id)
+
+
+_Validator = Callable[[Any, str, str], ReadOnlyDict]
+
+
+def _validate_with(
+    check: Callable[[Any], ReadOnlyDict], value: Any, kind: str, entity_id: str
+) -> ReadOnlyDict:
+    try:
+        return check(value)
+    except _Invalid as err:
+        field = err.path or None
+        raise SchemaError(kind, entity_id, field, err.reason) from None
+    except RecursionError:
+        raise SchemaError(
+            kind, entity_id, None, "nests too deeply (or is a cycle)"
+        ) from None
 
 
 def _literal_check(options: tuple[Any, ...]) -> _Check:
@@ -299,78 +313,55 @@ def _compile_annotation(annotation: Any, where: str) -> _Check:
     )
 
 
-_Predicate = Callable[[Any], bool]
-
-
-def _is_plain_str(value: Any) -> bool:
-    return type(value) is str and value.isascii()
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int and _INT_MIN <= value <= _INT_MAX
-
-
-def _is_float(value: Any) -> bool:
-    return type(value) is float and math.isfinite(value)
-
-
-def _is_bool(value: Any) -> bool:
-    return type(value) is bool
-
-
-def _is_none(value: Any) -> bool:
-    return value is None
-
-
-def _literal_predicate(options: tuple[Any, ...]) -> _Predicate | None:
-    if not all(type(o) in (str, int, bool) for o in options):
-        return None
-    allowed = frozenset((type(o), o) for o in options)
-    types_ = frozenset(type(o) for o in options)
-
-    def accepts(value: Any) -> bool:
-        return type(value) in types_ and (type(value), value) in allowed
-
-    return accepts
-
-
-def _scalar_predicate(annotation: Any) -> _Predicate | None:
-    """A quick test that a value passes ``annotation``'s check unchanged.
+def _scalar_test(annotation: Any, var: str, consts: dict[str, Any]) -> str | None:
+    """An expression that is true when ``var`` passes ``annotation``'s check unchanged.
 
     Only for scalar annotations: a value it accepts is valid and would come
     out of the full check as the very same value, so a state whose fields all
     pass can be stored without running the full check. ``None`` means there
     is no such shortcut for this annotation (containers, unions, enums).
     A value the test refuses may still be valid: the full check decides.
+    Constants the expression names are added to ``consts``.
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
 
-    simple: dict[Any, _Predicate] = {
-        str: _is_plain_str,
-        int: _is_int,
-        float: _is_float,
-        bool: _is_bool,
-        None: _is_none,
-        type(None): _is_none,
-    }
-    if annotation in simple:
-        return simple[annotation]
+    if annotation is str:
+        # Only ASCII skips the check for lone surrogates.
+        return f"(type({var}) is str and {var}.isascii())"
+    if annotation is int:
+        return f"(type({var}) is int and _INT_MIN <= {var} <= _INT_MAX)"
+    if annotation is float:
+        return f"(type({var}) is float and _isfinite({var}))"
+    if annotation is bool:
+        return f"type({var}) is bool"
+    if annotation is None or annotation is type(None):
+        return f"{var} is None"
     if origin is typing.Annotated:
-        return _scalar_predicate(args[0])
+        return _scalar_test(args[0], var, consts)
     if origin is typing.Literal:
-        return _literal_predicate(args)
+        return _literal_test(args, var, consts)
     if (origin is typing.Union or origin is types.UnionType) and len(args) == 2:
         others = [a for a in args if a is not type(None)]
-        inner = _scalar_predicate(others[0]) if len(others) == 1 else None
-        if inner is None:
-            return None
-
-        def accepts(value: Any) -> bool:
-            return value is None or inner(value)
-
-        return accepts
+        inner = _scalar_test(others[0], var, consts) if len(others) == 1 else None
+        return None if inner is None else f"({var} is None or {inner})"
     return None
+
+
+def _literal_test(
+    options: tuple[Any, ...], var: str, consts: dict[str, Any]
+) -> str | None:
+    if not all(type(o) in (str, int, bool) for o in options):
+        return None
+    n = len(consts)
+    allowed, kinds = f"_allowed{n}", f"_kinds{n}"
+    if all(type(o) is str for o in options):
+        consts[allowed] = frozenset(options)
+        return f"(type({var}) is str and {var} in {allowed})"
+    # ``1 == True``: compare type and value together.
+    consts[allowed] = frozenset((type(o), o) for o in options)
+    consts[kinds] = frozenset(type(o) for o in options)
+    return f"(type({var}) in {kinds} and (type({var}), {var}) in {allowed})"
 
 
 def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
@@ -420,35 +411,55 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
     return check_record
 
 
-def _flat_dataclass_check(cls: type) -> Callable[[Any], ReadOnlyDict] | None:
-    """A shortcut check for dataclasses whose fields are all scalars.
+def _flat_dataclass_check(
+    cls: type, full: Callable[[Any], ReadOnlyDict]
+) -> _Validator | None:
+    """A shortcut validator for dataclasses whose fields are all scalars.
 
     Returns ``None`` when some field is not a scalar. Otherwise the returned
-    check accepts a plain ``dict`` holding exactly the fields, each passing its
-    scalar test, and copies it read-only; anything else goes to the full
-    check, which gives the same answer or the error with its field path.
+    validator accepts a plain ``dict`` holding exactly the fields, each passing
+    its scalar test, and copies it read-only; anything else goes to ``full``,
+    which gives the same answer or the error with its field path.
+
+    The validator is generated source with one inline test per field (the
+    way ``dataclasses`` builds ``__init__``): it runs on every write, where a
+    call per field would cost more than copying the whole state.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
+    consts: dict[str, Any] = {
+        "ReadOnlyDict": ReadOnlyDict,
+        "_INT_MIN": _INT_MIN,
+        "_INT_MAX": _INT_MAX,
+        "_isfinite": math.isfinite,
+        "_full": functools.partial(_validate_with, full),
+    }
+    reads = []
     tests = []
-    for f in dataclasses.fields(cls):
-        test = _scalar_predicate(hints[f.name])
+    for i, f in enumerate(dataclasses.fields(cls)):
+        test = _scalar_test(hints[f.name], f"v{i}", consts)
         if test is None:
             return None
-        tests.append((f.name, test))
-    full = _compile_dataclass(cls)
-    count = len(tests)
-    missing = object()
+        # str.__repr__: the name goes into source text, so no override of
+        # __repr__ may change what it says.
+        reads.append(f"v{i} = value[{str.__repr__(f.name)}]")
+        tests.append(test)
 
-    def check(value: Any) -> ReadOnlyDict:
-        if type(value) is dict and len(value) == count:
-            get = value.get
-            for name, test in tests:
-                if not test(get(name, missing)):
-                    break
-            else:
-                return ReadOnlyDict(value)
-        return full(value, "")
-
+    source = "\n".join(
+        [
+            "def check(value, kind, entity_id):",
+            f"    if type(value) is dict and len(value) == {len(tests)}:",
+            "        try:",
+            *(f"            {read}" for read in reads),
+            "        except KeyError:",
+            "            pass",
+            "        else:",
+            f"            if {' and '.join(tests) or 'True'}:",
+            "                return ReadOnlyDict(value)",
+            "    return _full(value, kind, entity_id)",
+        ]
+    )
+    exec(compile(source, f"<flat check of {cls.__qualname__}>", "exec"), consts)
+    check: _Validator = consts["check"]
     return check
 
 
@@ -515,10 +526,12 @@ def compile_schema(spec: Any) -> StateSchema:
     if isinstance(spec, type) and dataclasses.is_dataclass(spec):
         record = _compile_dataclass(spec)
         names = tuple(f.name for f in dataclasses.fields(spec))
-        flat = _flat_dataclass_check(spec)
-        if flat is not None:
-            return StateSchema(spec, names, flat, flat=True)
-        return StateSchema(spec, names, lambda value: record(value, ""))
+
+        def full(value: Any) -> ReadOnlyDict:
+            return record(value, "")
+
+        quick = _flat_dataclass_check(spec, full)
+        return StateSchema(spec, names, full, flat=quick is not None, quick=quick)
     if isinstance(spec, type) and hasattr(spec, "model_validate"):
         return _compile_pydantic(spec)
     if isinstance(spec, type) and hasattr(spec, "__struct_fields__"):

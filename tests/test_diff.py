@@ -5,7 +5,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime import EntityChanged, diff_states, same_value
+from runtime import EntityChanged, ReadOnlyDict, diff_states, same_value
+from runtime._diff import diff_change, diff_scalars
 
 json_values = st.recursive(
     st.none()
@@ -127,3 +128,31 @@ def test_diff_of_a_state_with_its_copy_is_empty(state: dict[str, Any]) -> None:
     import copy
 
     assert diff_states(state, copy.deepcopy(state)) == ({}, ())
+
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2)
+    | st.sampled_from([0.0, -0.0, 1.0, 2.5])
+    | st.sampled_from(["", "a", "b"])
+)
+scalar_states = st.dictionaries(st.sampled_from("abcde"), scalars, max_size=5)
+
+
+@given(st.none() | states, scalar_states)
+def test_the_write_path_diffs_agree_with_diff_states(
+    prev: dict[str, Any] | None, nxt: dict[str, Any]
+) -> None:
+    """diff_change, and diff_scalars for scalar states, give diff_states' answer."""
+    expected = diff_states(prev, nxt)
+    frozen = ReadOnlyDict(nxt)
+
+    for diff in (diff_change, diff_scalars):
+        delta, fields = diff(prev, frozen)
+
+        assert type(delta) is ReadOnlyDict
+        assert (dict(delta), fields) == expected
+        assert [type(v) for v in delta.values()] == [
+            type(v) for v in expected[0].values()
+        ]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import _log
+from runtime import _log, diff_states
 from runtime._events import Transition
 from runtime._log import TransitionLog
 
@@ -424,3 +424,84 @@ def _assert_agrees(log: TransitionLog, model: _ListLog) -> None:
                 assert log.count_since("k", entity_id, field, since) == sum(
                     r.ts >= since for r in of_field
                 )
+
+
+_scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["a", "b"])
+_flat_states = st.none() | st.dictionaries(
+    st.sampled_from("pqrs"), _scalars, max_size=4
+)
+
+
+def _log_contents(log: TransitionLog) -> Any:
+    """Everything the log answers, plus its per-entity index, for comparing."""
+    contents: list[Any] = [list(log.snapshot_changes().encoded()), len(log)]
+    for kind, entity_id in sorted(log.entity_keys()):
+        entity = log._entities[(kind, entity_id)]
+        contents.append(
+            (
+                log.history(kind, entity_id),
+                {f: list(seqs) for f, seqs in entity.by_field.items()},
+                list(entity.seqs),
+                list(entity.times),
+                list(entity.places),
+                entity.nrows,
+                entity.ordered,
+                entity.removed,
+            )
+        )
+        for field in "pqrs":
+            contents.append(log.history(kind, entity_id, field))
+            contents.append(log.last_change(kind, entity_id, field))
+    return contents
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from("xyz"), _flat_states, st.integers(-2, 5)),
+        max_size=40,
+    )
+)
+@settings(max_examples=200)
+def test_append_states_records_what_the_triples_record(
+    steps: list[tuple[str, dict[str, Any] | None, int]],
+) -> None:
+    """The write path's shortcut matches append_rows of change_rows, row for row."""
+    with mock.patch.object(_log, "_BLOCK_CHANGES", 4):
+        by_triples, by_states = TransitionLog(), TransitionLog()
+        states: dict[str, dict[str, Any] | None] = {}
+        now = 0.0
+
+        for entity_id, next_state, dt in steps:
+            prev = states.get(entity_id)
+            delta, fields = diff_states(prev, next_state)
+            if not fields:
+                continue
+            now += dt
+            seq = by_triples.last_seq + 1
+            spec = _log.change_rows(prev, next_state, fields)
+            by_triples.append_rows(
+                seq, "k", entity_id, now, "someone", None, spec, fields
+            )
+            if next_state is None:
+                by_states.append_rows(
+                    seq, "k", entity_id, now, "someone", None, spec, fields
+                )
+            else:
+                with by_states.lock:
+                    by_states.append_states(
+                        seq,
+                        "k",
+                        entity_id,
+                        now,
+                        "someone",
+                        None,
+                        prev,
+                        fields,
+                        delta.values(),
+                    )
+            states[entity_id] = next_state
+
+        by_triples.check()
+        by_states.check()
+        assert by_states.last_seq == by_triples.last_seq
+        assert _log_contents(by_states) == _log_contents(by_triples)

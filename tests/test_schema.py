@@ -3,13 +3,16 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pydantic
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runtime import DefinitionError, ReadOnlyDict, SchemaError, compile_schema
+from runtime._schema import StateSchema, _compile_dataclass
 
 
 @dataclass
@@ -192,3 +195,73 @@ def test_pydantic_schemas_are_strict_too() -> None:
         schema.validate({"name": "cpu", "status": "healthy", "count": "5"}, "k", "c")
 
     assert caught.value.field == "count"
+
+
+@dataclass
+class Flat:
+    name: str
+    status: Literal["up", "down"]
+    level: Literal[1, 2, True]
+    value: float
+    count: int
+    on: bool
+    note: Annotated[str, "doc"] | None
+    gone: None
+    extra: int = 7
+
+
+_flat_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**65)
+    | st.floats()
+    | st.sampled_from(["up", "down", "x", "\u2603", "\ud800", 1, 2, 1.0])
+    | st.lists(st.integers(), max_size=1)
+)
+
+
+_flat_valid = {
+    "name": st.sampled_from(["cpu", "\u2603"]),
+    "status": st.sampled_from(["up", "down"]),
+    "level": st.sampled_from([1, 2, True]),
+    "value": st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 3),
+    "count": st.integers(-(2**63), 2**64 - 1),
+    "on": st.booleans(),
+    "note": st.none() | st.sampled_from(["", "a"]),
+    "gone": st.none(),
+}
+_flat_inputs = (
+    st.fixed_dictionaries(_flat_valid, optional={"extra": st.integers(0, 3)})
+    | st.fixed_dictionaries(
+        {k: v | _flat_values for k, v in _flat_valid.items()},
+        optional={"extra": st.integers(0, 3) | _flat_values, "other": st.none()},
+    )
+    | st.dictionaries(st.sampled_from([*_flat_valid, "extra", "other"]), _flat_values)
+)
+
+
+@given(_flat_inputs)
+def test_the_flat_fast_check_agrees_with_the_full_check(value: dict[str, Any]) -> None:
+    """The generated check of a scalar dataclass accepts, returns and refuses
+    exactly what the general dataclass check does."""
+    schema = compile_schema(Flat)
+    full = StateSchema(Flat, schema.fields, lambda v: _compile_dataclass(Flat)(v, ""))
+    assert schema.flat
+
+    try:
+        expected: Any = full.validate(value, "k", "i")
+    except SchemaError as err:
+        expected = (err.field, err.reason, str(err))
+    try:
+        got: Any = schema.validate(value, "k", "i")
+    except SchemaError as err:
+        got = (err.field, err.reason, str(err))
+
+    assert type(got) is type(expected)
+    if isinstance(got, dict):
+        # The fast check keeps the input's field order, the full one the schema's.
+        assert {k: (type(v), v) for k, v in got.items()} == {
+            k: (type(v), v) for k, v in expected.items()
+        }
+    else:
+        assert got == expected
