@@ -332,8 +332,8 @@ class ConsumerActor(pykka.ThreadingActor):
                 "consumer %s got an unexpected message %r", self.mailbox.name, message
             )
             return
-        if self._watch is not None:
-            self._receive_watched(self._watch)
+        watch = self._watch
+        if watch is not None and watch.abandoned and watch.lost():
             return
 
         mailbox = self.mailbox
@@ -341,11 +341,27 @@ class ConsumerActor(pykka.ThreadingActor):
             taken = mailbox.take_many(TAKE_AT_ONCE)
             if taken is None:
                 return
-            self._work_through(taken)
+            if not self._work_through(taken, watch):
+                assert watch is not None
+                logger.warning(
+                    "consumer %s: the handler call on seq=%s abandoned after its "
+                    "%g s timeout has returned; its thread stops without "
+                    "delivering anything more",
+                    mailbox.name,
+                    ",".join(map(str, watch.seqs)),
+                    watch.timeout,
+                )
+                return
 
-    def _work_through(self, taken: Taken) -> None:
+    def _work_through(self, taken: Taken, watch: CallWatch | None) -> bool:
+        # Handles one batch. With a watch the batch is shown to the watchdog,
+        # and False is returned once the watchdog has taken the batch over:
+        # the thread then leaves the tracker, the mailbox and every counter
+        # (but the delivery times of what it finished) alone.
         mailbox = self.mailbox
         process, aborted, clock = self._process, self._abort.is_set, _clock
+        if watch is not None:
+            watch.batch = taken
         waited = []
         handled = 0
         try:
@@ -357,6 +373,8 @@ class ConsumerActor(pykka.ThreadingActor):
                     if item is not None:
                         process(item)
                 except Exception:
+                    if watch is not None and watch.abandoned and watch.lost():
+                        return False
                     # Handlers' own failures are caught by the process step;
                     # this is a failure of the runtime's code. The consumer
                     # keeps no state between deliveries, so it carries on.
@@ -368,6 +386,8 @@ class ConsumerActor(pykka.ThreadingActor):
                         mailbox.name,
                         seqs,
                     )
+                if watch is not None and watch.abandoned and watch.lost():
+                    return False
                 waited.append(clock() - queued_at)
                 handled += 1
             if self._flush is not None:
@@ -376,13 +396,16 @@ class ConsumerActor(pykka.ThreadingActor):
                 self._flush()
         finally:
             self._delivery_seconds.observe_many(waited)
-            self._release(taken, handled)
+            if watch is None or not (watch.abandoned and watch.lost()):
+                self._release(taken, handled)
+        return True
 
     def _release(self, taken: Taken, handled: int) -> None:
+        # The mailbox closes the deliveries in the tracker.
         mailbox = self.mailbox
         mine = mailbox.release(taken)
-        skipped = [seq for _, seqs, _ in mine[handled:] for seq in seqs]
-        if skipped:
+        if len(mine) > handled:
+            skipped = [seq for _, seqs, _ in mine[handled:] for seq in seqs]
             logger.warning(
                 "consumer %s: the runtime stopped delivery; %d deliveries "
                 "already taken are dropped (seqs %s)",
@@ -390,65 +413,6 @@ class ConsumerActor(pykka.ThreadingActor):
                 len(skipped),
                 ", ".join(map(str, skipped)),
             )
-        self._tracker.done([seq for _, seqs, _ in mine for seq in seqs])
-
-    def _receive_watched(self, watch: CallWatch) -> None:
-        if watch.abandoned and watch.lost():
-            return
-
-        mailbox = self.mailbox
-        while not self._abort.is_set():
-            taken = mailbox.take_many(TAKE_AT_ONCE)
-            if taken is None:
-                return
-            if not self._work_through_watched(taken, watch):
-                logger.warning(
-                    "consumer %s: the handler call on seq=%s abandoned after its "
-                    "%g s timeout has returned; its thread stops without "
-                    "delivering anything more",
-                    mailbox.name,
-                    ",".join(map(str, watch.seqs)),
-                    watch.timeout,
-                )
-                return
-
-    def _work_through_watched(self, taken: Taken, watch: CallWatch) -> bool:
-        # _work_through, with the batch shown to the watchdog. Returns False
-        # once the watchdog has taken the batch over: the thread then leaves
-        # the tracker, the mailbox and every counter alone.
-        mailbox = self.mailbox
-        process, observe, clock = self._process, self._delivery_seconds.observe, _clock
-        watch.batch = taken
-        handled = 0
-        try:
-            for item, seqs, queued_at in taken:
-                if self._abort.is_set():
-                    break
-                mailbox.started = handled + 1
-                try:
-                    if item is not None:
-                        process(item)
-                except Exception:
-                    if watch.abandoned and watch.lost():
-                        return False
-                    if self._restarts is not None:
-                        self._restarts.inc()
-                    logger.exception(
-                        "consumer %s failed outside its handler on seqs=%s; the "
-                        "delivery is dropped and the consumer carries on",
-                        mailbox.name,
-                        seqs,
-                    )
-                if watch.abandoned and watch.lost():
-                    return False
-                observe(clock() - queued_at)
-                handled += 1
-            if self._flush is not None:
-                self._flush()
-        finally:
-            if not (watch.abandoned and watch.lost()):
-                self._release(taken, handled)
-        return True
 
 
 def _run_pattern(
@@ -797,15 +761,45 @@ class DeriverStage:
     ) -> None:
         self.kind = kind
         self._secrets = secrets
-        self.derivers: tuple[Deriver, ...] = ()
+        self._derivers: tuple[Deriver, ...] = ()
+        self._only: Deriver | None = None
         self._metrics = metrics
         self._errors = metrics.deriver_errors.labels(kind)
         self._trigger_boxes = trigger_boxes
         self._triggers: dict[str, Any] = {}
+        self._fired: dict[str, int] = {}
         self._held: dict[Mailbox, list[tuple[Any, Any, int]]] = {}
+
+    @property
+    def derivers(self) -> tuple[Deriver, ...]:
+        """The kind's derivers, in registration order."""
+        return self._derivers
+
+    @derivers.setter
+    def derivers(self, derivers: tuple[Deriver, ...]) -> None:
+        self._derivers = derivers
+        only = derivers[0] if len(derivers) == 1 else None
+        self._only = only if only is not None and only.to_payload is None else None
 
     def derive(self, change: EntityChanged) -> list[tuple[str, Any]]:
         """Return the ``(event, payload)`` pairs one change fires."""
+        only = self._only
+        if only is not None:
+            # The common case, a single deriver without a payload mapper:
+            # nothing to unite, and every payload is the change itself.
+            try:
+                names = call_user(only.derive, change)
+                if type(names) is not list or not _all_str(names):
+                    names = _event_names(names)
+            except Exception as err:
+                self._failed(
+                    err, change, "deriver %s failed on %s/%s seq=%d%s", (only.name,)
+                )
+                return []
+            if len(names) < 2:
+                return [(names[0], change)] if names else []
+            return [(event, change) for event in dict.fromkeys(names)]
+
         chosen: dict[str, Deriver] = {}
         for deriver in self.derivers:
             try:
@@ -868,14 +862,15 @@ class DeriverStage:
             return
 
         boxes = self._trigger_boxes()
-        triggers, held = self._triggers, self._held
+        counts, held = self._fired, self._held
         for event, payload in fired:
-            counter = triggers.get(event)
-            if counter is None:
-                counter = triggers[event] = self._metrics.triggers.labels(event)
-            counter.inc()
+            # Counted here, added to the metric once per batch by flush.
+            counts[event] = counts.get(event, 0) + 1
+            targets = boxes.get(event)
+            if not targets:
+                continue
             delivery = ((event, change.id), (event, payload, change), change.seq)
-            for box in boxes.get(event, ()):
+            for box in targets:
                 waiting = held.get(box)
                 if waiting is None:
                     held[box] = [delivery]
@@ -883,7 +878,17 @@ class DeriverStage:
                     waiting.append(delivery)
 
     def flush(self) -> None:
-        """Queue the trigger events held since the last flush, one lock per box."""
+        """Count the events fired since the last flush, then queue them for
+        their handlers, one lock per box."""
+        if self._fired:
+            counts, self._fired = self._fired, {}
+            triggers = self._triggers
+            for event, count in counts.items():
+                counter = triggers.get(event)
+                if counter is None:
+                    counter = triggers[event] = self._metrics.triggers.labels(event)
+                counter.inc(count)
+
         held, self._held = self._held, {}
         for box, deliveries in held.items():
             if not box.put_many(deliveries):
@@ -898,6 +903,9 @@ class DeriverStage:
 
 
 def _all_str(names: list[Any]) -> bool:
+    if len(names) == 1:
+        # The usual answer, checked without the generator all() needs.
+        return type(names[0]) is str
     return all(type(name) is str for name in names)
 
 

@@ -5,6 +5,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -132,16 +133,15 @@ class DeliveryTracker:
         return self._wait_for(lambda: not self._open or min(self._open) > seq, timeout)
 
 
-_KEY, _ITEM, _SEQS, _QUEUED_AT = range(4)
-"""Slots of a queued entry, a list ``[key, item, seqs, queued_at]``.
+Taken = list[Sequence[Any]]
+"""Deliveries taken from a mailbox: ``(item, seqs kept open, queued_at)`` each.
 
-A list rather than an object: one is built per delivery on the hot path. A
-folded entry keeps only its first seq open (see ``Mailbox.put_many``).
+A queued delivery is stored in this form, so that taking it builds nothing:
+a tuple in a mailbox that never folds, a list ``[item, seqs, queued_at]`` in
+a coalescing one, whose ``item`` a later delivery may replace. ``seqs`` holds
+exactly one seq: a folded entry keeps only its first seq open (see
+``Mailbox.put_many``).
 """
-
-
-Taken = list[tuple[Any, Sequence[int], float]]
-"""Deliveries taken from a mailbox: ``(item, seqs kept open, queued_at)`` each."""
 
 
 Merge = Callable[[Any, Any], Any]
@@ -149,6 +149,8 @@ Merge = Callable[[Any, Any], Any]
 _PUT_BACK = object()
 # The key of a delivery queued again by ``Mailbox.hand_over``: never any
 # entity's, so no later delivery is folded into it.
+
+_seq_of = itemgetter(2)
 
 
 class Mailbox:
@@ -169,6 +171,16 @@ class Mailbox:
       producers call ``wait_for_space`` before committing, so a writer is held
       back (and finally refused, with nothing recorded) instead.
 
+    Open deliveries are counted in the tracker per *lot*, not per seq: each
+    :meth:`put_many` that queues something keeps its lowest seq (the lot's
+    floor) open once, and the mailbox counts, in queue order, how many of
+    the lot's deliveries are still queued or in the consumer's hands. The
+    lot's floor is closed when the last of them is finished, so drain()
+    waits for every delivery at or below its target, at the price of one
+    tracker update per lot instead of two per delivery. Deliveries that leave
+    the mailbox unfinished (:meth:`close`, :meth:`hand_over`) are moved to
+    per-seq counts for their new owner to close.
+
     Thread-safe; any number of producers, one consumer.
     """
 
@@ -187,8 +199,15 @@ class Mailbox:
         self._tracker = tracker
         self._merge = merge
         self._cond = threading.Condition(threading.Lock())
-        self._entries: deque[list[Any]] = deque()
+        self._entries: deque[Sequence[Any]] = deque()
+        # The keys of the queued entries, in the same order (coalescing
+        # mailboxes only): a separate deque keeps the entries themselves in
+        # the shape a consumer takes them in.
+        self._keys: deque[Hashable] = deque()
         self._newest: dict[Hashable, list[Any]] = {}
+        # [floor, deliveries left] per lot, oldest first (see the class doc):
+        # they cover the consumer's batch in hand, then the queued entries.
+        self._lots: deque[list[int]] = deque()
         self._space_waiters = 0
         self._scheduled = False
         self._closed = False
@@ -205,7 +224,9 @@ class Mailbox:
 
     def __len__(self) -> int:
         """Deliveries not started yet: queued, or taken but not begun."""
-        return len(self._entries) + max(0, len(self._in_hand) - self.started)
+        # Without max(): kind actors ask this before every write.
+        in_hand = len(self._in_hand) - self.started
+        return len(self._entries) + in_hand if in_hand > 0 else len(self._entries)
 
     def put(self, key: Hashable, item: Any, seq: int) -> bool:
         """Queue one delivery; return False if the mailbox is closed."""
@@ -213,7 +234,7 @@ class Mailbox:
 
     def put_many(
         self,
-        deliveries: Iterable[tuple[Hashable, Any, int]],
+        deliveries: Sequence[tuple[Hashable, Any, int]],
         wakes: list[Callable[[], None]] | None = None,
     ) -> bool:
         """Queue ``(key, item, seq)`` deliveries in order, under one lock.
@@ -221,42 +242,23 @@ class Mailbox:
         Each is queued (or folded) exactly as :meth:`put` would; the consumer
         is woken once, or, when ``wakes`` is given, the wake-up is appended
         there for the caller to make soon after (it must). Returns False,
-        queueing nothing, if the mailbox is closed.
+        queueing nothing, if the mailbox is closed. A mailbox that never folds
+        ignores the keys.
         """
         queued_at = time.perf_counter()
         with self._cond:
             if self._closed:
                 return False
 
-            entries = self._entries
-            merge = self._merge
-            opened = []
-            if merge is None:
-                for key, item, seq in deliveries:
-                    entries.append([key, item, (seq,), queued_at])
-                    opened.append(seq)
-            else:
-                newest_of = self._newest
-                for key, item, seq in deliveries:
-                    newest = newest_of.get(key)
-                    if newest is not None and len(self) >= self.capacity:
-                        # NOTE: the entry keeps only its first seq open in the
-                        # tracker: that seq is lower than every seq folded into
-                        # it, so drain() still waits for the entry, and memory
-                        # does not grow with the number of folds.
-                        newest[_ITEM] = merge(newest[_ITEM], item)
-                        self.coalesced += 1
-                        if self._coalesced_metric is not None:
-                            self._coalesced_metric.inc()
-                        continue
-                    entry = [key, item, (seq,), queued_at]
-                    entries.append(entry)
-                    newest_of[key] = entry
-                    opened.append(seq)
-
-            if not opened:
+            if self._merge is None:
+                if not deliveries:
+                    return True
+                self._entries.extend(
+                    [(item, (seq,), queued_at) for _, item, seq in deliveries]
+                )
+                self._open_lot(min(map(_seq_of, deliveries)), len(deliveries))
+            elif not self._put_folding(deliveries, queued_at):
                 return True
-            self._tracker.add_many(opened)
             wake = not self._scheduled
             self._scheduled = True
 
@@ -266,6 +268,79 @@ class Mailbox:
             else:
                 wakes.append(self.wake)
         return True
+
+    def _put_folding(
+        self, deliveries: Sequence[tuple[Hashable, Any, int]], queued_at: float
+    ) -> bool:
+        # put_many for a coalescing mailbox, under its lock; returns whether
+        # anything was queued (rather than folded).
+        entries, keys, newest_of = self._entries, self._keys, self._newest
+        merge = self._merge
+        assert merge is not None
+        # The room left before folding starts: len(self) with the queued
+        # entries counted as they grow, instead of a call per delivery.
+        room = self.capacity - max(0, len(self._in_hand) - self.started)
+        opened = []
+        folded = 0
+        try:
+            for key, item, seq in deliveries:
+                newest = newest_of.get(key)
+                if newest is not None and len(entries) >= room:
+                    # NOTE: the entry keeps only its first seq open in the
+                    # tracker: that seq is lower than every seq folded into
+                    # it, so drain() still waits for the entry, and memory
+                    # does not grow with the number of folds.
+                    newest[0] = merge(newest[0], item)
+                    folded += 1
+                    continue
+                entry = [item, (seq,), queued_at]
+                entries.append(entry)
+                keys.append(key)
+                newest_of[key] = entry
+                opened.append(seq)
+        finally:
+            if folded:
+                self.coalesced += folded
+                if self._coalesced_metric is not None:
+                    self._coalesced_metric.inc(folded)
+            if opened:
+                self._open_lot(min(opened), len(opened))
+        return bool(opened)
+
+    def _open_lot(self, floor: int, count: int) -> None:
+        self._lots.append([floor, count])
+        self._tracker.add(floor)
+
+    def _finish(self, count: int, newest: bool = False) -> None:
+        # Close ``count`` deliveries of the lots, from the oldest (or the
+        # newest) on, and the floors of the lots that are then finished.
+        lots = self._lots
+        floors = []
+        while count:
+            lot = lots[-1] if newest else lots[0]
+            if lot[1] > count:
+                lot[1] -= count
+                break
+            count -= lot[1]
+            floors.append(lot[0])
+            if newest:
+                lots.pop()
+            else:
+                lots.popleft()
+        if floors:
+            self._tracker.done(floors)
+
+    def _hand_on(
+        self, gone: Sequence[Sequence[Any]], newest: bool = False
+    ) -> list[int]:
+        # Move deliveries leaving the mailbox unfinished from their lots to
+        # per-seq counts, and return those seqs for their new owner to close.
+        seqs = [seq for _, entry_seqs, _ in gone for seq in entry_seqs]
+        if gone:
+            # Opened before the lots are closed, so no seq is ever uncovered.
+            self._tracker.add_many(seqs)
+            self._finish(len(gone), newest)
+        return seqs
 
     def wait_for_space(self, timeout: float) -> bool:
         """Wait until fewer than ``capacity`` deliveries wait; False on timeout."""
@@ -296,33 +371,47 @@ class Mailbox:
                 self._scheduled = False
                 return None
 
-            count = min(limit, len(entries))
-            newest_of = self._newest
-            taken = []
-            for _ in range(count):
-                key, item, seqs, queued_at = entry = entries.popleft()
-                if newest_of and newest_of.get(key) is entry:
-                    del newest_of[key]
-                taken.append((item, seqs, queued_at))
+            taken: Taken
+            if len(entries) <= limit:
+                taken = list(entries)
+                entries.clear()
+                if self._merge is not None:
+                    self._keys.clear()
+                    self._newest.clear()
+            else:
+                popleft = entries.popleft
+                taken = [popleft() for _ in range(limit)]
+                if self._merge is not None:
+                    newest_of, next_key = self._newest, self._keys.popleft
+                    for entry in taken:
+                        key = next_key()
+                        if newest_of.get(key) is entry:
+                            del newest_of[key]
             self._in_hand = taken
             self.started = 0
             return taken
 
     def release(self, taken: Taken) -> Taken:
-        """End the consumer's work on ``taken``; return what it must still close.
+        """End the consumer's work on ``taken`` and close what was its own.
 
         That is every delivery of ``taken`` unless :meth:`close` already
         claimed the ones not started, in which case only the started ones
-        (``started`` counts them) are left to the consumer.
+        (``started`` counts them) were the consumer's. Returns those, all now
+        finished in the tracker.
         """
         with self._cond:
             if self._space_waiters:
                 self._cond.notify_all()
             if self._in_hand is taken:
                 self._in_hand = []
-                return taken
-            # A delivery started after close() claimed it stays the closer's.
-            return taken[: self._claimed_from]
+                mine = taken
+            else:
+                # A delivery started after close() claimed it stays the
+                # closer's.
+                mine = taken[: self._claimed_from]
+            if mine:
+                self._finish(len(mine))
+            return mine
 
     def hand_over(
         self, taken: Taken, position: int, retry: Any = None
@@ -345,20 +434,21 @@ class Mailbox:
         """
         with self._cond:
             if self._in_hand is not taken:
-                mine = taken[: self._claimed_from]
-                return [seq for _, seqs, _ in mine for seq in seqs], False
+                return self._hand_on(taken[: self._claimed_from]), False
 
             self._in_hand = []
             _, stuck, stuck_at = taken[position]
-            done = [seq for _, seqs, _ in taken[:position] for seq in seqs]
             rest = taken[position + 1 :]
             if retry is None:
-                done.extend(stuck)
+                done = self._hand_on(taken[: position + 1])
             else:
-                rest.insert(0, (retry, stuck, stuck_at))
+                done = self._hand_on(taken[:position])
+                rest.insert(0, [retry, stuck, stuck_at])
             entries = self._entries
             for item, seqs, queued_at in reversed(rest):
-                entries.appendleft([_PUT_BACK, item, seqs, queued_at])
+                entries.appendleft([item, seqs, queued_at])
+                if self._merge is not None:
+                    self._keys.appendleft(_PUT_BACK)
             self._scheduled = True
             return done, retry is not None
 
@@ -373,11 +463,13 @@ class Mailbox:
             self._closed = True
             in_hand, self._in_hand = self._in_hand, []
             self._claimed_from = self.started
-            left = [
-                (item, list(seqs)) for item, seqs, _ in in_hand[self._claimed_from :]
-            ]
-            left += [(e[_ITEM], list(e[_SEQS])) for e in self._entries]
+            # The newest of the lots' deliveries: the started ones in hand
+            # stay the consumer's, to close in release().
+            claimed = [*in_hand[self._claimed_from :], *self._entries]
+            self._hand_on(claimed, newest=True)
+            left = [(item, list(seqs)) for item, seqs, _ in claimed]
             self._entries.clear()
+            self._keys.clear()
             self._newest.clear()
             self._cond.notify_all()
             return left

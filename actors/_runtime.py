@@ -2024,16 +2024,15 @@ class Runtime:
         """
         entry = self._kinds[changes[0].kind]
         boxes = entry.boxes
-        if boxes:
+        deriver = entry.deriver
+        if boxes or deriver is not None:
+            # One list for every mailbox: the deriver stage's ignores the keys.
             by_id = [(c.id, c, c.seq) for c in changes]
             for box in boxes:
                 if not box.put_many(by_id, wakes):
                     _log_too_late(box, changes)
-        deriver = entry.deriver
-        if deriver is not None:
-            box = deriver.mailbox
-            if not box.put_many([(c.seq, c, c.seq) for c in changes], wakes):
-                _log_too_late(box, changes)
+            if deriver is not None and not deriver.mailbox.put_many(by_id, wakes):
+                _log_too_late(deriver.mailbox, changes)
 
         bus = self.bus
         if bus is not None:
