@@ -28,17 +28,25 @@ class DeliveryTracker:
         self._cond = threading.Condition(threading.Lock())
         self._open: dict[int, int] = {}
         self._waiting = 0
-        # Admission has a lock of its own, held only for a few integer
-        # operations: every write takes it, and it must not queue behind the
-        # delivery bookkeeping that kind actors and consumers do under _cond.
-        self._count_lock = threading.Lock()
-        self._pending = 0
-        self._admission = self.CLOSED
+        # Admission has a lock of its own, held only for a few operations:
+        # every write takes it, and it must not queue behind the delivery
+        # bookkeeping that kind actors and consumers do under _cond.
+        self.admission_lock = threading.Lock()
+        """Guards ``admission`` and ``pending``.
+
+        The request queues share it, to admit and queue a write in one
+        acquisition (see ``RequestQueue.submit``). Nothing done while holding
+        it takes it again.
+        """
+        self.pending = 0
+        """Mutations admitted and not finished yet."""
+        self.admission = self.CLOSED
+        """The gate for new mutations: one of the three modes above."""
 
     def set_admission(self, mode: int) -> None:
         """Open or close the gate for new mutations (see ``admit``)."""
-        with self._count_lock:
-            self._admission = mode
+        with self.admission_lock:
+            self.admission = mode
 
     def admit(self, internal: bool, count: int = 1) -> bool:
         """Count ``count`` submitted mutations, if the gate lets them in.
@@ -47,10 +55,10 @@ class DeliveryTracker:
         consumer threads (``internal``) are let in, so that subscribers can
         finish the cascades of changes that were committed before the stop.
         """
-        with self._count_lock:
-            mode = self._admission
+        with self.admission_lock:
+            mode = self.admission
             if mode == self.ACCEPTING or (mode == self.INTERNAL_ONLY and internal):
-                self._pending += count
+                self.pending += count
                 return True
             return False
 
@@ -60,21 +68,21 @@ class DeliveryTracker:
 
     def finish_mutations(self, count: int) -> None:
         """Mark ``count`` admitted mutations as finished."""
-        with self._count_lock:
-            self._pending -= count
+        with self.admission_lock:
+            self.pending -= count
         if self._waiting:
-            # A waiter holds _cond from its check of _pending until it sleeps,
+            # A waiter holds _cond from its check of pending until it sleeps,
             # so this notification cannot fall between the two.
             with self._cond:
                 self._cond.notify_all()
 
     def wait_mutations(self, timeout: float | None) -> bool:
         """Wait until no admitted mutation is pending; False on timeout."""
-        return self._wait_for(lambda: not self._pending, timeout)
+        return self._wait_for(lambda: not self.pending, timeout)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no mutation is pending and nothing is being delivered."""
-        return self._wait_for(lambda: not self._open and not self._pending, timeout)
+        return self._wait_for(lambda: not self._open and not self.pending, timeout)
 
     def _wait_for(self, done: Callable[[], bool], timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -45,6 +45,7 @@ from actors._kind import (
     MutationFuture,
     Request,
     RequestQueue,
+    new_request,
 )
 from actors._mailbox import DeliveryTracker, Mailbox
 from runtime._delivery import Broadcast, DeadLetter, WorkQueue
@@ -303,6 +304,10 @@ class EntityHandle(Generic[S]):
     def __init__(self, runtime: Runtime, kind: str) -> None:
         self._rt = runtime
         self.kind = kind
+        self._entry = runtime._kinds.get(kind)
+        # A kind is never undefined, so its entry is looked up once; the
+        # entry's actors and queues still change with start() and stop().
+        self._one_shard = self._entry is not None and self._entry.definition.shards == 1
 
     def __repr__(self) -> str:
         return f"EntityHandle({self.kind!r})"
@@ -352,7 +357,35 @@ class EntityHandle(Generic[S]):
         Mutations of one id submitted from one thread are applied in
         submission order.
         """
-        return self._rt._submit(self.kind, MUTATE, entity_id, apply, actor, run_id, at)
+        # The common write is handled here, a call shorter than through
+        # Runtime._submit: no run, no time, no partition map, one shard, not
+        # from a kind's actor, an id and an actor that already passed their
+        # checks, and a gate open to every writer. Any other write takes
+        # Runtime._submit and every check there.
+        runtime = self._rt
+        if (
+            run_id is None
+            and at is None
+            and type(entity_id) is str
+            and entity_id in _IDS_SEEN
+            and type(actor) is str
+            and actor in _ACTORS_SEEN
+            and callable(apply)
+            and self._one_shard
+            and runtime.partitions is None
+            and thread_role.kind_shard is None
+        ):
+            queues = self._entry.queues  # type: ignore[union-attr]
+            if queues:
+                queue = queues[0]
+                future: MutationFuture[ReadOnlyDict] = MutationFuture(queue.completion)
+                if queue.submit(
+                    new_request(MUTATE, entity_id, apply, actor, None, None, future)
+                ):
+                    return future
+        return runtime._submit(
+            self.kind, MUTATE, entity_id, apply, actor, run_id, at, self._entry
+        )
 
     def mutate_many(
         self,
@@ -415,7 +448,9 @@ class EntityHandle(Generic[S]):
         at: datetime | float | None = None,
     ) -> MutationFuture[bool]:
         """Submit a removal without waiting; see :meth:`remove`."""
-        return self._rt._submit(self.kind, REMOVE, entity_id, apply, actor, run_id, at)
+        return self._rt._submit(
+            self.kind, REMOVE, entity_id, apply, actor, run_id, at, self._entry
+        )
 
     def get(self, entity_id: str) -> ReadOnlyDict | None:
         """Return the current state (read-only), or ``None`` if it does not exist."""
@@ -1555,7 +1590,7 @@ class Runtime:
             if consumer.ref is None:
                 self._start_consumer(consumer)
         for shard in range(entry.definition.shards):
-            requests = RequestQueue()
+            requests = RequestQueue(self._tracker)
             ref = KindActor.start(
                 entry.engine,
                 shard,
@@ -1892,40 +1927,49 @@ class Runtime:
         actor: str,
         run_id: str | None,
         at: datetime | float | None,
+        entry: _Kind | None = None,
     ) -> MutationFuture[Any]:
-        entry = self._kind(kind)
-        pattern = self._secrets.pattern(run_id)
-        if pattern is None:
-            check_entity_id(kind, entity_id)
+        if entry is None:
+            entry = self._kind(kind)
+        # A write with no run, no time and no partition map, whose id and
+        # actor already passed their checks, has only apply left to check; any
+        # other write takes every check in _check_write.
+        if (
+            run_id is None
+            and at is None
+            and type(entity_id) is str
+            and entity_id in _IDS_SEEN
+            and type(actor) is str
+            and actor in _ACTORS_SEEN
+            and (callable(apply) or (apply is None and op == REMOVE))
+            and self.partitions is None
+        ):
+            ts = None
         else:
-            _refuse_secret_in_id(kind, entity_id, run_id, pattern)
-            _check_masked(pattern, check_entity_id, kind, entity_id)
-        if run_id is not None or type(actor) is not str or actor not in _ACTORS_SEEN:
-            where = f"{kind}/{entity_id}"
-            _check_masked(pattern, _check_actor_and_run, where, actor, run_id, pattern)
-            if len(_ACTORS_SEEN) < _ACTORS_REMEMBERED:
-                _ACTORS_SEEN.add(actor)
-        if not callable(apply) and (op == MUTATE or apply is not None):
-            shown = repr(apply) if pattern is None else mask_text(repr(apply), pattern)
-            needed = "callable" if op == MUTATE else "callable or None"
-            raise DefinitionError(
-                f"{kind}/{entity_id}: apply must be {needed}, got {shown}; "
-                "nothing recorded"
-            )
-        if self.partitions is not None:
-            self.partitions.check_owner(self._instance_id, kind, entity_id)
-        ts = None if at is None else to_timestamp(at, self.clock)
+            ts = self._check_write(kind, op, entity_id, apply, actor, run_id, at)
         shards = entry.definition.shards
         shard = 0 if shards == 1 else hash(entity_id) % shards
-        if thread_role.kind_shard == (kind, shard):
+        inside = thread_role.kind_shard
+        if inside is not None and inside == (kind, shard):
             raise ReentrantCallError(
                 f"{kind}/{entity_id}: mutate was called from inside an apply of the "
                 "same kind, which would wait for itself; return the state instead, "
                 "or write from a subscriber"
             )
 
-        internal = thread_role.internal
-        if not self._tracker.admit(internal):
+        try:
+            queue = entry.queues[shard]
+        except IndexError:
+            pass
+        else:
+            future: MutationFuture[Any] = MutationFuture(queue.completion)
+            if queue.submit(
+                new_request(op, entity_id, apply, actor, run_id, ts, future)
+            ):
+                return future
+
+        # The gate is not open to every writer (or the actors are not running).
+        if not self._tracker.admit(thread_role.internal):
             self._check_running("write")
             raise RuntimeStoppedError(
                 f"{kind}/{entity_id}: the runtime is stopping; nothing recorded"
@@ -1937,9 +1981,42 @@ class Runtime:
             raise RuntimeStoppedError(
                 f"{kind}/{entity_id}: the kind's actor is not running; nothing recorded"
             ) from None
-        future: MutationFuture[Any] = MutationFuture(queue.completion)
-        queue.put(Request(op, entity_id, apply, actor, run_id, ts, future))
+        future = MutationFuture(queue.completion)
+        queue.put(new_request(op, entity_id, apply, actor, run_id, ts, future))
         return future
+
+    def _check_write(
+        self,
+        kind: str,
+        op: int,
+        entity_id: str,
+        apply: Callable[..., Any] | None,
+        actor: str,
+        run_id: str | None,
+        at: datetime | float | None,
+    ) -> float | None:
+        # Every check of one write's arguments; returns its time (or None).
+        pattern = self._secrets.pattern(run_id)
+        if pattern is None:
+            check_entity_id(kind, entity_id)
+        else:
+            _refuse_secret_in_id(kind, entity_id, run_id, pattern)
+            _check_masked(pattern, check_entity_id, kind, entity_id)
+        _remember_id(entity_id)
+        if run_id is not None or type(actor) is not str or actor not in _ACTORS_SEEN:
+            where = f"{kind}/{entity_id}"
+            _check_masked(pattern, _check_actor_and_run, where, actor, run_id, pattern)
+            _remember_actor(actor)
+        if not callable(apply) and (op == MUTATE or apply is not None):
+            shown = repr(apply) if pattern is None else mask_text(repr(apply), pattern)
+            needed = "callable" if op == MUTATE else "callable or None"
+            raise DefinitionError(
+                f"{kind}/{entity_id}: apply must be {needed}, got {shown}; "
+                "nothing recorded"
+            )
+        if self.partitions is not None:
+            self.partitions.check_owner(self._instance_id, kind, entity_id)
+        return None if at is None else to_timestamp(at, self.clock)
 
     def _submit_many(
         self,
@@ -1951,7 +2028,19 @@ class Runtime:
     ) -> BatchResult:
         entry = self._kind(kind)
         pattern = self._secrets.pattern(run_id)
+        seen = _IDS_SEEN
         for index, item in enumerate(items):
+            # A plain pair of an id that already passed its check and a
+            # callable has nothing left to check without run secrets.
+            if (
+                type(item) is tuple
+                and len(item) == 2
+                and type(item[0]) is str
+                and item[0] in seen
+                and pattern is None
+                and callable(item[1])
+            ):
+                continue
             if not isinstance(item, tuple) or len(item) != 2 or not callable(item[1]):
                 shown = (
                     repr(item) if pattern is None else mask_text(repr(item), pattern)
@@ -1963,6 +2052,7 @@ class Runtime:
             if pattern is not None:
                 _refuse_secret_in_id(kind, item[0], run_id, pattern)
             _check_masked(pattern, check_entity_id, kind, item[0])
+            _remember_id(item[0])
         _check_masked(pattern, _check_actor_and_run, kind, actor, run_id, pattern)
         partitions = self.partitions
         if partitions is not None:
@@ -1993,11 +2083,20 @@ class Runtime:
                 f"{kind}: the kind's actor is not running; nothing applied"
             )
 
+        slots = batch.slots()
+        if shards == 1:
+            queues[0].put_many(
+                [
+                    new_request(MUTATE, entity_id, apply, actor, run_id, ts, slot)
+                    for (entity_id, apply), slot in zip(items, slots, strict=True)
+                ]
+            )
+            return batch
+
         per_shard: list[list[Request]] = [[] for _ in range(shards)]
-        for index, (entity_id, apply) in enumerate(items):
-            shard = 0 if shards == 1 else hash(entity_id) % shards
-            per_shard[shard].append(
-                Request(MUTATE, entity_id, apply, actor, run_id, ts, batch.slot(index))
+        for (entity_id, apply), slot in zip(items, slots, strict=True):
+            per_shard[hash(entity_id) % shards].append(
+                new_request(MUTATE, entity_id, apply, actor, run_id, ts, slot)
             )
         for shard, requests in enumerate(per_shard):
             if requests:
@@ -2226,6 +2325,34 @@ secrets may forbid the actor) is always checked in full.
 """
 
 _ACTORS_REMEMBERED = 4096
+
+_IDS_SEEN: set[str] = set()
+"""Entity ids that passed ``check_entity_id``, to skip the check next time.
+
+The check depends on the id alone, so one set serves every kind and runtime.
+A write with a ``run_id`` (whose secrets may forbid the id) is always checked
+in full.
+"""
+
+_IDS_REMEMBERED = 16_384
+_ID_REMEMBERED_LENGTH = 128
+
+
+def _remember_id(entity_id: str) -> None:
+    # Only exact strings are remembered: a str subclass could match another
+    # id through its own __eq__ and __hash__. Long ids are not worth the
+    # memory; a full set is emptied, so the ids in use now are remembered.
+    if type(entity_id) is not str or len(entity_id) > _ID_REMEMBERED_LENGTH:
+        return
+    if len(_IDS_SEEN) >= _IDS_REMEMBERED:
+        _IDS_SEEN.clear()
+    _IDS_SEEN.add(entity_id)
+
+
+def _remember_actor(actor: str) -> None:
+    # Exact strings only, as for ids; the set stops growing once full.
+    if type(actor) is str and len(_ACTORS_SEEN) < _ACTORS_REMEMBERED:
+        _ACTORS_SEEN.add(actor)
 
 
 def _stopped(future: Any) -> bool:
