@@ -36,6 +36,17 @@ _ACCEPTING = DeliveryTracker.ACCEPTING
 BURST = 256
 """Requests a kind actor runs before handing their changes on and answering."""
 
+LINGER = 0.0005
+"""Seconds a kind actor holding consumer wake-ups waits for the next write.
+
+A caller writing one blocking ``mutate`` after another sends its next write
+within this time: the actor takes it without consumer threads having woken
+in between to compete for the interpreter (see ``KindActor``).
+"""
+
+DEFAULT_WAKE_DELAY = 0.002
+"""The default of ``Runtime(wake_delay=...)``, in seconds."""
+
 
 def _wait_seconds(timeout: Any) -> float | None:
     # A caller's timeout for waiting on a future: None or more than any timer
@@ -364,6 +375,9 @@ class RequestQueue:
         """Requests already taken from the shared queue; only the actor uses it."""
         self._scheduled = False
         self.wake: Callable[[], None] = lambda: None
+        self._lingering = False
+        self._arrival = threading.Condition(self._lock)
+        """Notified on a new request while the actor waits in :meth:`take`."""
 
     def __len__(self) -> int:
         return len(self._requests) + len(self._backlog)
@@ -387,6 +401,8 @@ class RequestQueue:
             tracker.pending += 1
             self._requests.append(request)
             if self._scheduled:
+                if self._lingering:
+                    self._arrival.notify()
                 return True
             self._scheduled = True
         finally:
@@ -399,6 +415,8 @@ class RequestQueue:
         with self._lock:
             self._requests.append(request)
             if self._scheduled:
+                if self._lingering:
+                    self._arrival.notify()
                 return
             self._scheduled = True
         self.wake()
@@ -408,6 +426,8 @@ class RequestQueue:
         with self._lock:
             self._requests.extend(requests)
             if self._scheduled:
+                if self._lingering:
+                    self._arrival.notify()
                 return
             self._scheduled = True
         self.wake()
@@ -423,15 +443,24 @@ class RequestQueue:
                 return None
             return taken
 
-    def take(self, limit: int) -> list[Request] | None:
+    def take(self, limit: int, linger: float = 0.0) -> list[Request] | None:
         """Take up to ``limit`` of the oldest requests; ``None`` (and idle) if none.
 
-        Everything waiting is moved out of the shared queue in one swap, so
-        writers never wait for the lock while the actor copies requests out.
+        With ``linger``, wait up to that many seconds for a request when none
+        is waiting (the actor stays scheduled meanwhile, so writers notify it
+        instead of sending a message). Everything waiting is moved out of the
+        shared queue in one swap, so writers never wait for the lock while the
+        actor copies requests out.
         """
         backlog = self._backlog
         if not backlog:
             with self._lock:
+                if not self._requests and linger > 0:
+                    self._lingering = True
+                    try:
+                        self._arrival.wait(linger)
+                    finally:
+                        self._lingering = False
                 if not self._requests:
                     self._scheduled = False
                     return None
@@ -463,6 +492,15 @@ class KindActor(pykka.ThreadingActor):
     if none appears, the request fails with :class:`BackpressureError` and
     nothing is recorded.
 
+    Consumer wake-ups are held back, up to ``wake_delay`` seconds after the
+    first change that needed one: callers are answered at once, and while
+    writes keep coming (or arrive within ``LINGER`` of each other, as blocking
+    writes in a loop do) the actor goes on with them, so consumer threads do
+    not wake after every change to compete for the interpreter with the
+    writer and the actor. The consumers then take the held changes in one
+    batch. Held wake-ups are made before any back-pressure wait, when the
+    actor runs out of writes, and when the delay is up.
+
     Runs on a daemon thread: a program that exits without ``stop()`` is not
     kept alive by it (the runtime's exit hook stops it first when it can).
     """
@@ -482,8 +520,10 @@ class KindActor(pykka.ThreadingActor):
         sync: Callable[[], None] | None = None,
         restarts: Any = None,
         abort: threading.Event | None = None,
+        wake_delay: float = DEFAULT_WAKE_DELAY,
     ) -> None:
         super().__init__()
+        self._wake_delay = wake_delay
         self._restarts = restarts
         self._abort = abort
         self._stalled = False
@@ -513,6 +553,9 @@ class KindActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         if message == WAKE:
+            if self._wake_delay:
+                self._run_holding_wakes()
+                return
             while True:
                 batch = self.requests.take(BURST)
                 if batch is None:
@@ -534,17 +577,48 @@ class KindActor(pykka.ThreadingActor):
                 message,
             )
 
+    def _run_holding_wakes(self) -> None:
+        # Run bursts until no write comes, holding the consumers' wake-ups for
+        # at most ``wake_delay`` (see the class docstring).
+        held: list[Callable[[], None]] = []
+        held_since = 0.0
+        try:
+            while True:
+                linger = 0.0
+                if held:
+                    left = held_since + self._wake_delay - time.perf_counter()
+                    if left > 0:
+                        linger = min(LINGER, left)
+                    else:
+                        _make(held)
+                batch = self.requests.take(BURST, linger)
+                if batch is None:
+                    return
+                if not held:
+                    held_since = time.perf_counter()
+                try:
+                    self._handle_batch(batch, held)
+                except Exception as bug:
+                    self._recover(batch, bug)
+        finally:
+            _make(held)
+
     def _handle(self, request: Request) -> None:
         self._handle_batch((request,))
 
-    def _handle_batch(self, batch: Iterable[Request]) -> None:
+    def _handle_batch(
+        self,
+        batch: Iterable[Request],
+        held: list[Callable[[], None]] | None = None,
+    ) -> None:
+        """Run one burst; make its consumer wake-ups, or add them to ``held``."""
         # Every change of the burst has a seq at or above this floor; keeping
         # it open until the changes are handed on makes drain() wait for them
         # without a tracker update per change.
         floor = self.engine.next_seq()
         tracker = self._tracker
         tracker.add(floor)
-        wakes: list[Callable[[], None]] = []
+        wakes: list[Callable[[], None]] = [] if held is None else held
         try:
             try:
                 outcomes = self._run_all(batch, wakes)
@@ -552,8 +626,8 @@ class KindActor(pykka.ThreadingActor):
                 tracker.done((floor,))
             self._answer(outcomes)
         finally:
-            for wake in wakes:
-                wake()
+            if held is None:
+                _make(wakes)
 
     def _answer(self, outcomes: list[_Outcome]) -> None:
         tracker = self._tracker
@@ -602,10 +676,11 @@ class KindActor(pykka.ThreadingActor):
                 if waiting and depth + waiting >= box.capacity:
                     outcomes += self._finish_segment(segment, wakes)
                     segment, waiting = [], 0
-                    for wake in wakes:
-                        wake()
-                    wakes.clear()
+                    _make(wakes)
                     depth = len(box)
+                elif depth >= box.capacity:
+                    # The stage must be awake before the writer waits for it.
+                    _make(wakes)
 
             try:
                 result, change = self._run(request, box, depth)
@@ -745,3 +820,10 @@ class KindActor(pykka.ThreadingActor):
             request.entity_id, request.apply, request.actor, request.run_id, request.at
         )
         return change is not None, change
+
+
+def _make(wakes: list[Callable[[], None]]) -> None:
+    """Make the consumer wake-ups in ``wakes`` and empty it."""
+    for wake in wakes:
+        wake()
+    wakes.clear()

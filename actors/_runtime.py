@@ -38,6 +38,7 @@ from actors._consumers import (
     trigger_timed_out,
 )
 from actors._kind import (
+    DEFAULT_WAKE_DELAY,
     MUTATE,
     REMOVE,
     BatchResult,
@@ -614,6 +615,11 @@ class Runtime:
             wait for ``stop()``. Process-wide: for a program built around one
             runtime (the agent turns it on), not for one that freezes the
             collector itself.
+        wake_delay: the longest a committed change waits before its
+            subscribers and deriver stage are woken, in seconds (at most 1).
+            Kind actors hold wake-ups back while writes keep coming, so that
+            consumer threads do not wake after every change of a stream of
+            blocking writes; ``0`` wakes them after every burst of writes.
     """
 
     def __init__(
@@ -640,6 +646,7 @@ class Runtime:
         partitions: PartitionMap | None = None,
         handler_timeout: float | None = None,
         freeze_gc: bool = False,
+        wake_delay: float = DEFAULT_WAKE_DELAY,
     ) -> None:
         mailbox_size = _check_count("mailbox_size", mailbox_size)
         if not isinstance(journal_fsync, str) or journal_fsync not in FSYNC_MODES:
@@ -651,6 +658,12 @@ class Runtime:
             "backpressure_timeout", backpressure_timeout, zero=True
         )
         stop_timeout = _check_seconds("stop_timeout", stop_timeout, zero=True)
+        wake_delay = _check_seconds("wake_delay", wake_delay, zero=True)
+        if wake_delay > _LONGEST_WAKE_DELAY:
+            raise DefinitionError(
+                f"wake_delay must be at most {_LONGEST_WAKE_DELAY} s, got "
+                f"{wake_delay!r}; nothing started"
+            )
         max_dead_letters = _check_count("max_dead_letters", max_dead_letters)
         journal_interval = _check_seconds("journal_interval", journal_interval)
         snapshot_every = _check_count("snapshot_every", snapshot_every, none=True)
@@ -723,6 +736,7 @@ class Runtime:
         self.metrics.log_rows.set_function(lambda: len(self.log))
         self._mailbox_size = mailbox_size
         self._backpressure_timeout = backpressure_timeout
+        self._wake_delay = wake_delay
         self._stop_timeout = stop_timeout
         self._max_dead_letters = max_dead_letters
 
@@ -1603,6 +1617,7 @@ class Runtime:
                 self._group_sync(),
                 self.metrics.actor_restarts.labels(f"kind:{entry.engine.kind}/{shard}"),
                 self._abort,
+                self._wake_delay,
             )
             requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
             entry.refs.append(ref)
@@ -2200,6 +2215,9 @@ LONGEST_WAIT = 1e9
 
 Longer ones overflow the platform's timers when waited for.
 """
+
+_LONGEST_WAKE_DELAY = 1.0
+"""The most ``wake_delay`` may be: longer would only starve consumers."""
 
 
 def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
