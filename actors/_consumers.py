@@ -12,7 +12,7 @@ from typing import Any
 
 import pykka
 
-from actors._mailbox import DeliveryTracker, Mailbox, Taken
+from actors._mailbox import Mailbox, Taken
 from runtime._delivery import DeadLetter, WorkQueue
 from runtime._diff import diff_states
 from runtime._errors import HandlerExitError
@@ -302,7 +302,6 @@ class ConsumerActor(pykka.ThreadingActor):
         self,
         mailbox: Mailbox,
         process: Callable[[Any], None],
-        tracker: DeliveryTracker,
         abort: threading.Event,
         delivery_seconds: Any,
         restarts: Any = None,
@@ -315,7 +314,6 @@ class ConsumerActor(pykka.ThreadingActor):
         self._watch = watch
         self.mailbox = mailbox
         self._process = process
-        self._tracker = tracker
         self._abort = abort
         self._delivery_seconds = delivery_seconds
 

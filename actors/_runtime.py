@@ -706,7 +706,9 @@ class Runtime:
                     f"{flag} must be True or False, got {value!r}; nothing started"
                 )
 
-        self._handler_timeout = _check_timeout("handler_timeout", handler_timeout)
+        self._handler_timeout = _check_seconds(
+            "handler_timeout", handler_timeout, none=True
+        )
         self._freeze_gc = freeze_gc
         self._retiring: list[tuple[str, Any]] = []
         """Stops of the actors of ended subscriptions, awaited by stop()."""
@@ -974,7 +976,9 @@ class Runtime:
                 f"{kind}: delivery must be broadcast() or work_queue(...), "
                 f"got {delivery!r}"
             )
-        given = _check_timeout(f"{kind}: timeout", timeout, "; nothing subscribed")
+        given = _check_seconds(
+            f"{kind}: timeout", timeout, none=True, outcome="nothing subscribed"
+        )
         on_bus = self.bus is not None
         if given is not None and on_bus and isinstance(delivery, WorkQueue):
             raise DefinitionError(
@@ -1033,7 +1037,9 @@ class Runtime:
             raise DefinitionError(f"event must be a non-empty string, got {event!r}")
         if not callable(handler):
             raise DefinitionError(f"{event}: handler must be callable, got {handler!r}")
-        given = _check_timeout(f"{event}: timeout", timeout, "; nothing subscribed")
+        given = _check_seconds(
+            f"{event}: timeout", timeout, none=True, outcome="nothing subscribed"
+        )
         seconds = self._handler_timeout if given is None else given
         label = name or handler_name(handler)
 
@@ -1640,7 +1646,6 @@ class Runtime:
         ref = ConsumerActor.start(
             mailbox,
             process,
-            self._tracker,
             self._abort,
             self.metrics.delivery_seconds,
             self.metrics.actor_restarts.labels(mailbox.name),
@@ -2218,23 +2223,6 @@ Longer ones overflow the platform's timers when waited for.
 
 _LONGEST_WAKE_DELAY = 1.0
 """The most ``wake_delay`` may be: longer would only starve consumers."""
-
-
-def _check_timeout(what: str, value: Any, outcome: str = "") -> float | None:
-    if value is None:
-        return None
-    seconds = math.nan
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except OverflowError:
-            seconds = math.inf
-    if not math.isfinite(seconds) or not 0 < seconds <= LONGEST_WAIT:
-        raise DefinitionError(
-            f"{what} must be a positive number of seconds up to {LONGEST_WAIT:g}, "
-            f"or None (no limit), got {value!r}{outcome}"
-        )
-    return seconds
 
 
 @overload
