@@ -87,7 +87,7 @@ def to_timestamp(
             the years 1 to 9999 (which a ``datetime`` cannot show).
     """
     if at is None:
-        return check_timestamp(clock(), "the runtime's clock")
+        return check_clock_reading(clock())
     if isinstance(at, datetime):
         if at.tzinfo is None:
             raise InvalidTimeError(f"{what} must be timezone-aware, got naive {at!r}")
@@ -98,6 +98,21 @@ def to_timestamp(
         )
     seconds = math.inf if abs(at) >= 1e300 else float(at)
     return check_timestamp(seconds, what, outcome)
+
+
+def check_clock_reading(reading: Any) -> float:
+    """Return a clock's reading as POSIX seconds, or raise InvalidTimeError.
+
+    A clock must return a float or an int (not a bool) within the years 1 to
+    9999; anything else fails the write it was read for, with nothing recorded.
+    """
+    if isinstance(reading, bool) or not isinstance(reading, int | float):
+        raise InvalidTimeError(
+            f"the runtime's clock gave {reading!r}, which is not a number of POSIX "
+            "seconds; nothing recorded"
+        )
+    seconds = math.inf if abs(reading) >= 1e300 else float(reading)
+    return check_timestamp(seconds, "the runtime's clock")
 
 
 def check_timestamp(ts: float, what: str, outcome: str = "nothing recorded") -> float:
@@ -369,8 +384,8 @@ class KindEngine:
     ) -> EntityChanged:
         if at is None:
             ts = self._clock()
-            if not _MIN_TS <= ts <= _MAX_TS:
-                check_timestamp(ts, "the runtime's clock")
+            if type(ts) is not float or not _MIN_TS <= ts <= _MAX_TS:
+                ts = check_clock_reading(ts)
         else:
             ts = at
         kind = self.kind

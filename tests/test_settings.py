@@ -239,3 +239,38 @@ def test_bad_transition_count_windows_are_refused(window: Any) -> None:
         counted = tickets.transition_count("t-1", "status", timedelta(hours=1))
 
     assert counted == 1
+
+
+@pytest.mark.parametrize(
+    "reading", ["x", None, True, b"1", [1.0], math.nan, 10**400, -(10**20)]
+)
+def test_a_clock_giving_no_usable_time_fails_the_write_and_records_nothing(
+    reading: Any,
+) -> None:
+    good = [True]
+    rt = Runtime(clock=lambda: 1_700_000_000.0 if good[0] else reading)
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        good[0] = False
+        with pytest.raises(InvalidTimeError, match=r"^the runtime's clock gave "):
+            tickets.mutate("t-1", lambda prev: ticket(status="closed"))
+        good[0] = True
+        after = tickets.mutate("t-2", lambda prev: ticket())
+
+    assert tickets.get("t-1")["status"] == "open"
+    assert [r.field for r in tickets.history("t-1")] == list(ticket())
+    assert after["status"] == "open"
+    assert rt.log.last_seq == 2
+
+
+def test_a_clock_giving_whole_seconds_is_accepted() -> None:
+    rt = Runtime(clock=lambda: 1_700_000_000)
+    tickets = rt.define_entity("ticket", Ticket)
+
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+        change_time = tickets.history("t-1")[0].at
+
+    assert change_time.timestamp() == 1_700_000_000.0
