@@ -67,6 +67,7 @@ from runtime._errors import (
     DefinitionError,
     DeliveryTimeoutError,
     InvalidIdError,
+    MaskedHandlerError,
     MutationBatchError,
     ReentrantCallError,
     RuntimeStoppedError,
@@ -222,16 +223,26 @@ class _BusWorkGroup:
     One :class:`WorkQueueReader` per group and kind hands each change to
     :meth:`handle` in the reader's thread; the change goes to one handler,
     picked by a stable hash of its id. A handler that raises is counted and
-    the error passed on, so the reader retries and finally dead-letters it.
+    the error passed on, so the reader retries and finally dead-letters it;
+    for a change written with run secrets, the error passed on is a
+    :class:`MaskedHandlerError`, since the reader logs it and stores it in
+    the bus's dead letters.
     """
 
-    def __init__(self, kind: str, spec: WorkQueue, metrics: RuntimeMetrics) -> None:
+    def __init__(
+        self,
+        kind: str,
+        spec: WorkQueue,
+        metrics: RuntimeMetrics,
+        secrets: RunSecrets,
+    ) -> None:
         self.kind = kind
         self.spec = spec
         self.name = f"work_queue:{kind}:{spec.worker_group}"
         self.handlers: list[tuple[str, Callable[..., Any], bool]] = []
         self.feed: _Feed | None = None
         self._metrics = metrics
+        self._secrets = secrets
 
     def handle(self, change: EntityChanged, delivery: Delivery) -> None:
         """Run the chosen handler; raises what it raised."""
@@ -247,9 +258,18 @@ class _BusWorkGroup:
                 call_handler(handler, change, delivery)
             else:
                 call_handler(handler, change)
-        except Exception:
+        except Exception as err:
             self._metrics.subscriber_errors.labels(self.kind, name).inc()
-            raise
+            pattern = None
+            if change.run_id is not None:
+                pattern = self._secrets.pattern(change.run_id)
+            if pattern is None:
+                raise
+            shown = mask_text(f"{type(err).__name__}: {err}", pattern)
+        else:
+            return
+        # Raised outside the handler, so the unmasked error is not its context.
+        raise MaskedHandlerError(shown)
 
 
 def _wants_delivery(handler: Callable[..., Any]) -> bool:
@@ -1802,7 +1822,7 @@ class Runtime:
         kind = entry.definition.kind
         group = entry.bus_groups.get(spec.worker_group)
         if group is None:
-            group = _BusWorkGroup(kind, spec, self.metrics)
+            group = _BusWorkGroup(kind, spec, self.metrics, self._secrets)
             dead = self.metrics.dead_letters.labels(spec.worker_group)
 
             def on_dead_letter(letter: DeadLetter) -> None:

@@ -133,3 +133,13 @@ class HandlerExitError(EntityRuntimeError, RuntimeError):
     would only stop the actors); it is treated as the call failing, and the
     original is kept as ``__cause__``.
     """
+
+
+class MaskedHandlerError(EntityRuntimeError, RuntimeError):
+    """A handler failed on a change written with run secrets; the text is masked.
+
+    Raised in place of the handler's own error where that error would be
+    recorded beyond the process (a bus work queue's retries log and dead
+    letters): its message is ``"<type>: <message>"`` of the original with the
+    run's secrets masked, and the original is not chained.
+    """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import signal
 import subprocess
 import sys
@@ -184,6 +185,41 @@ def test_two_runtimes_see_each_others_changes_and_share_a_work_queue_once(
     origins = {d.origin for r in worked.values() for d in r.deliveries}
     assert origins == {"alpha", "beta"}
     assert all(report.clean and report.unpublished == 0 for report in reports)
+
+
+def test_a_bus_work_queue_masks_run_secrets_in_its_retries_and_dead_letters(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "s3cr3t-token-value"
+    rt = make_runtime(server.url, "alpha")
+    tickets = rt.define_entity(KIND, Counter)
+    calls: list[int] = []
+
+    def mailer(change: EntityChanged) -> None:
+        calls.append(change.next["n"])
+        raise ValueError(f"the mail server refused {token}")
+
+    rt.on_entity_changed(
+        KIND, mailer, work_queue("mailer", max_attempts=2, backoff=0.01), name="m"
+    )
+    rt.register_run_secrets("run-1", [token])
+
+    with caplog.at_level(logging.DEBUG), rt:
+        tickets.mutate("t-1", lambda prev: {"n": 1}, run_id="run-1")
+        tickets.mutate("t-2", lambda prev: {"n": 2})
+        wait_until(lambda: len(rt.dead_letters("mailer")) == 2, 15, "2 dead letters")
+        letters = {d.change.id: d for d in rt.dead_letters("mailer")}
+
+    assert sorted(calls) == [1, 1, 2, 2]
+    masked, plain = letters["t-1"], letters["t-2"]
+    assert masked.error == "MaskedHandlerError: ValueError: the mail server refused ***"
+    assert plain.error == f"ValueError: the mail server refused {token}"
+    assert masked.attempts == plain.attempts == 2
+    assert all(
+        token not in record.getMessage() and token not in (record.exc_text or "")
+        for record in caplog.records
+        if "t-1" in record.getMessage()
+    )
 
 
 def test_handlers_fed_by_the_bus_may_not_stop_or_drain_the_runtime(
