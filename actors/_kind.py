@@ -378,6 +378,27 @@ class RequestQueue:
         self._lingering = False
         self._arrival = threading.Condition(self._lock)
         """Notified on a new request while the actor waits in :meth:`take`."""
+        self._held: list[Callable[[], None]] = []
+        """Consumer wake-ups the actor holds back (see ``KindActor``)."""
+
+    @property
+    def holding(self) -> bool:
+        """Whether consumer wake-ups are held back."""
+        return bool(self._held)
+
+    def hold(self, wakes: list[Callable[[], None]]) -> bool:
+        """Hold ``wakes`` back (emptying it); True if none were held before."""
+        with self._lock:
+            first = not self._held
+            self._held += wakes
+        wakes.clear()
+        return first
+
+    def release_held(self) -> None:
+        """Make every held wake-up now; any thread may call it."""
+        with self._lock:
+            held, self._held = self._held, []
+        _make(held)
 
     def __len__(self) -> int:
         return len(self._requests) + len(self._backlog)
@@ -477,6 +498,85 @@ class RequestQueue:
 _Outcome = tuple[Request, Any, EntityChanged | None, BaseException | None]
 
 
+class WakeReleaser:
+    """Makes the consumer wake-ups kind actors hold once their delay is up.
+
+    One daemon thread per runtime, started with the first hold. A kind actor
+    calls :meth:`release_later` when it starts holding wake-ups in a request
+    queue (once per holding spell, not per change); the thread then makes
+    them at the deadline unless the actor has made them already. This bounds
+    how late a consumer is woken even while the actor is busy in a slow
+    ``apply``, and frees a deriver stage that a writer on another shard waits
+    for.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._due: dict[RequestQueue, float] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def release_later(self, queue: RequestQueue, delay: float) -> None:
+        """Make ``queue``'s held wake-ups in ``delay`` seconds at the latest."""
+        with self._cond:
+            if self._stopped:
+                release_now = True
+            else:
+                release_now = False
+                if queue not in self._due:
+                    self._due[queue] = time.perf_counter() + delay
+                    if self._thread is None:
+                        self._thread = threading.Thread(
+                            target=self._loop,
+                            name="entity-runtime-wake-releaser",
+                            daemon=True,
+                        )
+                        self._thread.start()
+                    elif len(self._due) == 1:
+                        self._cond.notify()
+        if release_now:
+            queue.release_held()
+
+    def release_all(self) -> None:
+        """Make every held wake-up now (a writer is about to wait, or drain())."""
+        with self._cond:
+            due, self._due = list(self._due), {}
+        for queue in due:
+            queue.release_held()
+
+    def stop(self) -> None:
+        """Make every held wake-up and end the thread; harmless to repeat."""
+        with self._cond:
+            self._stopped = True
+            due, self._due = list(self._due), {}
+            thread = self._thread
+            self._cond.notify()
+        for queue in due:
+            queue.release_held()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                now = time.perf_counter()
+                ready = [q for q, at in self._due.items() if at <= now]
+                if not ready:
+                    self._cond.wait(min(self._due.values()) - now)
+                    continue
+                for queue in ready:
+                    del self._due[queue]
+            for queue in ready:
+                try:
+                    queue.release_held()
+                except Exception:
+                    logger.exception("wake releaser: making held wake-ups failed")
+
+
 class KindActor(pykka.ThreadingActor):
     """Serialises the mutations of one kind (or of one shard of its ids).
 
@@ -499,7 +599,8 @@ class KindActor(pykka.ThreadingActor):
     not wake after every change to compete for the interpreter with the
     writer and the actor. The consumers then take the held changes in one
     batch. Held wake-ups are made before any back-pressure wait, when the
-    actor runs out of writes, and when the delay is up.
+    actor runs out of writes, and by the runtime's :class:`WakeReleaser` when
+    the delay is up, whatever the actor is doing (a slow ``apply`` included).
 
     Runs on a daemon thread: a program that exits without ``stop()`` is not
     kept alive by it (the runtime's exit hook stops it first when it can).
@@ -520,10 +621,12 @@ class KindActor(pykka.ThreadingActor):
         sync: Callable[[], None] | None = None,
         restarts: Any = None,
         abort: threading.Event | None = None,
+        releaser: WakeReleaser | None = None,
         wake_delay: float = DEFAULT_WAKE_DELAY,
     ) -> None:
         super().__init__()
-        self._wake_delay = wake_delay
+        self._releaser = releaser
+        self._wake_delay = wake_delay if releaser is not None else 0.0
         self._restarts = restarts
         self._abort = abort
         self._stalled = False
@@ -578,30 +681,32 @@ class KindActor(pykka.ThreadingActor):
             )
 
     def _run_holding_wakes(self) -> None:
-        # Run bursts until no write comes, holding the consumers' wake-ups for
-        # at most ``wake_delay`` (see the class docstring).
-        held: list[Callable[[], None]] = []
-        held_since = 0.0
+        # Run bursts until no write comes, holding the consumers' wake-ups in
+        # the request queue; the releaser makes them once ``wake_delay`` is up
+        # even while a slow apply keeps this thread busy (see the class doc).
+        requests = self.requests
+        releaser = self._releaser
+        assert releaser is not None
+        wakes: list[Callable[[], None]] = []
         try:
             while True:
-                linger = 0.0
-                if held:
-                    left = held_since + self._wake_delay - time.perf_counter()
-                    if left > 0:
-                        linger = min(LINGER, left)
-                    else:
-                        _make(held)
-                batch = self.requests.take(BURST, linger)
+                batch = requests.take(BURST, LINGER if requests.holding else 0.0)
                 if batch is None:
                     return
-                if not held:
-                    held_since = time.perf_counter()
                 try:
-                    self._handle_batch(batch, held)
+                    self._handle_batch(batch, wakes)
                 except Exception as bug:
                     self._recover(batch, bug)
+                if wakes and requests.hold(wakes):
+                    releaser.release_later(requests, self._wake_delay)
         finally:
-            _make(held)
+            _make(wakes)
+            requests.release_held()
+
+    def _release_all_held(self) -> None:
+        self.requests.release_held()
+        if self._releaser is not None:
+            self._releaser.release_all()
 
     def _handle(self, request: Request) -> None:
         self._handle_batch((request,))
@@ -677,10 +782,13 @@ class KindActor(pykka.ThreadingActor):
                     outcomes += self._finish_segment(segment, wakes)
                     segment, waiting = [], 0
                     _make(wakes)
+                    self._release_all_held()
                     depth = len(box)
                 elif depth >= box.capacity:
-                    # The stage must be awake before the writer waits for it.
+                    # The stage must be awake before the writer waits for it,
+                    # whichever shard holds its wake-up.
                     _make(wakes)
+                    self._release_all_held()
 
             try:
                 result, change = self._run(request, box, depth)

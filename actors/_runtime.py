@@ -46,6 +46,7 @@ from actors._kind import (
     MutationFuture,
     Request,
     RequestQueue,
+    WakeReleaser,
     new_request,
 )
 from actors._mailbox import DeliveryTracker, Mailbox
@@ -678,12 +679,9 @@ class Runtime:
             "backpressure_timeout", backpressure_timeout, zero=True
         )
         stop_timeout = _check_seconds("stop_timeout", stop_timeout, zero=True)
-        wake_delay = _check_seconds("wake_delay", wake_delay, zero=True)
-        if wake_delay > _LONGEST_WAKE_DELAY:
-            raise DefinitionError(
-                f"wake_delay must be at most {_LONGEST_WAKE_DELAY} s, got "
-                f"{wake_delay!r}; nothing started"
-            )
+        wake_delay = _check_seconds(
+            "wake_delay", wake_delay, zero=True, most=_LONGEST_WAKE_DELAY
+        )
         max_dead_letters = _check_count("max_dead_letters", max_dead_letters)
         journal_interval = _check_seconds("journal_interval", journal_interval)
         snapshot_every = _check_count("snapshot_every", snapshot_every, none=True)
@@ -759,6 +757,7 @@ class Runtime:
         self._mailbox_size = mailbox_size
         self._backpressure_timeout = backpressure_timeout
         self._wake_delay = wake_delay
+        self._releaser = WakeReleaser()
         self._stop_timeout = stop_timeout
         self._max_dead_letters = max_dead_letters
 
@@ -1182,6 +1181,7 @@ class Runtime:
                     stuck.append(f"kind:{entry.engine.kind}/{shard}")
             entry.refs = []
             entry.queues = []
+        self._releaser.stop()
 
         # No consumer is replaced from here on: what a stuck call still holds
         # is reported below like any other stuck consumer's.
@@ -1295,6 +1295,9 @@ class Runtime:
             # Under the lock: a commit registers its delivery before releasing
             # it, so every seq read here is already tracked.
             target = self.log.last_seq
+        # Consumers whose wake-ups kind actors hold are woken now rather than
+        # when wake_delay is up.
+        self._releaser.release_all()
         if until_idle:
             if self._tracker.wait_idle(timeout):
                 return
@@ -1643,6 +1646,7 @@ class Runtime:
                 self._group_sync(),
                 self.metrics.actor_restarts.labels(f"kind:{entry.engine.kind}/{shard}"),
                 self._abort,
+                self._releaser if self._wake_delay else None,
                 self._wake_delay,
             )
             requests.wake = functools.partial(_wake, ref, f"kind:{entry.engine.kind}")
@@ -2273,6 +2277,7 @@ def _check_seconds(
     zero: bool = ...,
     timedelta_ok: bool = ...,
     outcome: str = ...,
+    most: float = ...,
 ) -> float: ...
 
 
@@ -2285,6 +2290,7 @@ def _check_seconds(
     none: bool,
     timedelta_ok: bool = ...,
     outcome: str = ...,
+    most: float = ...,
 ) -> float | None: ...
 
 
@@ -2296,8 +2302,10 @@ def _check_seconds(
     none: bool = False,
     timedelta_ok: bool = False,
     outcome: str = "nothing started",
+    most: float = LONGEST_WAIT,
 ) -> float | None:
-    # A number of seconds: finite, positive (or 0 where ``zero``).
+    # A number of seconds: finite, positive (or 0 where ``zero``), at most
+    # ``most``.
     if value is None and none:
         return None
 
@@ -2309,13 +2317,13 @@ def _check_seconds(
             seconds = float(value)
         except OverflowError:
             seconds = math.inf
-    if seconds <= LONGEST_WAIT and (seconds > 0 or (zero and seconds == 0)):
+    if seconds <= most and (seconds > 0 or (zero and seconds == 0)):
         return seconds
 
     kinds = "number of seconds or a timedelta" if timedelta_ok else "number of seconds"
     least = "0 or more" if zero else "more than 0"
     raise DefinitionError(
-        f"{name} must be a {kinds}, {least} and at most {LONGEST_WAIT:g}"
+        f"{name} must be a {kinds}, {least} and at most {most:g}"
         f"{' (or None)' if none else ''}, got {value!r}; {outcome}"
     )
 

@@ -449,7 +449,8 @@ def _flat_dataclass_check(
             "def check(value, kind, entity_id):",
             f"    if type(value) is dict and len(value) == {len(tests)}:",
             "        try:",
-            *(f"            {read}" for read in reads),
+            # "pass" keeps the block valid for a dataclass without fields.
+            *(f"            {read}" for read in reads or ["pass"]),
             "        except KeyError:",
             "            pass",
             "        else:",

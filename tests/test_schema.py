@@ -265,3 +265,15 @@ def test_the_flat_fast_check_agrees_with_the_full_check(value: dict[str, Any]) -
         }
     else:
         assert got == expected
+
+
+def test_a_dataclass_without_fields_is_a_schema_of_empty_states() -> None:
+    @dataclass
+    class Empty:
+        pass
+
+    schema = compile_schema(Empty)
+
+    assert schema.validate({}, "marker", "m-1") == {}
+    with pytest.raises(SchemaError, match="field 'x' is not in the schema"):
+        schema.validate({"x": 1}, "marker", "m-1")

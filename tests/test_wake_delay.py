@@ -103,3 +103,98 @@ def test_held_wake_ups_are_made_when_the_runtime_stops() -> None:
 
     assert report.clean
     assert [c.id for c in seen] == [f"t-{n}" for n in range(50)]
+
+
+def _on_shard(shard: int, shards: int, prefix: str) -> list[str]:
+    # Ids are spread over shards by hash(), which differs from run to run.
+    return [
+        i for i in (f"{prefix}-{n}" for n in range(200)) if hash(i) % shards == shard
+    ]
+
+
+def _gated(started: threading.Event, gate: threading.Event) -> Any:
+    def apply(prev: Any) -> dict[str, Any]:
+        started.set()
+        assert gate.wait(20)
+        return ticket(status="working")
+
+    return apply
+
+
+def test_a_change_reaches_its_subscriber_while_a_later_apply_is_still_running() -> None:
+    # "a" ends its burst while "b" is already queued, so a's wake-up is held;
+    # b's apply then blocks until the subscriber has seen "a".
+    seen: list[str] = []
+    arrived = threading.Event()
+    rt = Runtime(wake_delay=0.05, stop_timeout=5.0)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: (seen.append(c.id), arrived.set()))
+    a_started, a_gate = threading.Event(), threading.Event()
+    b_started = threading.Event()
+
+    with rt:
+        first = tickets.mutate_async("a", _gated(a_started, a_gate))
+        assert a_started.wait(10)
+        second = tickets.mutate_async("b", _gated(b_started, arrived))
+        a_gate.set()
+        first.get(timeout=10)
+        assert b_started.wait(10)
+        delivered_during_b = arrived.wait(10)
+        arrived.set()
+        second.get(timeout=10)
+
+    assert delivered_during_b
+    assert seen == ["a", "b"]
+
+
+def test_drain_wakes_consumers_whose_wake_ups_are_held() -> None:
+    seen: list[str] = []
+    rt = Runtime(wake_delay=1.0, stop_timeout=5.0)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.id))
+    a_started, a_gate = threading.Event(), threading.Event()
+    b_started, b_gate = threading.Event(), threading.Event()
+
+    with rt:
+        first = tickets.mutate_async("a", _gated(a_started, a_gate))
+        assert a_started.wait(10)
+        second = tickets.mutate_async("b", _gated(b_started, b_gate))
+        a_gate.set()
+        first.get(timeout=10)
+        assert b_started.wait(10)
+        rt.drain(timeout=0.5)  # well under wake_delay
+        drained = list(seen)
+        b_gate.set()
+        second.get(timeout=10)
+
+    assert drained == ["a"]
+
+
+def test_a_writer_on_another_shard_wakes_the_deriver_stage_before_waiting() -> None:
+    # Shard 0 holds the stage's wake-up while its next apply blocks; shard 1
+    # then fills the stage's mailbox and must wake it rather than wait out
+    # backpressure_timeout (shorter than wake_delay) and be refused.
+    rt = Runtime(
+        mailbox_size=2, backpressure_timeout=0.5, wake_delay=1.0, stop_timeout=5.0
+    )
+    tickets = rt.define_entity("ticket", Ticket, shards=2)
+    derived: list[str] = []
+    rt.register_change_deriver("ticket", lambda c: derived.append(c.id) or [])
+    zero, one = _on_shard(0, 2, "z")[:2], _on_shard(1, 2, "o")[:4]
+    a_started, a_gate = threading.Event(), threading.Event()
+    b_started, b_gate = threading.Event(), threading.Event()
+
+    with rt:
+        first = tickets.mutate_async(zero[0], _gated(a_started, a_gate))
+        assert a_started.wait(10)
+        second = tickets.mutate_async(zero[1], _gated(b_started, b_gate))
+        a_gate.set()
+        first.get(timeout=10)
+        assert b_started.wait(10)
+        others = [tickets.mutate(i, lambda prev: ticket()) for i in one]
+        b_gate.set()
+        second.get(timeout=10)
+        rt.drain(timeout=10)
+
+    assert [o["status"] for o in others] == ["open"] * 4
+    assert sorted(derived) == sorted([*zero, *one])
