@@ -121,6 +121,29 @@ def _gated(started: threading.Event, gate: threading.Event) -> Any:
     return apply
 
 
+def _hold_then_block(
+    handle: Any, first_id: str, second_id: str, second_gate: threading.Event
+) -> Any:
+    """Write ``first_id`` in a burst of its own while ``second_id`` is queued.
+
+    The first write's consumer wake-ups are then held (the next write came at
+    once); the second's apply blocks on ``second_gate``. Returns the second
+    write's future.
+    """
+    a_started, a_gate, b_started = (
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+    first = handle.mutate_async(first_id, _gated(a_started, a_gate))
+    assert a_started.wait(10)
+    second = handle.mutate_async(second_id, _gated(b_started, second_gate))
+    a_gate.set()
+    first.get(timeout=10)
+    assert b_started.wait(10)
+    return second
+
+
 def test_a_change_reaches_its_subscriber_while_a_later_apply_is_still_running() -> None:
     # "a" ends its burst while "b" is already queued, so a's wake-up is held;
     # b's apply then blocks until the subscriber has seen "a".
@@ -129,16 +152,9 @@ def test_a_change_reaches_its_subscriber_while_a_later_apply_is_still_running() 
     rt = Runtime(wake_delay=0.05, stop_timeout=5.0)
     tickets = rt.define_entity("ticket", Ticket)
     rt.on_entity_changed("ticket", lambda c: (seen.append(c.id), arrived.set()))
-    a_started, a_gate = threading.Event(), threading.Event()
-    b_started = threading.Event()
 
     with rt:
-        first = tickets.mutate_async("a", _gated(a_started, a_gate))
-        assert a_started.wait(10)
-        second = tickets.mutate_async("b", _gated(b_started, arrived))
-        a_gate.set()
-        first.get(timeout=10)
-        assert b_started.wait(10)
+        second = _hold_then_block(tickets, "a", "b", arrived)
         delivered_during_b = arrived.wait(10)
         arrived.set()
         second.get(timeout=10)
@@ -152,16 +168,10 @@ def test_drain_wakes_consumers_whose_wake_ups_are_held() -> None:
     rt = Runtime(wake_delay=1.0, stop_timeout=5.0)
     tickets = rt.define_entity("ticket", Ticket)
     rt.on_entity_changed("ticket", lambda c: seen.append(c.id))
-    a_started, a_gate = threading.Event(), threading.Event()
-    b_started, b_gate = threading.Event(), threading.Event()
+    b_gate = threading.Event()
 
     with rt:
-        first = tickets.mutate_async("a", _gated(a_started, a_gate))
-        assert a_started.wait(10)
-        second = tickets.mutate_async("b", _gated(b_started, b_gate))
-        a_gate.set()
-        first.get(timeout=10)
-        assert b_started.wait(10)
+        second = _hold_then_block(tickets, "a", "b", b_gate)
         rt.drain(timeout=0.5)  # well under wake_delay
         drained = list(seen)
         b_gate.set()
@@ -181,16 +191,10 @@ def test_a_writer_on_another_shard_wakes_the_deriver_stage_before_waiting() -> N
     derived: list[str] = []
     rt.register_change_deriver("ticket", lambda c: derived.append(c.id) or [])
     zero, one = _on_shard(0, 2, "z")[:2], _on_shard(1, 2, "o")[:4]
-    a_started, a_gate = threading.Event(), threading.Event()
-    b_started, b_gate = threading.Event(), threading.Event()
+    b_gate = threading.Event()
 
     with rt:
-        first = tickets.mutate_async(zero[0], _gated(a_started, a_gate))
-        assert a_started.wait(10)
-        second = tickets.mutate_async(zero[1], _gated(b_started, b_gate))
-        a_gate.set()
-        first.get(timeout=10)
-        assert b_started.wait(10)
+        second = _hold_then_block(tickets, zero[0], zero[1], b_gate)
         others = [tickets.mutate(i, lambda prev: ticket()) for i in one]
         b_gate.set()
         second.get(timeout=10)
