@@ -269,12 +269,24 @@ class Mailbox:
                 return True
             wake = not self._scheduled
             self._scheduled = True
+            # A wake-up handed to ``wakes`` may be held back for a while (see
+            # KindActor): once half the mailbox fills with the consumer idle,
+            # it is woken now rather than made to fold changes it has not
+            # fallen behind on. A second wake-up is a no-op for the consumer.
+            now = (
+                not wake
+                and wakes is not None
+                and not self._in_hand
+                and (len(self._entries) * 2 >= self.capacity)
+            )
 
         if wake:
             if wakes is None:
                 self.wake()
             else:
                 wakes.append(self.wake)
+        elif now:
+            self.wake()
         return True
 
     def _put_folding(

@@ -1295,13 +1295,7 @@ class Runtime:
             # Under the lock: a commit registers its delivery before releasing
             # it, so every seq read here is already tracked.
             target = self.log.last_seq
-        # Consumers whose wake-ups kind actors hold are woken now rather than
-        # when wake_delay is up.
-        self._releaser.release_all()
-        if until_idle:
-            if self._tracker.wait_idle(timeout):
-                return
-        elif self._tracker.wait(target, timeout):
+        if self._wait_releasing(target, until_idle, timeout):
             return
         waiting = self._tracker.open_up_to(target)
         behind = [
@@ -1314,6 +1308,25 @@ class Runtime:
             f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
             f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
         )
+
+    def _wait_releasing(
+        self, target: int, until_idle: bool, timeout: float | None
+    ) -> bool:
+        # drain()'s wait, in slices: before each, the consumer wake-ups that
+        # kind actors hold are made, so drain() never waits out wake_delay,
+        # even for a wake-up an actor was about to hold when drain() began.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._releaser.release_all()
+            left = None if deadline is None else deadline - time.monotonic()
+            wait = _DRAIN_SLICE if left is None else max(0.0, min(_DRAIN_SLICE, left))
+            if until_idle:
+                if self._tracker.wait_idle(wait):
+                    return True
+            elif self._tracker.wait(target, wait):
+                return True
+            if left is not None and left <= _DRAIN_SLICE:
+                return False
 
     # -- run secrets ----------------------------------------------------------
 
@@ -2247,6 +2260,9 @@ Longer ones overflow the platform's timers when waited for.
 
 _LONGEST_WAKE_DELAY = 1.0
 """The most ``wake_delay`` may be: longer would only starve consumers."""
+
+_DRAIN_SLICE = 0.05
+"""Seconds between drain()'s releases of held consumer wake-ups."""
 
 
 @overload

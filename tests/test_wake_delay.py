@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -202,3 +204,58 @@ def test_a_writer_on_another_shard_wakes_the_deriver_stage_before_waiting() -> N
 
     assert [o["status"] for o in others] == ["open"] * 4
     assert sorted(derived) == sorted([*zero, *one])
+
+
+def test_drain_releases_a_wake_up_held_after_it_began() -> None:
+    # The future's callback runs on the kind actor after "a" is handed on and
+    # before its wake-up is held: drain() starts in that gap, and must still
+    # not wait out wake_delay (longer than its timeout).
+    seen: list[str] = []
+    rt = Runtime(wake_delay=1.0, stop_timeout=5.0)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.id))
+    a_started, a_gate = threading.Event(), threading.Event()
+    in_callback, b_gate = threading.Event(), threading.Event()
+
+    def slow_callback(future: Any) -> None:
+        in_callback.set()
+        time.sleep(0.1)
+
+    with rt:
+        first = tickets.mutate_async("a", _gated(a_started, a_gate))
+        assert a_started.wait(10)
+        first.add_done_callback(slow_callback)
+        second = tickets.mutate_async("b", _gated(threading.Event(), b_gate))
+        a_gate.set()
+        assert in_callback.wait(10)
+        rt.drain(timeout=0.6)
+        drained = list(seen)
+        b_gate.set()
+        second.get(timeout=10)
+
+    assert drained == ["a"]
+
+
+def test_an_idle_subscriber_is_woken_before_held_changes_would_fold() -> None:
+    # Blocking writes in a loop keep their wake-ups held (wake_delay is long):
+    # the subscriber is woken once half its mailbox is full, so it gets every
+    # change on its own, none folded into another.
+    got: list[tuple[int | None, int]] = []
+    rt = Runtime(mailbox_size=100, wake_delay=1.0, stop_timeout=5.0)
+    counters = rt.define_entity("counter", Count)
+    rt.on_entity_changed(
+        "counter", lambda c: got.append((c.prev and c.prev["n"], c.next["n"]))
+    )
+
+    with rt:
+        for n in range(1, 601):
+            counters.mutate(f"c-{n % 10}", lambda prev, n=n: {"n": n})
+        rt.drain(timeout=10)
+
+    assert len(got) == 600
+    assert all(before is None or after - before == 10 for before, after in got)
+
+
+@dataclasses.dataclass
+class Count:
+    n: int
