@@ -380,6 +380,16 @@ class RequestQueue:
         """Notified on a new request while the actor waits in :meth:`take`."""
         self._held: list[Callable[[], None]] = []
         """Consumer wake-ups the actor holds back (see ``KindActor``)."""
+        self.unhanded: list[_Outcome] = []
+        """The outcomes of the burst the actor runs that it has not handed on."""
+
+    def unhanded_seqs(self) -> list[int]:
+        """The seqs of changes the actor committed but has not handed on yet.
+
+        Read by ``stop()`` when the actor is stuck in a slow ``apply``: those
+        changes are in the log and the store, but no consumer has them.
+        """
+        return [o[2].seq for o in list(self.unhanded) if o[2] is not None]
 
     @property
     def holding(self) -> bool:
@@ -765,6 +775,8 @@ class KindActor(pykka.ThreadingActor):
         """
         outcomes: list[_Outcome] = []
         segment: list[_Outcome] = []
+        requests = self.requests
+        requests.unhanded = segment
         waiting = 0
         box = self._deriver_box()
         abort = self._abort
@@ -781,6 +793,7 @@ class KindActor(pykka.ThreadingActor):
                 if waiting and depth + waiting >= box.capacity:
                     outcomes += self._finish_segment(segment, wakes)
                     segment, waiting = [], 0
+                    requests.unhanded = segment
                     _make(wakes)
                     self._release_all_held()
                     depth = len(box)
@@ -799,6 +812,7 @@ class KindActor(pykka.ThreadingActor):
                 waiting += change is not None
 
         outcomes += self._finish_segment(segment, wakes)
+        requests.unhanded = []
         return outcomes
 
     def _finish_segment(

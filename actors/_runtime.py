@@ -124,7 +124,10 @@ class StopReport:
 
     Attributes:
         clean: everything committed was delivered and every thread stopped.
-        undelivered: ``(consumer, seq)`` pairs that never reached a consumer.
+        undelivered: ``(consumer, seq)`` pairs that never reached a consumer;
+            ``(kind actor, seq)`` for a change committed in a burst whose
+            actor was still stuck in a later write's ``apply``, so that no
+            consumer got it.
         stuck_consumers: consumers whose handler was still running at the end.
         unpublished: committed changes the bus could not publish before it
             was closed (other instances never see them; always 0 without a
@@ -1173,12 +1176,18 @@ class Runtime:
         tracker.wait_mutations(max(0.1, deadline - time.monotonic()))
 
         stuck = []
+        undelivered: list[tuple[str, int]] = []
         for entry in self._kinds.values():
             for shard, ref in enumerate(entry.refs):
                 try:
                     ref.stop(block=True, timeout=max(0.1, deadline - time.monotonic()))
                 except pykka.Timeout:
-                    stuck.append(f"kind:{entry.engine.kind}/{shard}")
+                    name = f"kind:{entry.engine.kind}/{shard}"
+                    stuck.append(name)
+                    # Committed earlier in the burst it is stuck in, and not
+                    # handed to any consumer yet.
+                    unhanded = entry.queues[shard].unhanded_seqs()
+                    undelivered.extend((name, seq) for seq in unhanded)
             entry.refs = []
             entry.queues = []
         self._releaser.stop()
@@ -1187,7 +1196,6 @@ class Runtime:
         # is reported below like any other stuck consumer's.
         self._watchdog.stop()
         self._abort.set()
-        undelivered: list[tuple[str, int]] = []
         # Deriver stages first: trigger events they still derive then find
         # their handlers' mailboxes open, and are reported with them below.
         for consumer in sorted(self._all_consumers(), key=lambda c: c.flush is None):
@@ -2417,8 +2425,8 @@ def _stopped(future: Any) -> bool:
 
 def _log_too_late(box: Mailbox, changes: list[EntityChanged]) -> None:
     logger.error(
-        "%d changes committed after %s was closed (the runtime stopped while "
-        "their writes ran) are not delivered to it: %s",
+        "%d changes reached %s after it was closed (the runtime stopped while "
+        "their burst of writes ran) and are not delivered to it: %s",
         len(changes),
         box.name,
         ", ".join(f"{c.kind}/{c.id} seq={c.seq}" for c in changes),

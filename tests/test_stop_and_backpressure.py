@@ -140,3 +140,46 @@ def test_trigger_events_derived_after_stop_closed_their_mailbox_are_logged(
     assert "trigger events derived after trigger:ticket.seen:t was closed" in (
         caplog.text
     )
+
+
+def test_a_change_waiting_behind_a_stuck_write_of_its_burst_is_in_the_stop_report() -> (
+    None
+):
+    # "a" and "b" run in one burst; "a" commits, then b's apply blocks past
+    # stop_timeout, so a's change is never handed to the subscriber: the
+    # report must say so instead of calling nothing undelivered.
+    seen: list[str] = []
+    rt = Runtime(stop_timeout=0.5)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.id), name="audit")
+    first_started, first_gate = threading.Event(), threading.Event()
+    b_started, b_gate = threading.Event(), threading.Event()
+
+    def gated(started: threading.Event, gate: threading.Event) -> Any:
+        def apply(prev: Any) -> dict[str, Any]:
+            started.set()
+            assert gate.wait(30)
+            return ticket()
+
+        return apply
+
+    rt.start()
+    first = tickets.mutate_async("t-0", gated(first_started, first_gate))
+    assert first_started.wait(10)
+    a = tickets.mutate_async("a", lambda prev: ticket())
+    b = tickets.mutate_async("b", gated(b_started, b_gate))
+    first_gate.set()
+    first.get(timeout=10)
+    assert b_started.wait(10)
+    a_seq = tickets.history("a")[0].seq
+    try:
+        report = rt.stop()
+    finally:
+        b_gate.set()
+    a.get(timeout=10)
+    b.get(timeout=10)
+
+    assert not report.clean
+    assert "kind:ticket/0" in report.stuck_consumers
+    assert ("kind:ticket/0", a_seq) in report.undelivered
+    assert "a" not in seen
