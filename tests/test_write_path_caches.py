@@ -59,8 +59,9 @@ def test_a_bad_id_is_refused_after_good_ids_were_remembered(rt: Runtime) -> None
                 tickets.mutate(bad, lambda prev: ticket())  # type: ignore[arg-type]
             with pytest.raises(InvalidIdError, match=reason):
                 tickets.mutate_async(bad, lambda prev: ticket())  # type: ignore[arg-type]
+            items: list[Any] = [("t-1", lambda prev: ticket()), (bad, print)]
             with pytest.raises(InvalidIdError, match=reason):
-                tickets.mutate_many([("t-1", lambda prev: ticket()), (bad, print)])  # type: ignore[list-item]
+                tickets.mutate_many(items)
 
         assert tickets.get("t-1") == ticket("working")
     assert rt.log.last_seq == 2
