@@ -677,11 +677,6 @@ class KindActor(pykka.ThreadingActor):
                     self._handle_batch(batch)
                 except Exception as bug:
                     self._recover(batch, bug)
-        elif isinstance(message, Request):
-            try:
-                self._handle(message)
-            except Exception as bug:
-                self._recover((message,), bug)
         else:
             logger.warning(
                 "kind actor %s/%d got an unexpected message %r",
@@ -717,9 +712,6 @@ class KindActor(pykka.ThreadingActor):
         self.requests.release_held()
         if self._releaser is not None:
             self._releaser.release_all()
-
-    def _handle(self, request: Request) -> None:
-        self._handle_batch((request,))
 
     def _handle_batch(
         self,
