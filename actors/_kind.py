@@ -719,18 +719,28 @@ class KindActor(pykka.ThreadingActor):
         held: list[Callable[[], None]] | None = None,
     ) -> None:
         """Run one burst; make its consumer wake-ups, or add them to ``held``."""
-        # Every change of the burst has a seq at or above this floor; keeping
-        # it open until the changes are handed on makes drain() wait for them
-        # without a tracker update per change.
-        floor = self.engine.next_seq()
+        # The burst's first commit opens a floor in the tracker at its seq:
+        # every later change of the burst has a higher one, so keeping the
+        # floor open until the changes are handed on makes drain() wait for
+        # them without a tracker update per change. A burst that commits
+        # nothing (a slow apply, say) opens none and holds no drain() up.
         tracker = self._tracker
-        tracker.add(floor)
+        floors: list[int] = []
+
+        def open_floor(seq: int) -> None:
+            tracker.add(seq)
+            floors.append(seq)
+
         wakes: list[Callable[[], None]] = [] if held is None else held
+        engine = self.engine
+        engine.begin_burst(open_floor)
         try:
             try:
                 outcomes = self._run_all(batch, wakes)
             finally:
-                tracker.done((floor,))
+                engine.end_burst()
+                if floors:
+                    tracker.done(floors)
             self._answer(outcomes)
         finally:
             if held is None:
@@ -773,7 +783,6 @@ class KindActor(pykka.ThreadingActor):
         box = self._deriver_box()
         abort = self._abort
         self._stalled = False
-        self.engine.begin_burst()
         for request in batch:
             if abort is not None and abort.is_set():
                 segment.append((request, None, None, self._stopped_error(request)))

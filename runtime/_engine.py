@@ -194,25 +194,28 @@ class KindEngine:
         """The cells of the thread that committed last, with its id."""
         self.log_commits = logger.isEnabledFor(logging.DEBUG)
         """Whether commits are logged (at debug level); see :meth:`begin_burst`."""
+        self._first_commit: dict[int, Callable[[int], None]] = {}
+        """Per kind-actor thread, what its burst's first commit calls."""
         if definition.store_backed:
             metrics.entities.labels(kind).set_function(lambda: len(self.store))
 
-    def begin_burst(self) -> None:
-        """Re-read the logger's level, which decides whether commits are logged.
+    def begin_burst(self, on_first_commit: Callable[[int], None] | None = None) -> None:
+        """Start a burst of writes on the calling thread (a kind actor).
 
-        Called by the kind's actor before each burst of writes: a level change
-        takes effect from the next burst, and a commit costs no logger call
-        when debug logging is off.
+        Re-reads the logger's level, which decides whether commits are logged:
+        a level change takes effect from the next burst, and a commit costs no
+        logger call when debug logging is off. ``on_first_commit`` is called
+        with the sequence number of the burst's first commit, under the log's
+        lock, so a reader of ``last_seq`` under that lock never sees the
+        change before the callback has run. :meth:`end_burst` forgets it.
         """
         self.log_commits = logger.isEnabledFor(logging.DEBUG)
+        if on_first_commit is not None:
+            self._first_commit[get_ident()] = on_first_commit
 
-    def next_seq(self) -> int:
-        """The sequence number the next change committed anywhere will get, or less.
-
-        Read without the log's lock: a concurrent commit only makes it low,
-        never high, so it is a safe lower bound for this kind's next commits.
-        """
-        return self._log.last_seq + 1
+    def end_burst(self) -> None:
+        """End the calling thread's burst (see :meth:`begin_burst`)."""
+        self._first_commit.pop(get_ident(), None)
 
     def count_failed(self) -> None:
         """Count a mutation refused before it reached the write path."""
@@ -439,6 +442,10 @@ class KindEngine:
                 log.append_rows(
                     seq, kind, entity_id, ts, actor, run_id, spec, changed_fields
                 )
+            if self._first_commit:
+                opener = self._first_commit.pop(get_ident(), None)
+                if opener is not None:
+                    opener(seq)
             if store_backed:
                 if next_state is None:
                     del self.store[entity_id]

@@ -510,6 +510,39 @@ def test_drain_until_idle_waits_for_cascading_writes(rt: Runtime) -> None:
     assert len(audit.ids()) == 20
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_drain_does_not_wait_for_an_apply_that_has_committed_nothing(
+    rt: Runtime, shards: int
+) -> None:
+    # A slow apply on one kind has committed nothing; a change of another
+    # kind committed meanwhile is all drain() has to wait for.
+    slow = rt.define_entity("slow", Ticket, shards=shards)
+    tickets = rt.define_entity("ticket", Ticket)
+    seen: list[str] = []
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.id))
+    started, gate = threading.Event(), threading.Event()
+
+    def held(prev: Any) -> dict[str, Any]:
+        started.set()
+        assert gate.wait(20)
+        return ticket(status="closed")
+
+    with rt:
+        stuck = slow.mutate_async("s-1", held)
+        try:
+            assert started.wait(10)
+            tickets.mutate("t-1", lambda prev: ticket())
+            rt.drain(timeout=2)
+            drained = list(seen)
+        finally:
+            gate.set()
+        stuck.get(timeout=10)
+        rt.drain(timeout=10)
+
+    assert drained == ["t-1"]
+    assert slow.get("s-1") == ticket(status="closed")
+
+
 def test_an_async_deriver_is_refused_at_registration(rt: Runtime) -> None:
     rt.define_entity("ticket", Ticket)
 
