@@ -42,6 +42,20 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _unknown_field(path: str, key: Any, listed: str) -> _Invalid:
+    """The error for a key of a state or record that is not one of its fields.
+
+    A string key is named as the field's path; an empty or non-string key
+    cannot be, so the reason shows it instead.
+    """
+    expected = f"(expected fields: {listed or 'none'})"
+    if isinstance(key, str) and key:
+        return _Invalid(_join(path, str(key)), f"is not in the schema {expected}")
+    if isinstance(key, str):
+        return _Invalid(path, f"has a field with an empty name {expected}")
+    return _Invalid(path, f"has a key {key!r} that is not a field name {expected}")
+
+
 def _check_str(value: Any, path: str) -> str:
     if type(value) is not str:
         if isinstance(value, str):
@@ -391,10 +405,7 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
 
         for key in value:
             if key not in names:
-                raise _Invalid(
-                    _join(path, str(key)),
-                    f"is not in the schema (expected fields: {listed})",
-                )
+                raise _unknown_field(path, key, listed)
 
         out = {}
         for name, check, default in specs:
@@ -472,10 +483,7 @@ def _check_fields(value: Any, names: tuple[str, ...]) -> None:
         raise _Invalid("", f"must be a mapping, got {_describe(value)}")
     for key in value:
         if key not in names:
-            raise _Invalid(
-                str(key),
-                f"is not in the schema (expected fields: {', '.join(names)})",
-            )
+            raise _unknown_field("", key, ", ".join(names))
 
 
 def _compile_pydantic(model: Any) -> StateSchema:

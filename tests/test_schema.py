@@ -158,6 +158,27 @@ class PydanticCheck(pydantic.BaseModel):
     count: int = 0
 
 
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("", "has a field with an empty name (expected fields: name, status"),
+        (1, "has a key 1 that is not a field name (expected fields: name, status"),
+    ],
+)
+@pytest.mark.parametrize("spec", [Check, PydanticCheck])
+def test_a_key_that_cannot_name_a_field_is_shown_in_the_error(
+    spec: Any, key: Any, reason: str
+) -> None:
+    schema = compile_schema(spec)
+    state = {"name": "cpu", "status": "healthy", key: 1}
+
+    with pytest.raises(SchemaError) as caught:
+        schema.validate(state, "check", "c-1")
+
+    assert caught.value.field is None
+    assert str(caught.value).startswith(f"check/c-1: {reason}")
+
+
 def test_pydantic_models_validate_and_name_the_failing_field() -> None:
     schema = compile_schema(PydanticCheck)
 
