@@ -836,7 +836,8 @@ class Runtime:
 
         Raises:
             DefinitionError: empty or duplicate kind, a ``read`` that is not
-                callable, a schema that is not supported, bad ``shards``.
+                callable, a schema that is not supported or has no fields, bad
+                ``shards``.
         """
         if not isinstance(kind, str) or not kind or not kind.isprintable():
             raise DefinitionError(
@@ -850,6 +851,12 @@ class Runtime:
         if not isinstance(shards, int) or shards < 1:
             raise DefinitionError(f"{kind}: shards must be 1 or more, got {shards!r}")
         schema = compile_schema(state)
+        if not schema.fields:
+            raise DefinitionError(
+                f"{kind}: the state schema {schema.name} has no fields; a change "
+                "is recorded field by field, so an entity of such a kind could "
+                "never be created"
+            )
 
         with self._lock:
             self._check_usable("define a kind")

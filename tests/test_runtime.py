@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -560,6 +561,20 @@ def test_duplicate_or_empty_kind_is_refused(busy: Runtime) -> None:
         busy.define_entity("ticket", Ticket)
     with pytest.raises(DefinitionError, match="non-empty"):
         busy.define_entity("", Ticket)
+
+    assert busy.kinds() == ["ticket"]
+    assert _snapshot(busy) == before
+
+
+def test_a_schema_without_fields_is_refused_for_a_kind(busy: Runtime) -> None:
+    @dataclasses.dataclass
+    class Marker:
+        pass
+
+    before = _snapshot(busy)
+
+    with pytest.raises(DefinitionError, match="marker: the state schema Marker has no"):
+        busy.define_entity("marker", Marker)
 
     assert busy.kinds() == ["ticket"]
     assert _snapshot(busy) == before
