@@ -11,7 +11,7 @@ from sys import intern
 from typing import Any
 
 from runtime._engine import check_timestamp
-from runtime._errors import EntityRuntimeError
+from runtime._errors import EntityRuntimeError, RuntimeStoppedError
 from runtime._events import ReadOnlyDict, freeze
 from runtime._log import TransitionLog
 from runtime._persistence import (
@@ -325,6 +325,7 @@ class DataDir:
         self.last_snapshot_at: float | None = None
         self._lock = DataDirLock(self.directory)
         self._journal: JournalWriter | None = None
+        self._closed = False
         self._snapshot_lock = threading.Lock()
 
     def open(self) -> RestoredData:
@@ -382,6 +383,10 @@ class DataDir:
         """
         journal = self._journal
         if journal is None:
+            if self._closed:
+                raise RuntimeStoppedError(
+                    f"the runtime stopped and closed the journal in {self.directory}"
+                )
             raise DataDirError(self.directory, "the journal is not open")
         journal.append(change.encode(), trusted=True, sync=False)
 
@@ -450,6 +455,7 @@ class DataDir:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+            self._closed = True
         if self._lock.held:
             self._lock.release()
 

@@ -15,6 +15,7 @@ from runtime._errors import (
     InvalidIdError,
     InvalidTimeError,
     ReadError,
+    RuntimeStoppedError,
     SchemaError,
 )
 from runtime._events import EntityChanged, ReadOnlyDict, new_change, thaw
@@ -507,6 +508,11 @@ class KindEngine:
         )
         try:
             self.journal(record)  # type: ignore[misc]
+        except RuntimeStoppedError as err:
+            self._failed.inc()
+            raise RuntimeStoppedError(
+                f"{self.kind}/{entity_id} seq={seq}: {err}; nothing recorded"
+            ) from err
         except DataDirError as err:
             self._failed.inc()
             raise DataDirError(

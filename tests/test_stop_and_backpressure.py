@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,6 +141,41 @@ def test_trigger_events_derived_after_stop_closed_their_mailbox_are_logged(
     assert "trigger events derived after trigger:ticket.seen:t was closed" in (
         caplog.text
     )
+
+
+def test_a_write_finishing_after_stop_closed_the_journal_is_refused_as_stopped(
+    tmp_path: Path,
+) -> None:
+    rt = Runtime(data_dir=tmp_path, stop_timeout=0.3)
+    tickets = rt.define_entity("ticket", Ticket)
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow(prev: Any) -> dict[str, Any]:
+        entered.set()
+        assert gate.wait(20)
+        return ticket()
+
+    with rt:
+        tickets.mutate("t-0", lambda prev: ticket())
+        slow_write = tickets.mutate_async("t-1", slow)
+        try:
+            assert entered.wait(10)
+        finally:
+            rt.stop()
+            gate.set()
+        error = slow_write.exception(timeout=10)
+
+    again = Runtime(data_dir=tmp_path)
+    again_tickets = again.define_entity("ticket", Ticket)
+    with again:
+        restored = again_tickets.ids()
+
+    assert isinstance(error, RuntimeStoppedError)
+    assert "ticket/t-1" in str(error)
+    assert "nothing recorded" in str(error)
+    assert tickets.get("t-1") is None
+    assert tickets.history("t-1") == []
+    assert restored == ["t-0"]
 
 
 def test_a_change_waiting_behind_a_stuck_write_of_its_burst_is_in_the_stop_report() -> (
