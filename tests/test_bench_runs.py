@@ -11,10 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.bench_threads import ROLES as THREAD_ROLES
+from bench.bench_threads import thread_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,3 +311,62 @@ def test_the_persistence_metrics_and_gc_benchmarks_still_run(tmp_path: Path) -> 
     assert metrics.stdout.strip()
     assert collector.returncode == 0, collector.stderr
     assert collector.stdout.startswith("500 entities: full collection ")
+
+
+def test_the_thread_benchmark_accounts_each_mode_and_thread(tmp_path: Path) -> None:
+    out = tmp_path / "threads.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.bench_threads"),
+            *("--mutations", "5000", "--ids", "250", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["limit", "write path alone", "mutate_async", "mutate_many_100"]
+    assert report["workload"] == {"mutations": 5000, "ids": 250, "batch": 100}
+    assert all(
+        r["ops_per_s"] > 0 and len(r["gc_passes"]) == 3 for r in report["results"]
+    )
+    assert report["per_thread"] == sys.platform.startswith("linux")
+    if report["per_thread"]:
+        runtime_modes = report["results"][2:]
+        assert all(
+            set(r["cpu_us_per_change"]) == set(THREAD_ROLES) for r in runtime_modes
+        )
+        assert all(sum(r["cpu_us_per_change"].values()) > 0 for r in runtime_modes)
+    for name in names:
+        assert name in done.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_thread_cpu_reads_the_cpu_time_of_each_running_thread() -> None:
+    busy_id: list[int] = []
+    stop = threading.Event()
+    spun = threading.Event()
+
+    def spin() -> None:
+        busy_id.append(threading.get_native_id())
+        while time.thread_time() < 0.3:
+            pass
+        spun.set()
+        stop.wait(30)
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        assert spun.wait(60)
+        used = thread_cpu()
+    finally:
+        stop.set()
+        worker.join(30)
+
+    # /proc counts in clock ticks (usually 10 ms): well under the 0.3 s spun.
+    assert used[busy_id[0]] >= 0.2
