@@ -505,3 +505,27 @@ def test_append_states_records_what_the_triples_record(
         by_states.check()
         assert by_states.last_seq == by_triples.last_seq
         assert _log_contents(by_states) == _log_contents(by_triples)
+
+
+def test_full_blocks_keep_scalar_rows_out_of_the_collectors_walks() -> None:
+    with mock.patch.object(_log, "_BLOCK_CHANGES", 4):
+        log = TransitionLog()
+        for n in range(1, 11):
+            state = {"count": n, "status": "up" if n % 2 else "down"}
+            log.append_change("k", f"e-{n % 3}", None, state, ("count", "status"), n)
+        gc.collect()
+        *full, last = log._blocks.values()
+        before = {i: [r.after for r in log.history("k", i)] for i in ("e-0", "e-1")}
+
+        sealed = [
+            not gc.is_tracked(b.fields) and not gc.is_tracked(b.afters) for b in full
+        ]
+        open_tracked = gc.is_tracked(last.fields)
+        dropped = log.prune(max_rows=2)
+        log.check()
+        after = {i: [r.after for r in log.history("k", i)] for i in ("e-0", "e-1")}
+
+    assert sealed == [True, True]
+    assert open_tracked
+    assert dropped == 20 - 3 * 2  # ten changes of two rows; two rows kept per id
+    assert after == {i: rows[-2:] for i, rows in before.items()}
