@@ -17,6 +17,7 @@ import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from raw_server import raw_server
@@ -58,6 +59,26 @@ def agent_cli(*argv: str) -> int:
     add_agent_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["agent", *argv])
     return int(args.run(args))
+
+
+def _run_reporting(data_dir: Path, *argv: str) -> tuple[int, dict[str, Any]]:
+    """Run `entity-runtime agent ARGV` on ``data_dir`` with no metrics endpoint.
+
+    Returns the exit code and the JSON report written beside ``data_dir``.
+    """
+    report = data_dir.with_name("report.json")
+
+    code = agent_cli(
+        *argv,
+        "--data-dir",
+        str(data_dir),
+        "--metrics-port",
+        "0",
+        "--report",
+        str(report),
+    )
+
+    return code, json.loads(report.read_text(encoding="utf-8"))
 
 
 def spawn(*argv: str, **env: str) -> subprocess.Popen[str]:
@@ -199,23 +220,11 @@ def test_the_default_source_runs_for_a_duration_and_reports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No source given: this machine, until --duration, then exit 0."""
-    report = tmp_path / "report.json"
-
-    code = agent_cli(
-        "--duration",
-        "1.5s",
-        "--interval",
-        "0.2s",
-        "--data-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
-        "--report",
-        str(report),
+    code, data = _run_reporting(
+        tmp_path / "state", "--duration", "1.5s", "--interval", "0.2s"
     )
 
     out = capsys.readouterr().out
-    data = json.loads(report.read_text(encoding="utf-8"))
     assert code == 0
     assert out.startswith("entity-runtime agent: this machine")
     assert data["samples"] >= 3 * 4
@@ -324,23 +333,15 @@ def test_a_replay_with_labels_prints_the_summary_and_writes_the_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's second example, on one folder."""
-    report = tmp_path / "nab.json"
-
-    code = agent_cli(
+    code, data = _run_reporting(
+        tmp_path / "state",
         "--replay",
         str(NAB / "data" / "realKnownCause"),
         "--labels",
         str(NAB / "labels" / "combined_windows.json"),
-        "--report",
-        str(report),
-        "--data-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
     )
 
     out = capsys.readouterr().out
-    data = json.loads(report.read_text(encoding="utf-8"))
     assert code == 0
     assert "windows hit" in out
     assert "mean time to resolve" in out
@@ -404,9 +405,9 @@ def test_scraping_a_real_node_exporter_turns_matched_series_into_checks(
     tmp_path: Path,
 ) -> None:
     """Every sample matching --match becomes a check of the target's system."""
-    report = tmp_path / "report.json"
     with node_exporter() as url:
-        code = agent_cli(
+        code, data = _run_reporting(
+            tmp_path / "state",
             "--scrape",
             url,
             "--match",
@@ -419,15 +420,8 @@ def test_scraping_a_real_node_exporter_turns_matched_series_into_checks(
             "0.2s",
             "--duration",
             "1.5s",
-            "--data-dir",
-            str(tmp_path / "state"),
-            "--metrics-port",
-            "0",
-            "--report",
-            str(report),
         )
 
-    data = json.loads(report.read_text(encoding="utf-8"))
     target = url.split("/")[2]
     assert code == 0
     assert data["checks"] >= 4
@@ -438,25 +432,12 @@ def test_scraping_a_real_node_exporter_turns_matched_series_into_checks(
 
 def test_an_unreachable_target_opens_a_critical_incident(tmp_path: Path) -> None:
     """Scraping a closed port gives up = 0: the target's system is unhealthy."""
-    report = tmp_path / "report.json"
     url = f"http://127.0.0.1:{free_port()}/metrics"
 
-    code = agent_cli(
-        "--scrape",
-        url,
-        "--interval",
-        "0.2s",
-        "--duration",
-        "1s",
-        "--data-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
-        "--report",
-        str(report),
+    code, data = _run_reporting(
+        tmp_path / "state", "--scrape", url, "--interval", "0.2s", "--duration", "1s"
     )
 
-    data = json.loads(report.read_text(encoding="utf-8"))
     assert code == 0
     assert data["incidents_opened"] == 1
     (incident,) = data["incidents"]
@@ -495,20 +476,9 @@ def test_times_past_year_9999_are_invalid_lines_and_the_data_dir_stays_usable(
         "99999999999999999999,3\n",
         encoding="utf-8",
     )
-    report = tmp_path / "r.json"
     for _ in range(2):
-        code = agent_cli(
-            "--replay",
-            str(mixed),
-            "--data-dir",
-            str(state),
-            "--metrics-port",
-            "0",
-            "--report",
-            str(report),
-        )
+        code, data = _run_reporting(state, "--replay", str(mixed))
 
-        data = json.loads(report.read_text(encoding="utf-8"))
         assert code == 0
         assert data["invalid_lines"] == 2
         assert data["checks"] == 1
@@ -523,12 +493,12 @@ def test_scraped_times_past_year_9999_are_invalid_and_the_data_dir_stays_usable(
     """A sample timestamp of 99999999999999999999 ms is dropped, never written."""
     payload = b"x 1 99999999999999999999\n"
     state = tmp_path / "state"
-    report = tmp_path / "r.json"
     with raw_server(
         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
     ) as url:
         for _ in range(2):
-            code = agent_cli(
+            code, data = _run_reporting(
+                state,
                 "--scrape",
                 url,
                 "--match",
@@ -537,15 +507,8 @@ def test_scraped_times_past_year_9999_are_invalid_and_the_data_dir_stays_usable(
                 "0.2s",
                 "--duration",
                 "0.7s",
-                "--data-dir",
-                str(state),
-                "--metrics-port",
-                "0",
-                "--report",
-                str(report),
             )
 
-            data = json.loads(report.read_text(encoding="utf-8"))
             assert code == 0
             assert data["invalid_lines"] >= 1
             assert data["checks"] == 1, "only the target's up check"
@@ -726,28 +689,22 @@ def test_a_slow_target_does_not_hold_the_run_past_its_duration(
     tmp_path: Path,
 ) -> None:
     """A target that never answers is abandoned when --duration is up."""
-    report = tmp_path / "r.json"
     with raw_server(None) as slow:
         started = time.monotonic()
-        code = agent_cli(
+        code, data = _run_reporting(
+            tmp_path / "state",
             "--scrape",
             slow,
             "--interval",
             "5s",
             "--duration",
             "0.5s",
-            "--data-dir",
-            str(tmp_path / "state"),
-            "--metrics-port",
-            "0",
-            "--report",
-            str(report),
         )
         took = time.monotonic() - started
 
     assert code == 0
     assert took < 4.0
-    assert json.loads(report.read_text(encoding="utf-8"))["incidents"] == []
+    assert data["incidents"] == []
 
 
 def _catches_sigterm(pid: int) -> bool:

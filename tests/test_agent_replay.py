@@ -16,6 +16,7 @@ from monitoring import (
     CHECK_KIND,
     Agent,
     AgentSummary,
+    IncidentRecord,
     ReplaySource,
     load_agent_config,
     load_label_windows,
@@ -530,6 +531,12 @@ def test_long_runs_of_zeros_are_healthy_values_not_errors(tmp_path: Path) -> Non
     assert len(zeros) == 3256
 
 
+def _overlaps(incident: IncidentRecord, start: float, end: float) -> bool:
+    """Whether ``incident`` was open at some time from ``start`` to ``end``."""
+    resolved_at = incident.resolved_at or float("inf")
+    return incident.opened_at <= end and resolved_at >= start
+
+
 def test_labels_score_counts_windows_hit_and_incidents_outside(
     tmp_path: Path,
 ) -> None:
@@ -543,17 +550,10 @@ def test_labels_score_counts_windows_hit_and_incidents_outside(
     assert score is not None
     spans = windows["realAWSCloudwatch/ec2_disk_write_bytes_c0d644.csv"]
     hit = sum(
-        any(
-            i.opened_at <= end and (i.resolved_at or float("inf")) >= start
-            for i in summary.incidents
-        )
-        for start, end in spans
+        any(_overlaps(i, start, end) for i in summary.incidents) for start, end in spans
     )
     outside = sum(
-        not any(
-            i.opened_at <= end and (i.resolved_at or float("inf")) >= start
-            for start, end in spans
-        )
+        not any(_overlaps(i, start, end) for start, end in spans)
         for i in summary.incidents
     )
     assert score.windows_total == len(spans) == 3

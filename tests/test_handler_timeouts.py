@@ -6,15 +6,22 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Container, Iterator
+from typing import Any, Literal, NamedTuple
 
 import pytest
 from conftest import Ticket, ticket
 from redis_server import RedisServer, find_redis_server
 
 from actors._mailbox import DeliveryTracker, Mailbox
-from runtime import DefinitionError, EntityChanged, Runtime, work_queue
+from runtime import (
+    DefinitionError,
+    EntityChanged,
+    EntityHandle,
+    Runtime,
+    Unsubscribe,
+    work_queue,
+)
 
 TIMEOUT = 0.2
 """The handler timeout of these tests, in seconds."""
@@ -75,21 +82,73 @@ def _opened(change: EntityChanged) -> list[str]:
     return ["ticket.opened"] if change.is_create else []
 
 
+def _hanging_handler(
+    hang: Hang,
+    on: Container[int],
+    then: Literal["skip", "record", "raise"] = "skip",
+) -> tuple[Callable[[EntityChanged], None], list[int]]:
+    """A handler that hangs on the changes of seq ``on`` and records the others.
+
+    Returns the handler and the seqs it recorded. Once released, a hung call
+    returns without recording (``skip``), records its seq late (``record``) or
+    raises (``raise``).
+    """
+    seen: list[int] = []
+
+    def handler(change: EntityChanged) -> None:
+        if change.seq in on:
+            hang()
+            if then == "raise":
+                raise RuntimeError("woke up too late")
+            if then == "skip":
+                return
+        seen.append(change.seq)
+
+    return handler, seen
+
+
+class _Slow(NamedTuple):
+    """The ``ticket`` kind, with a hanging subscriber ``slow`` on a timeout."""
+
+    tickets: EntityHandle[Any]
+    seen: list[int]
+    unsubscribe: Unsubscribe
+
+
+def _subscribe_slow(
+    rt: Runtime,
+    hang: Hang,
+    on: Container[int],
+    then: Literal["skip", "record", "raise"] = "skip",
+) -> _Slow:
+    """Define ``ticket`` and subscribe ``_hanging_handler`` to it as ``slow``."""
+    tickets = rt.define_entity("ticket", Ticket)
+    slow, seen = _hanging_handler(hang, on, then)
+
+    unsubscribe = rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+
+    return _Slow(tickets, seen, unsubscribe)
+
+
+def _subscribe_worker(
+    rt: Runtime, worker: Callable[[EntityChanged], None], max_attempts: int
+) -> None:
+    """Subscribe ``worker`` to ``ticket`` in the work queue ``jobs``, on a timeout."""
+    rt.on_entity_changed(
+        "ticket",
+        worker,
+        work_queue("jobs", max_attempts=max_attempts, backoff=0.0),
+        name="worker",
+        timeout=TIMEOUT,
+    )
+
+
 def test_a_hung_broadcast_subscriber_fails_that_change_and_goes_on_in_order(
     rt: Runtime, hang: Hang, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The hung change is failed; the same subscriber gets every later one."""
-    tickets = rt.define_entity("ticket", Ticket)
-    slow_seen: list[int] = []
+    tickets, slow_seen, _ = _subscribe_slow(rt, hang, on={2})
     other_seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq == 2:
-            hang()
-            return
-        slow_seen.append(change.seq)
-
-    rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
     rt.on_entity_changed("ticket", lambda c: other_seen.append(c.seq), name="other")
 
     with caplog.at_level(logging.ERROR, logger="actors._consumers"), rt:
@@ -120,15 +179,7 @@ def test_drain_waits_for_the_timeout_and_the_changes_after_it(
     rt: Runtime, hang: Hang
 ) -> None:
     """drain() neither hangs on the stuck call nor returns before what follows."""
-    tickets = rt.define_entity("ticket", Ticket)
-    seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq == 1:
-            hang()
-        seen.append(change.seq)
-
-    rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+    tickets, seen, _ = _subscribe_slow(rt, hang, on={1}, then="record")
 
     with rt:
         started = time.monotonic()
@@ -145,15 +196,7 @@ def test_stop_does_not_wait_for_an_abandoned_call_and_reports_it(
     rt: Runtime, hang: Hang
 ) -> None:
     """A call still stuck at stop() is reported as abandoned, not waited for."""
-    tickets = rt.define_entity("ticket", Ticket)
-    seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq == 1:
-            hang()
-        seen.append(change.seq)
-
-    rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+    tickets, seen, _ = _subscribe_slow(rt, hang, on={1}, then="record")
 
     rt.start()
     tickets.mutate("t-1", lambda prev: ticket())
@@ -176,16 +219,7 @@ def test_stop_does_not_wait_for_an_abandoned_call_and_reports_it(
 
 def test_the_replacement_is_watched_too(rt: Runtime, hang: Hang) -> None:
     """A subscriber that hangs again is taken over again."""
-    tickets = rt.define_entity("ticket", Ticket)
-    seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq in (2, 4):
-            hang()
-            return
-        seen.append(change.seq)
-
-    rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+    tickets, seen, _ = _subscribe_slow(rt, hang, on={2, 4})
 
     with rt:
         tickets.mutate_many([(f"t-{i}", lambda prev: ticket()) for i in range(6)])
@@ -204,16 +238,7 @@ def test_unsubscribing_during_a_hung_call_still_closes_its_deliveries(
     rt: Runtime, hang: Hang
 ) -> None:
     """The stuck call of an ended subscription times out; nothing replaces it."""
-    tickets = rt.define_entity("ticket", Ticket)
-    seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq == 1:
-            hang()
-            return
-        seen.append(change.seq)
-
-    unsubscribe = rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+    tickets, seen, unsubscribe = _subscribe_slow(rt, hang, on={1})
 
     with rt:
         tickets.mutate_many([(f"t-{i}", lambda prev: ticket()) for i in range(3)])
@@ -235,16 +260,7 @@ def test_a_released_call_neither_delivers_again_nor_counts_again(
     rt: Runtime, hang: Hang
 ) -> None:
     """Once taken over, the old thread's late return or raise changes nothing."""
-    tickets = rt.define_entity("ticket", Ticket)
-    seen: list[int] = []
-
-    def slow(change: EntityChanged) -> None:
-        if change.seq == 2:
-            hang()
-            raise RuntimeError("woke up too late")
-        seen.append(change.seq)
-
-    rt.on_entity_changed("ticket", slow, name="slow", timeout=TIMEOUT)
+    tickets, seen, _ = _subscribe_slow(rt, hang, on={2}, then="raise")
 
     with rt:
         for i in range(4):
@@ -277,13 +293,7 @@ def test_a_work_queue_retries_a_timed_out_attempt_on_the_replacement(
             return
         handled.append((change.id, change.seq))
 
-    rt.on_entity_changed(
-        "ticket",
-        worker,
-        work_queue("jobs", max_attempts=3, backoff=0.0),
-        name="worker",
-        timeout=TIMEOUT,
-    )
+    _subscribe_worker(rt, worker, max_attempts=3)
 
     with rt:
         tickets.mutate_many(
@@ -322,13 +332,7 @@ def test_a_work_queue_handler_that_always_hangs_is_dead_lettered(
             return
         handled.append(change.seq)
 
-    rt.on_entity_changed(
-        "ticket",
-        worker,
-        work_queue("jobs", max_attempts=2, backoff=0.0),
-        name="worker",
-        timeout=TIMEOUT,
-    )
+    _subscribe_worker(rt, worker, max_attempts=2)
 
     with rt:
         tickets.mutate("t-1", lambda prev: ticket())
@@ -402,14 +406,8 @@ def test_the_runtime_default_timeout_applies_unless_a_subscription_sets_one(
     """handler_timeout covers subscriptions without a timeout of their own."""
     rt = Runtime(clock=clock, stop_timeout=5.0, handler_timeout=TIMEOUT)
     tickets = rt.define_entity("ticket", Ticket)
-    defaulted: list[int] = []
+    hangs_once, defaulted = _hanging_handler(hang, on={1})
     patient: list[int] = []
-
-    def hangs_once(change: EntityChanged) -> None:
-        if change.seq == 1:
-            hang()
-            return
-        defaulted.append(change.seq)
 
     def slow(change: EntityChanged) -> None:
         time.sleep(0.3)

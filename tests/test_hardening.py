@@ -914,15 +914,20 @@ class CounterState:
     pad: str = ""
 
 
-def restore_counters(data_dir: Path, **options: Any) -> dict[str, Any]:
-    """Start a runtime on ``data_dir`` and return what it restored, then stop it."""
-    rt = Runtime(
+def _keep_all_runtime(data_dir: Path, **options: Any) -> Runtime:
+    """A runtime on ``data_dir`` that keeps every row and snapshots only when told."""
+    return Runtime(
         data_dir=data_dir,
         snapshot_every=None,
         snapshot_interval=None,
         retention_max_rows=None,
         **options,
     )
+
+
+def restore_counters(data_dir: Path, **options: Any) -> dict[str, Any]:
+    """Start a runtime on ``data_dir`` and return what it restored, then stop it."""
+    rt = _keep_all_runtime(data_dir, **options)
     counters = rt.define_entity("counter", CounterState)
     try:
         rt.start()
@@ -981,6 +986,17 @@ def check_restored(
         )
     assert not found["damaged"]
     assert found["leftovers"] == []
+
+
+def _fill_and_kill(tmp_path: Path, data_dir: Path, ids: int, count: int) -> list[str]:
+    """Write ``count`` changes to ``data_dir``, SIGKILL the writer, return its lines."""
+    with CrashWriter(
+        tmp_path, "fill", data_dir, f"--ids={ids}", f"--count={count}", "--pad=32"
+    ) as writer:
+        writer.read_until(lambda line: line == "held")
+        writer.kill()
+
+    return writer.lines
 
 
 def in_flight(acks: list[Ack], base: int, ids: int) -> tuple[str, int]:
@@ -1075,11 +1091,7 @@ def test_sigkill_while_restoring_a_large_journal_then_restoring_again_loses_noth
 ) -> None:
     rng = random.Random(SEED + 2)
     data_dir, ids, count = tmp_path / "data", 50, 25_000
-    with CrashWriter(
-        tmp_path, "fill", data_dir, f"--ids={ids}", f"--count={count}", "--pad=32"
-    ) as writer:
-        writer.read_until(lambda line: line == "held")
-        writer.kill()
+    filled = _fill_and_kill(tmp_path, data_dir, ids, count)
     (journal,) = list_journals(data_dir)
     with journal.open("ab") as torn:
         torn.write(b"\x00\x00\x01\x00\xde\xad\xbe\xefhalf a rec")
@@ -1100,7 +1112,7 @@ def test_sigkill_while_restoring_a_large_journal_then_restoring_again_loses_noth
         )
     found = restore_counters(data_dir)
 
-    assert writer.lines[-2:] == [f"acked {count}", "held"]
+    assert filled[-2:] == [f"acked {count}", "held"]
     assert killed_mid_restore >= 1, "no kill landed during a restore"
     assert found["seq"] == count
     assert found["seqs"] == list(range(1, count + 1))
@@ -1339,13 +1351,7 @@ def logged_states(rt: Runtime) -> dict[str, Any]:
 
 
 def blob_runtime(data_dir: Path) -> Runtime:
-    rt = Runtime(
-        data_dir=data_dir,
-        snapshot_every=None,
-        snapshot_interval=None,
-        retention_max_rows=None,
-        stop_timeout=10.0,
-    )
+    rt = _keep_all_runtime(data_dir, stop_timeout=10.0)
     rt.define_entity("blob", Blob)
     return rt
 
@@ -1498,12 +1504,7 @@ def build_sample(directory: Path) -> tuple[Path, list[dict[str, Any]]]:
     needs) and the journal from 21 (the changes no snapshot holds).
     """
     live, sample_dir = directory / "live", directory / "sample"
-    rt = Runtime(
-        data_dir=live,
-        snapshot_every=None,
-        snapshot_interval=None,
-        retention_max_rows=None,
-    )
+    rt = _keep_all_runtime(live)
     tickets = rt.define_entity("ticket", Ticket)
     try:
         rt.start()
@@ -1521,13 +1522,7 @@ def build_sample(directory: Path) -> tuple[Path, list[dict[str, Any]]]:
 def restore_tickets(
     data_dir: Path, **options: Any
 ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-    rt = Runtime(
-        data_dir=data_dir,
-        snapshot_every=None,
-        snapshot_interval=None,
-        retention_max_rows=None,
-        **options,
-    )
+    rt = _keep_all_runtime(data_dir, **options)
     tickets = rt.define_entity("ticket", Ticket)
     try:
         rt.start()
@@ -1659,6 +1654,15 @@ def snapshot_payload(**changed: Any) -> dict[str, Any]:
     return {"format": 1, "seq": 40, "kinds": {}, "changes": [], **changed}
 
 
+def _plant(sample_dir: Path, where: str, payload: dict[str, Any]) -> None:
+    """Add ``payload``, checksummed, as snapshot 40 or as the next journal record."""
+    if where == "snapshot":
+        write_snapshot(sample_dir, 40, payload)
+    else:
+        with JournalWriter(sample_dir, fsync="never") as journal:
+            journal.append(payload)
+
+
 @pytest.mark.parametrize(
     ("where", "payload"),
     [
@@ -1720,11 +1724,7 @@ def test_a_checksummed_file_of_the_wrong_shape_fails_start_with_a_documented_err
     tmp_path: Path, where: str, payload: dict[str, Any]
 ) -> None:
     sample_dir, _ = build_sample(tmp_path)
-    if where == "snapshot":
-        write_snapshot(sample_dir, 40, payload)
-    else:
-        with JournalWriter(sample_dir, fsync="never") as journal:
-            journal.append(payload)
+    _plant(sample_dir, where, payload)
 
     found = start_with_deadline(sample_dir, 30.0)
 
@@ -1786,11 +1786,7 @@ def test_a_checksummed_file_of_the_wrong_types_is_refused_not_restored(
     tmp_path: Path, where: str, payload: dict[str, Any]
 ) -> None:
     sample_dir, _ = build_sample(tmp_path)
-    if where == "snapshot":
-        write_snapshot(sample_dir, 40, payload)
-    else:
-        with JournalWriter(sample_dir, fsync="never") as journal:
-            journal.append(payload)
+    _plant(sample_dir, where, payload)
 
     found = malformed_restored(sample_dir)
 
@@ -1816,11 +1812,7 @@ def test_sigkill_while_recovering_from_a_damaged_journal_keeps_the_valid_prefix(
     rng = random.Random(SEED + 3)
     ids, count, damaged_at = 50, 25_000, 20_000
     pristine = tmp_path / "pristine"
-    with CrashWriter(
-        tmp_path, "fill", pristine, f"--ids={ids}", f"--count={count}", "--pad=32"
-    ) as writer:
-        writer.read_until(lambda line: line == "held")
-        writer.kill()
+    _fill_and_kill(tmp_path, pristine, ids, count)
     (journal,) = list_journals(pristine)
     corrupt_record(journal, damaged_at)
     untouched = sorted(p.name for p in pristine.iterdir())

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import Ticket, ticket
@@ -30,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from persistence_writer import KIND, Counter
 
-from runtime import Runtime, thaw
+from runtime import EntityHandle, Runtime, thaw
 from runtime._durability import RestoreError
 from runtime._persistence import (
     DataDirError,
@@ -48,6 +49,8 @@ WRITER = Path(__file__).with_name("persistence_writer.py")
 JOURNAL_HEADER_SIZE = 8
 FRAME_HEADER_SIZE = 8
 NOBODY = 65534
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 
 # --- helpers -------------------------------------------------------------------
@@ -238,6 +241,107 @@ def value_rows(rt: Runtime) -> dict[int, tuple[str, int]]:
     }
 
 
+def _damage_record(journal: Path, index: int) -> None:
+    """Flip one byte in the body of the ``index``-th record of ``journal``."""
+    flip_byte(journal, record_offsets(journal)[index] + FRAME_HEADER_SIZE + 2)
+
+
+def _ticket_runtime(
+    data_dir: Path, clock: FakeClock, **options: Any
+) -> tuple[Runtime, EntityHandle[Any]]:
+    """A ``make_runtime`` runtime with the ``ticket`` kind defined, and its handle."""
+    rt = make_runtime(data_dir, clock, **options)
+    return rt, rt.define_entity("ticket", Ticket)
+
+
+def _write_one_ticket(data_dir: Path, clock: FakeClock) -> None:
+    """Leave ``data_dir`` as a runtime leaves it after one write and a stop."""
+    rt, tickets = _ticket_runtime(data_dir, clock)
+    with rt:
+        tickets.mutate("t-1", lambda prev: ticket())
+
+
+def _start_read_stop(
+    rt: Runtime,
+    read: Callable[[Runtime], _T],
+    *,
+    starting: AbstractContextManager[object] | None = None,
+) -> _T:
+    """Start ``rt``, return ``read(rt)`` and stop it, whatever fails on the way.
+
+    The start alone runs inside ``starting``, so that a test can capture the
+    logs of the restore and nothing else.
+    """
+    try:
+        with starting or nullcontext():
+            rt.start()
+        return read(rt)
+    finally:
+        rt.stop()
+
+
+def _refused_start(rt: Runtime, error: type[_E], match: str | None = None) -> _E:
+    """Start ``rt``, expecting ``error`` (matching ``match``); stop it; return it."""
+    try:
+        with pytest.raises(error, match=match) as caught:
+            rt.start()
+    finally:
+        rt.stop()
+
+    return caught.value
+
+
+def _assert_unlocked(data_dir: Path) -> None:
+    """The lock of ``data_dir`` can be taken: a refused start let it go."""
+    with DataDirLock(data_dir) as lock:
+        assert lock.held
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """What a counter runtime holds right after its start."""
+
+    values: dict[str, int]
+    rows: dict[int, tuple[str, int]]
+    seqs: list[int]
+    seq: int
+
+
+def _read_counters(rt: Runtime) -> _Counters:
+    return _Counters(
+        values=counter_values(rt),
+        rows=value_rows(rt),
+        seqs=sorted({r.seq for batch in rt.log.changes_since(0) for r in batch}),
+        seq=rt.log.last_seq,
+    )
+
+
+def _values_and_seq(rt: Runtime) -> dict[str, Any]:
+    """The counter values and the last restored seq."""
+    return {"values": counter_values(rt), "seq": rt.log.last_seq}
+
+
+def _read_counters_then_write(rt: Runtime, entity_id: str) -> tuple[_Counters, int]:
+    """Read the counters, then write ``entity_id`` once; return them and its seq."""
+    found = _read_counters(rt)
+
+    rt.handle(KIND).mutate(entity_id, lambda prev: {"value": -1})
+
+    return found, rt.log.last_seq
+
+
+def _restore_counters(
+    data_dir: Path,
+    *,
+    starting: AbstractContextManager[object] | None = None,
+    **options: Any,
+) -> _Counters:
+    """Start a counter runtime on ``data_dir``, read what it restored, stop it."""
+    return _start_read_stop(
+        start_counter_runtime(data_dir, **options), _read_counters, starting=starting
+    )
+
+
 # --- crashes: SIGKILL at random moments ------------------------------------------
 
 
@@ -271,35 +375,27 @@ def test_acknowledged_changes_survive_sigkill_at_random_moments(
         acks, tries = writer.acks(), writer.tries()
         pending = tries[len(acks)] if len(tries) > len(acks) else None
         acked.extend(acks)
-        rt = start_counter_runtime(data_dir)
-        try:
-            rt.start()
-            rows = value_rows(rt)
-            restored = counter_values(rt)
-            last_seq = rt.log.last_seq
-            seqs = sorted({r.seq for batch in rt.log.changes_since(0) for r in batch})
-        finally:
-            rt.stop()
+        found = _restore_counters(data_dir)
         leftovers = [p.name for p in data_dir.iterdir() if p.name.endswith(".tmp")]
 
         assert ready_seq == verified_seq
         assert {key: state["value"] for key, state in ready_states.items()} == current
         assert tries[: len(acks)] == [(a.id, a.value) for a in acks]
         assert len(tries) - len(acks) in (0, 1)
-        assert seqs == list(range(1, last_seq + 1)), "a gap in the restored seqs"
+        assert found.seqs == list(range(1, found.seq + 1)), "a gap in the restored seqs"
         for ack in acked:
-            assert rows.get(ack.seq) == (ack.id, ack.value), f"lost {ack}"
-        unacked = set(rows.values()) - {(a.id, a.value) for a in acked}
+            assert found.rows.get(ack.seq) == (ack.id, ack.value), f"lost {ack}"
+        unacked = set(found.rows.values()) - {(a.id, a.value) for a in acked}
         assert unacked <= applied_unacked | {pending}, f"never attempted: {unacked}"
         expected = {**current, **last_values(acks)}
         if pending is not None and pending in unacked:
             expected[pending[0]] = pending[1]
-        assert restored == expected
-        assert last_seq == ready_seq + len(acks) + (pending in unacked)
+        assert found.values == expected
+        assert found.seq == ready_seq + len(acks) + (pending in unacked)
         assert leftovers == []
         assert len(list_snapshots(data_dir)) <= 2
         applied_unacked |= unacked
-        current, verified_seq = restored, last_seq
+        current, verified_seq = found.values, found.seq
 
 
 # --- damaged or unusual data directories -----------------------------------------
@@ -316,19 +412,15 @@ def test_torn_journal_tail_after_a_kill_keeps_the_prefix_and_warns(
     os.truncate(journal, last + (size - last) // 2)
     rt = start_counter_runtime(data_dir)
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="runtime"):
-            rt.start()
-        restored = counter_values(rt)
-        seq = rt.log.last_seq
-        rt.handle(KIND).mutate("e9", lambda prev: {"value": -1})
-        next_seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found, next_seq = _start_read_stop(
+        rt,
+        lambda rt: _read_counters_then_write(rt, "e9"),
+        starting=caplog.at_level(logging.WARNING, logger="runtime"),
+    )
 
-    assert seq == acks[-2].seq
-    assert restored == last_values(acks[:-1])
-    assert next_seq == seq + 1
+    assert found.seq == acks[-2].seq
+    assert found.values == last_values(acks[:-1])
+    assert next_seq == found.seq + 1
     assert f"journal {journal}: dropping an incomplete last record at byte {last}" in (
         caplog.text
     )
@@ -338,23 +430,18 @@ def test_torn_journal_header_after_a_stop_is_cut_off_with_a_warning(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
     with first:
         tickets.mutate("t-1", lambda prev: ticket())
         tickets.mutate("t-1", lambda prev: ticket(status="working"))
         before = dump(first)
     newest = list_journals(data_dir)[-1]
     os.truncate(newest, 3)
-    second = make_runtime(data_dir, clock)
-    second.define_entity("ticket", Ticket)
+    second, _ = _ticket_runtime(data_dir, clock)
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="runtime"):
-            second.start()
-        after = dump(second)
-    finally:
-        second.stop()
+    after = _start_read_stop(
+        second, dump, starting=caplog.at_level(logging.WARNING, logger="runtime")
+    )
 
     assert after == before
     assert f"journal {newest}: dropping an incomplete last record at byte 0" in (
@@ -373,8 +460,7 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_loses_nothin
         )
         expected = {"values": last_values(acks), "seq": 9}
     else:
-        first = make_runtime(data_dir, clock, keep_snapshots=2)
-        tickets = first.define_entity("ticket", Ticket)
+        first, tickets = _ticket_runtime(data_dir, clock, keep_snapshots=2)
         with first:
             tickets.mutate("t-1", lambda prev: ticket())
             first.snapshot()
@@ -389,19 +475,16 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_loses_nothin
     rt = make_runtime(data_dir, clock, keep_snapshots=2)
     if how == "killed":
         rt.define_entity(KIND, Counter)
+        read = _values_and_seq
     else:
         rt.define_entity("ticket", Ticket)
+        read = dump
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="runtime"):
-            rt.start()
-        if how == "killed":
-            restored = {"values": counter_values(rt), "seq": rt.log.last_seq}
-        else:
-            restored = dump(rt)
-        used = rt.restored
-    finally:
-        rt.stop()
+    restored, used = _start_read_stop(
+        rt,
+        lambda rt: (read(rt), rt.restored),
+        starting=caplog.at_level(logging.WARNING, logger="runtime"),
+    )
 
     assert restored == expected
     assert used is not None
@@ -418,28 +501,20 @@ def test_journal_alone_rebuilds_everything_when_it_covers_from_seq_1(
     for path in list_snapshots(data_dir):
         path.unlink()
     journals = file_names(data_dir)
-    rt = start_counter_runtime(data_dir)
 
-    try:
-        rt.start()
-        restored = counter_values(rt)
-        rows = value_rows(rt)
-        seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found = _restore_counters(data_dir)
 
     assert journals == ["journal-00000000000000000001.log"]
-    assert restored == last_values(acks)
-    assert rows == {a.seq: (a.id, a.value) for a in acks}
-    assert seq == 8
+    assert found.values == last_values(acks)
+    assert found.rows == {a.seq: (a.id, a.value) for a in acks}
+    assert found.seq == 8
 
 
 def test_missing_snapshots_and_a_later_journal_fail_with_a_restore_error_naming_the_gap(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
     with first:
         tickets.mutate("t-1", lambda prev: ticket())
         first.snapshot()
@@ -447,22 +522,15 @@ def test_missing_snapshots_and_a_later_journal_fail_with_a_restore_error_naming_
     for path in list_snapshots(data_dir):
         path.unlink()
     journals = file_names(data_dir)
-    rt = make_runtime(data_dir, clock)
-    rt.define_entity("ticket", Ticket)
+    rt, _ = _ticket_runtime(data_dir, clock)
 
-    try:
-        with pytest.raises(RestoreError) as caught:
-            rt.start()
-    finally:
-        rt.stop()
+    message = str(_refused_start(rt, RestoreError))
 
-    message = str(caught.value)
     assert "cannot restore without a gap" in message
     assert str(data_dir) in message
     assert "continues at seq 2 (expected 1)" in message
     assert file_names(data_dir) == journals
-    with DataDirLock(data_dir) as lock:
-        assert lock.held
+    _assert_unlocked(data_dir)
 
 
 @pytest.mark.parametrize("exists", [False, True])
@@ -472,8 +540,7 @@ def test_empty_or_missing_data_dir_starts_fresh_at_seq_1(
     data_dir = tmp_path / "data"
     if exists:
         data_dir.mkdir()
-    rt = make_runtime(data_dir, clock)
-    tickets = rt.define_entity("ticket", Ticket)
+    rt, tickets = _ticket_runtime(data_dir, clock)
 
     try:
         rt.start()
@@ -498,33 +565,24 @@ def test_data_dir_from_a_newer_format_version_is_refused_and_left_untouched(
     tmp_path: Path, clock: FakeClock, which: str
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
-    with first:
-        tickets.mutate("t-1", lambda prev: ticket())
+    _write_one_ticket(data_dir, clock)
     target = (list_snapshots if which == "snapshot" else list_journals)(data_dir)[-1]
     data = bytearray(target.read_bytes())
     data[6:8] = struct.pack(">H", 2)
     target.write_bytes(bytes(data))
     files = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"}
-    rt = make_runtime(data_dir, clock)
-    rt.define_entity("ticket", Ticket)
+    rt, _ = _ticket_runtime(data_dir, clock)
 
-    try:
-        with pytest.raises(FormatVersionError) as caught:
-            rt.start()
-    finally:
-        rt.stop()
+    refused = _refused_start(rt, FormatVersionError)
 
-    assert str(caught.value) == (
+    assert str(refused) == (
         f"{target} has format version 2, but this entity-runtime reads versions "
         "up to 1; upgrade entity-runtime to read it (the file was left untouched)"
     )
     assert {
         p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"
     } == files
-    with DataDirLock(data_dir) as lock:
-        assert lock.held
+    _assert_unlocked(data_dir)
 
 
 READ_ONLY_START = """
@@ -558,10 +616,7 @@ def test_read_only_data_dir_fails_at_start_with_a_clear_data_dir_error(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
-    with first:
-        tickets.mutate("t-1", lambda prev: ticket())
+    _write_one_ticket(data_dir, clock)
     files = file_names(data_dir)
     data_dir.chmod(0o555)
 
@@ -591,8 +646,7 @@ def test_data_dir_below_a_regular_file_fails_at_start_with_a_clear_data_dir_erro
 ) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("not a directory")
-    rt = make_runtime(blocker / "data", clock)
-    rt.define_entity("ticket", Ticket)
+    rt, _ = _ticket_runtime(blocker / "data", clock)
 
     try:
         with pytest.raises(DataDirError) as caught:
@@ -665,15 +719,9 @@ def test_full_disk_refuses_the_write_saying_nothing_was_recorded_and_keeps_acks(
 
     acks, lines = fill_disk(tmp_path, data_dir, extra)
     grow()
-    rt = start_counter_runtime(data_dir)
-    try:
-        rt.start()
-        restored = counter_values(rt)
-        rows = value_rows(rt)
-        rt.handle(KIND).mutate("e0", lambda prev: {"value": -1})
-        next_seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found, next_seq = _start_read_stop(
+        start_counter_runtime(data_dir), lambda rt: _read_counters_then_write(rt, "e0")
+    )
 
     reported = dict(line.split(" ", 1) for line in lines if " " in line)
     err_no, message = reported["error"].split(" ", 1)
@@ -688,8 +736,8 @@ def test_full_disk_refuses_the_write_saying_nothing_was_recorded_and_keeps_acks(
     assert state_id == failed_id
     assert json.loads(state)["value"] == last_values(acks)[failed_id]
     assert int(reported["seq"]) == acks[-1].seq
-    assert restored == last_values(acks)
-    assert rows == {a.seq: (a.id, a.value) for a in acks}
+    assert found.values == last_values(acks)
+    assert found.rows == {a.seq: (a.id, a.value) for a in acks}
     assert next_seq == acks[-1].seq + 1
 
 
@@ -697,10 +745,8 @@ def test_second_runtime_on_the_same_data_dir_is_refused_until_the_first_stops(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
-    second = make_runtime(data_dir, clock)
-    again = second.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
+    second, again = _ticket_runtime(data_dir, clock)
 
     try:
         first.start()
@@ -731,8 +777,7 @@ def test_states_history_and_sequence_survive_a_restart_exactly(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
     extra = {"f": 0.1, "big": 2**63 - 1, "neg": -(2**63), "text": "snow \u2603"}
     with first:
         tickets.mutate("t-1", lambda prev: ticket(extra=extra), actor="alice")
@@ -750,8 +795,7 @@ def test_states_history_and_sequence_survive_a_restart_exactly(
         before = dump(first)
         histories = {i: [r.to_dict() for r in tickets.history(i)] for i in IDS3}
         since = tickets.in_state_since("t-1", "tags")
-    second = make_runtime(data_dir, clock)
-    again = second.define_entity("ticket", Ticket)
+    second, again = _ticket_runtime(data_dir, clock)
 
     try:
         second.start()
@@ -823,8 +867,7 @@ def test_kind_missing_at_start_is_kept_and_comes_back_when_defined_later(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
     hosts = first.define_entity("host", Ticket)
     with first:
         hosts.mutate("h-1", lambda prev: ticket(tags=["db"]))
@@ -832,13 +875,11 @@ def test_kind_missing_at_start_is_kept_and_comes_back_when_defined_later(
         tickets.mutate("t-1", lambda prev: ticket())
         host_history = [r.to_dict() for r in hosts.history("h-1")]
     for round_no in range(2):
-        without = make_runtime(data_dir, clock)
-        only = without.define_entity("ticket", Ticket)
+        without, only = _ticket_runtime(data_dir, clock)
         with caplog.at_level(logging.WARNING, logger="actors"), without:
             only.mutate("t-1", lambda prev, n=round_no: {**prev, "tags": [str(n)]})
 
-    later = make_runtime(data_dir, clock)
-    later.define_entity("ticket", Ticket)
+    later, _ = _ticket_runtime(data_dir, clock)
     try:
         with caplog.at_level(logging.WARNING, logger="actors"):
             later.start()
@@ -848,8 +889,7 @@ def test_kind_missing_at_start_is_kept_and_comes_back_when_defined_later(
         defined.mutate("h-1", lambda prev: {**prev, "status": "closed"})
     finally:
         later.stop()
-    last = make_runtime(data_dir, clock)
-    last.define_entity("ticket", Ticket)
+    last, _ = _ticket_runtime(data_dir, clock)
     final = last.define_entity("host", Ticket)
     with last:
         final_state = final.get("h-1")
@@ -868,19 +908,13 @@ def test_stop_writes_a_final_snapshot_and_the_next_start_replays_no_journal(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock)
     with first:
         for status in ("open", "working", "closed"):
             tickets.mutate("t-1", lambda prev, s=status: ticket(status=s))
-    second = make_runtime(data_dir, clock)
-    second.define_entity("ticket", Ticket)
+    second, _ = _ticket_runtime(data_dir, clock)
 
-    try:
-        second.start()
-        restored = second.restored
-    finally:
-        second.stop()
+    restored = _start_read_stop(second, lambda rt: rt.restored)
 
     assert file_names(data_dir) == [
         "journal-00000000000000000004.log",
@@ -895,14 +929,13 @@ def test_automatic_snapshots_follow_snapshot_every_and_old_files_are_pruned(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     data_dir = tmp_path / "data"
-    rt = make_runtime(
+    rt, tickets = _ticket_runtime(
         data_dir,
         clock,
         snapshot_every=5,
         keep_snapshots=2,
         housekeeping_interval=0.01,
     )
-    tickets = rt.define_entity("ticket", Ticket)
     observed = []
 
     try:
@@ -950,10 +983,9 @@ FIELDS = ("status", "severity", "tags", "extra")
 def test_retention_drops_old_and_excess_rows_but_keeps_each_fields_newest_row(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    rt = make_runtime(
+    rt, tickets = _ticket_runtime(
         tmp_path / "data", clock, retention_max_age=3600, retention_max_rows=3
     )
-    tickets = rt.define_entity("ticket", Ticket)
     keys = [(i, f) for i in ("old", "busy") for f in FIELDS]
 
     try:
@@ -995,21 +1027,15 @@ def test_retention_drops_old_and_excess_rows_but_keeps_each_fields_newest_row(
 
 def test_retention_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:
     data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock, retention_max_rows=2)
-    tickets = first.define_entity("ticket", Ticket)
+    first, tickets = _ticket_runtime(data_dir, clock, retention_max_rows=2)
     with first:
         for n in range(6):
             tickets.mutate("t-1", lambda prev, n=n: ticket(tags=[str(n)]))
         first.apply_retention()
         pruned = dump(first)
-    second = make_runtime(data_dir, clock, retention_max_rows=None)
-    second.define_entity("ticket", Ticket)
+    second, _ = _ticket_runtime(data_dir, clock, retention_max_rows=None)
 
-    try:
-        second.start()
-        restored = dump(second)
-    finally:
-        second.stop()
+    restored = _start_read_stop(second, dump)
 
     assert restored == pruned
     assert [r["seq"] for r in restored["rows"]] == [1, 1, 1, 5, 6]
@@ -1109,8 +1135,7 @@ def test_random_writes_and_restarts_match_a_plain_model(
     checks = 0
 
     def open_runtime(mode: str) -> tuple[Runtime, Any]:
-        rt = make_runtime(data_dir, clock, journal_fsync=mode)
-        handle = rt.define_entity("ticket", Ticket)
+        rt, handle = _ticket_runtime(data_dir, clock, journal_fsync=mode)
         rt.start()
         return rt, handle
 
@@ -1154,19 +1179,12 @@ def test_corrupt_journal_already_covered_by_the_newest_snapshot_hides_no_change(
     acks, _ = killed_writer(
         tmp_path, data_dir, "--count=9", "--ids=3", "--snapshot-at=3,6"
     )
-    covered = data_dir / "journal-00000000000000000004.log"
-    flip_byte(covered, record_offsets(covered)[0] + FRAME_HEADER_SIZE + 2)
-    rt = start_counter_runtime(data_dir)
+    _damage_record(data_dir / "journal-00000000000000000004.log", 0)
 
-    try:
-        rt.start()
-        restored = counter_values(rt)
-        seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found = _restore_counters(data_dir)
 
-    assert seq == 9
-    assert restored == last_values(acks)
+    assert found.seq == 9
+    assert found.values == last_values(acks)
 
 
 def test_changes_acknowledged_after_a_damaged_restore_survive_the_next_kill(
@@ -1174,24 +1192,17 @@ def test_changes_acknowledged_after_a_damaged_restore_survive_the_next_kill(
 ) -> None:
     data_dir = tmp_path / "data"
     killed_writer(tmp_path, data_dir, "--count=6", "--ids=2", "--snapshot-at=2")
-    damaged = data_dir / "journal-00000000000000000003.log"
-    flip_byte(damaged, record_offsets(damaged)[2] + FRAME_HEADER_SIZE + 2)
+    _damage_record(data_dir / "journal-00000000000000000003.log", 2)
     acks, lines = killed_writer(
         tmp_path, data_dir, "--count=3", "--ids=2", "--base=100", "--recover-damaged"
     )
-    rt = start_counter_runtime(data_dir)
 
-    try:
-        rt.start()
-        rows = value_rows(rt)
-        seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found = _restore_counters(data_dir)
 
     assert lines[0].startswith("ready 4 ")
     assert [a.seq for a in acks] == [5, 6, 7]
-    assert seq == 7
-    assert all(rows.get(a.seq) == (a.id, a.value) for a in acks)
+    assert found.seq == 7
+    assert all(found.rows.get(a.seq) == (a.id, a.value) for a in acks)
 
 
 def test_restart_after_a_damaged_restore_brings_back_exactly_what_was_stopped(
@@ -1199,19 +1210,13 @@ def test_restart_after_a_damaged_restore_brings_back_exactly_what_was_stopped(
 ) -> None:
     data_dir = tmp_path / "data"
     killed_writer(tmp_path, data_dir, "--count=9", "--ids=3", "--snapshot-at=3,6")
-    covered = data_dir / "journal-00000000000000000004.log"
-    flip_byte(covered, record_offsets(covered)[0] + FRAME_HEADER_SIZE + 2)
+    _damage_record(data_dir / "journal-00000000000000000004.log", 0)
     first = start_counter_runtime(data_dir)
     with first:
         first.handle(KIND).mutate("e0", lambda prev: {"value": -7})
         stopped = dump(first)
-    second = start_counter_runtime(data_dir)
 
-    try:
-        second.start()
-        restored = dump(second)
-    finally:
-        second.stop()
+    restored = _start_read_stop(start_counter_runtime(data_dir), dump)
 
     assert restored == stopped
 
@@ -1224,19 +1229,16 @@ def test_corrupt_first_record_after_the_snapshot_restores_the_snapshot(
         tmp_path, data_dir, "--count=6", "--ids=3", "--snapshot-at=3"
     )
     journal = data_dir / "journal-00000000000000000004.log"
-    flip_byte(journal, record_offsets(journal)[0] + FRAME_HEADER_SIZE + 2)
-    rt = start_counter_runtime(data_dir, recover_damaged=True)
+    _damage_record(journal, 0)
 
-    try:
-        with caplog.at_level(logging.ERROR, logger="runtime"):
-            rt.start()
-        restored = counter_values(rt)
-        seq = rt.log.last_seq
-    finally:
-        rt.stop()
+    found = _restore_counters(
+        data_dir,
+        starting=caplog.at_level(logging.ERROR, logger="runtime"),
+        recover_damaged=True,
+    )
 
-    assert seq == 3
-    assert restored == last_values(acks[:3])
+    assert found.seq == 3
+    assert found.values == last_values(acks[:3])
     assert str(journal) in caplog.text
 
 
@@ -1269,13 +1271,12 @@ def test_journal_damaged_before_its_end_is_refused_by_default_and_left_as_is(
     data_dir = tmp_path / "data"
     killed_writer(tmp_path, data_dir, "--count=9", "--ids=3", "--snapshot-at=3")
     journal = data_dir / "journal-00000000000000000004.log"
-    flip_byte(journal, record_offsets(journal)[2] + FRAME_HEADER_SIZE + 2)
+    _damage_record(journal, 2)
     files_before = sorted(p.name for p in data_dir.iterdir())
     bytes_before = journal.read_bytes()
     rt = start_counter_runtime(data_dir)
 
-    with pytest.raises(RestoreError, match=r"recover_damaged=True to continue from"):
-        rt.start()
+    _refused_start(rt, RestoreError, match=r"recover_damaged=True to continue from")
 
     assert sorted(p.name for p in data_dir.iterdir()) == files_before
     assert journal.read_bytes() == bytes_before

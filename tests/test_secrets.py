@@ -487,21 +487,34 @@ def _raises_leaky(*args: Any) -> None:
     raise _Leaky
 
 
-def test_failing_handlers_of_a_run_keep_its_secrets_out_of_logs_and_dead_letters(
-    rt: Runtime, caplog: pytest.LogCaptureFixture
+def _write_to_leaky_handlers(
+    rt: Runtime, caplog: pytest.LogCaptureFixture, run_id: str, max_attempts: int
 ) -> None:
+    """Write one ticket of ``run_id`` to a subscriber, worker and trigger that leak.
+
+    Every handler raises ``_Leaky``; the worker gets ``max_attempts`` tries.
+    The secrets are those of ``run-1``; every log record is captured.
+    """
     tickets = rt.define_entity("ticket", Ticket)
     rt.register_run_secrets("run-1", [TOKEN])
     rt.on_entity_changed("ticket", _raises_leaky, name="subscriber")
     rt.on_entity_changed(
-        "ticket", _raises_leaky, work_queue("jobs", max_attempts=2, backoff=0)
+        "ticket",
+        _raises_leaky,
+        work_queue("jobs", max_attempts=max_attempts, backoff=0),
     )
     rt.register_change_deriver("ticket", lambda c: ["ticket.any"])
     rt.on_trigger("ticket.any", _raises_leaky, name="trigger")
 
     with caplog.at_level(logging.DEBUG), rt:
-        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-1")
+        tickets.mutate("t-1", lambda prev: ticket(), run_id=run_id)
         rt.drain()
+
+
+def test_failing_handlers_of_a_run_keep_its_secrets_out_of_logs_and_dead_letters(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_to_leaky_handlers(rt, caplog, run_id="run-1", max_attempts=2)
 
     letters = rt.dead_letters()
     assert [letter.error for letter in letters] == [
@@ -517,18 +530,7 @@ def test_failing_handlers_of_a_run_keep_its_secrets_out_of_logs_and_dead_letters
 def test_failing_handlers_without_a_run_still_log_their_tracebacks(
     rt: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tickets = rt.define_entity("ticket", Ticket)
-    rt.register_run_secrets("run-1", [TOKEN])
-    rt.on_entity_changed("ticket", _raises_leaky, name="subscriber")
-    rt.on_entity_changed(
-        "ticket", _raises_leaky, work_queue("jobs", max_attempts=1, backoff=0)
-    )
-    rt.register_change_deriver("ticket", lambda c: ["ticket.any"])
-    rt.on_trigger("ticket.any", _raises_leaky, name="trigger")
-
-    with caplog.at_level(logging.DEBUG), rt:
-        tickets.mutate("t-1", lambda prev: ticket(), run_id="run-2")
-        rt.drain()
+    _write_to_leaky_handlers(rt, caplog, run_id="run-2", max_attempts=1)
 
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 3
