@@ -1191,10 +1191,13 @@ class Runtime:
                 except pykka.Timeout:
                     name = f"kind:{entry.engine.kind}/{shard}"
                     stuck.append(name)
-                    # Committed earlier in the burst it is stuck in, and not
-                    # handed to any consumer yet.
+                    # The stuck write's apply may still return: it records
+                    # nothing now. What the actor committed earlier in its
+                    # burst has not been handed to any consumer.
+                    entry.engine.close()
                     unhanded = entry.queues[shard].unhanded_seqs()
                     undelivered.extend((name, seq) for seq in unhanded)
+            entry.engine.close()
             entry.refs = []
             entry.queues = []
         self._releaser.stop()

@@ -18,6 +18,7 @@ from runtime._persistence import (
     CorruptFileError,
     DataDirError,
     DataDirLock,
+    JournalClosedError,
     JournalWriter,
     LoadedSnapshot,
     list_journals,
@@ -384,17 +385,34 @@ class DataDir:
         journal = self._journal
         if journal is None:
             if self._closed:
-                raise RuntimeStoppedError(
-                    f"the runtime stopped and closed the journal in {self.directory}"
-                )
+                raise self._stopped()
             raise DataDirError(self.directory, "the journal is not open")
-        journal.append(change.encode(), trusted=True, sync=False)
+        try:
+            journal.append(change.encode(), trusted=True, sync=False)
+        except JournalClosedError:
+            # close() ran between the read above and the append.
+            raise self._stopped() from None
 
     def sync(self) -> None:
-        """Make every journalled change durable (see :meth:`journal`)."""
+        """Make every journalled change durable (see :meth:`journal`).
+
+        Once :meth:`close` has returned, every change appended before it is
+        durable (the close fsyncs the journal), so a sync that finds the
+        journal closed has nothing left to do.
+        """
         journal = self._journal
-        if journal is not None:
+        if journal is None:
+            return
+        try:
             journal.sync()
+        except JournalClosedError:
+            if journal.failed is not None:
+                raise journal.failed from None
+
+    def _stopped(self) -> RuntimeStoppedError:
+        return RuntimeStoppedError(
+            f"the runtime stopped and closed the journal in {self.directory}"
+        )
 
     def snapshot(
         self,

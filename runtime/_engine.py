@@ -197,6 +197,8 @@ class KindEngine:
         """Whether commits are logged (at debug level); see :meth:`begin_burst`."""
         self._first_commit: dict[int, Callable[[int], None]] = {}
         """Per kind-actor thread, what its burst's first commit calls."""
+        self._closed = False
+        """Set by :meth:`close`: every later commit is refused."""
         if definition.store_backed:
             metrics.entities.labels(kind).set_function(lambda: len(self.store))
 
@@ -217,6 +219,17 @@ class KindEngine:
     def end_burst(self) -> None:
         """End the calling thread's burst (see :meth:`begin_burst`)."""
         self._first_commit.pop(get_ident(), None)
+
+    def close(self) -> None:
+        """Refuse every later commit with :class:`RuntimeStoppedError`.
+
+        Called when the runtime stops, under the log's lock: a write whose
+        ``apply`` was still running when ``stop()`` gave up on its kind actor
+        then records nothing, instead of committing a change that no consumer
+        would ever be handed and that the stop report could not list.
+        """
+        with self._log.lock:
+            self._closed = True
 
     def count_failed(self) -> None:
         """Count a mutation refused before it reached the write path."""
@@ -415,6 +428,12 @@ class KindEngine:
             shown_delta = mask_value(delta, pattern)
 
         with log.lock:
+            if self._closed:
+                self._failed.inc()
+                raise RuntimeStoppedError(
+                    f"{kind}/{entity_id}: the runtime stopped while this write was "
+                    "running; nothing recorded"
+                )
             seq = log.last_seq + 1
             if spec is None:
                 log.append_states(

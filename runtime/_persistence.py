@@ -1167,6 +1167,11 @@ class JournalWriter:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    @property
+    def failed(self) -> DataDirError | None:
+        """The write or fsync failure that stopped the writer, if any."""
+        return self._failed
+
     def append(
         self, record: Mapping[str, Any], *, trusted: bool = False, sync: bool = True
     ) -> None:
