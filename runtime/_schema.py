@@ -429,7 +429,8 @@ def _flat_dataclass_check(
 
     Returns ``None`` when some field is not a scalar. Otherwise the returned
     validator accepts a plain ``dict`` holding exactly the fields, each passing
-    its scalar test, and copies it read-only; anything else goes to ``full``,
+    its scalar test, and returns them read-only under the schema's own field
+    names, in the schema's order; anything else goes to ``full``,
     which gives the same answer or the error with its field path.
 
     The validator is generated source with one inline test per field (the
@@ -446,14 +447,17 @@ def _flat_dataclass_check(
     }
     reads = []
     tests = []
+    items = []
     for i, f in enumerate(dataclasses.fields(cls)):
         test = _scalar_test(hints[f.name], f"v{i}", consts)
         if test is None:
             return None
         # str.__repr__: the name goes into source text, so no override of
         # __repr__ may change what it says.
-        reads.append(f"v{i} = value[{str.__repr__(f.name)}]")
+        name = str.__repr__(f.name)
+        reads.append(f"v{i} = value[{name}]")
         tests.append(test)
+        items.append(f"{name}: v{i}")
 
     source = "\n".join(
         [
@@ -466,7 +470,9 @@ def _flat_dataclass_check(
             "            pass",
             "        else:",
             f"            if {' and '.join(tests) or 'True'}:",
-            "                return ReadOnlyDict(value)",
+            # The schema's own names as keys: a key that only compares equal
+            # to a name (a str subclass or enum, say) is not kept.
+            f"                return ReadOnlyDict({{{', '.join(items)}}})",
             "    return _full(value, kind, entity_id)",
         ]
     )

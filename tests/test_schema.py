@@ -280,12 +280,65 @@ def test_the_flat_fast_check_agrees_with_the_full_check(value: dict[str, Any]) -
 
     assert type(got) is type(expected)
     if isinstance(got, dict):
-        # The fast check keeps the input's field order, the full one the schema's.
-        assert {k: (type(v), v) for k, v in got.items()} == {
-            k: (type(v), v) for k, v in expected.items()
-        }
+        # Same keys, values and types, in the schema's order.
+        assert [(type(k), k, type(v), v) for k, v in got.items()] == [
+            (type(k), k, type(v), v) for k, v in expected.items()
+        ]
     else:
         assert got == expected
+
+
+class _Key(enum.StrEnum):
+    STATUS = "status"
+
+
+class _LooksLikeValue:
+    """A key that only compares equal to the field name ``value``."""
+
+    def __hash__(self) -> int:
+        return hash("value")
+
+    def __eq__(self, other: object) -> bool:
+        return other == "value" or isinstance(other, _LooksLikeValue)
+
+
+def _flat_sample() -> dict[str, Any]:
+    """A valid state of every ``Flat`` field, which the generated check takes."""
+    return {
+        "name": "cpu",
+        "status": "up",
+        "level": 1,
+        "value": 1.0,
+        "count": 3,
+        "on": True,
+        "note": None,
+        "gone": None,
+        "extra": 7,
+    }
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_keys_equal_to_field_names_are_stored_as_the_schemas_own_names(
+    flat: bool,
+) -> None:
+    schema = compile_schema(Flat if flat else Check)
+    given: dict[Any, Any] = _flat_sample() if flat else {"name": "cpu"}
+    del given["name"]
+    given.pop("status", None)
+    given.pop("value", None)
+    given = {
+        _Key.STATUS: "down" if flat else "degraded",
+        _LooksLikeValue(): 2.5,
+        **given,
+        "name": "cpu",
+    }
+
+    state = schema.validate(given, "check", "c-1")
+
+    assert [type(k) for k in given][:2] == [_Key, _LooksLikeValue]
+    assert all(type(k) is str for k in state)
+    assert list(state) == list(schema.fields)
+    assert (state["status"], state["value"]) == (given[_Key.STATUS], 2.5)
 
 
 def test_a_dataclass_without_fields_is_a_schema_of_empty_states() -> None:
