@@ -496,6 +496,20 @@ def _compile_pydantic(model: Any) -> StateSchema:
     from pydantic import ValidationError
 
     names = tuple(model.model_fields)
+    aliased = [
+        name
+        for name, info in model.model_fields.items()
+        if any(
+            alias is not None and alias != name
+            for alias in (info.alias, info.validation_alias, info.serialization_alias)
+        )
+    ]
+    if aliased:
+        raise DefinitionError(
+            f"{model.__name__}: fields {', '.join(map(repr, aliased))} have an alias; "
+            "states are keyed by field names, so such a schema could accept no "
+            "state; remove the aliases"
+        )
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
@@ -516,6 +530,17 @@ def _compile_msgspec(struct: Any) -> StateSchema:
     import msgspec
 
     names = tuple(struct.__struct_fields__)
+    renamed = [
+        name
+        for name, key in zip(names, struct.__struct_encode_fields__, strict=True)
+        if name != key
+    ]
+    if renamed:
+        raise DefinitionError(
+            f"{struct.__name__}: fields {', '.join(map(repr, renamed))} are renamed; "
+            "states are keyed by field names, so such a schema could accept no "
+            "state; remove rename="
+        )
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)

@@ -351,3 +351,28 @@ def test_a_dataclass_without_fields_is_a_schema_of_empty_states() -> None:
     assert schema.validate({}, "marker", "m-1") == {}
     with pytest.raises(SchemaError, match="field 'x' is not in the schema"):
         schema.validate({"x": 1}, "marker", "m-1")
+
+
+class _Renamed(msgspec.Struct, rename="camel"):
+    foo_bar: int
+    plain: int = 0
+
+
+class _Aliased(pydantic.BaseModel):
+    foo_bar: int = pydantic.Field(alias="fooBar")
+    by_choice: int = pydantic.Field(0, validation_alias=pydantic.AliasChoices("a", "b"))
+    plain: int = 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (_Renamed, "_Renamed: fields 'foo_bar' are renamed"),
+        (_Aliased, "_Aliased: fields 'foo_bar', 'by_choice' have an alias"),
+    ],
+)
+def test_a_schema_whose_keys_are_not_its_field_names_is_refused(
+    spec: Any, message: str
+) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        compile_schema(spec)
