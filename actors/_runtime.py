@@ -1309,6 +1309,14 @@ class Runtime:
         timeout = _check_seconds(
             "drain()'s timeout", timeout, zero=True, outcome="nothing waited for"
         )
+        report = self._stop_report
+        if report is not None and report.undelivered:
+            raise RuntimeStoppedError(
+                f"the runtime stopped with {len(report.undelivered)} changes it "
+                "could not deliver, which no drain() can wait for (first: "
+                + ", ".join(f"{n} seq={q}" for n, q in report.undelivered[:5])
+                + "); see the report stop() returned"
+            )
         with self.log.lock:
             # Under the lock: a commit registers its delivery before releasing
             # it, so every seq read here is already tracked.
@@ -1321,10 +1329,21 @@ class Runtime:
             for c in self._all_consumers()
             if len(c.mailbox)
         ]
+        holding = [
+            f"kind:{kind}/{shard} (seqs {', '.join(map(str, seqs[:5]))})"
+            for kind, entry in list(self._kinds.items())
+            for shard, queue in enumerate(list(entry.queues))
+            if (seqs := queue.unhanded_seqs())
+        ]
+        if holding:
+            behind.append(
+                "kind actors whose burst is still running, with committed "
+                f"changes not handed on yet: {', '.join(holding)}"
+            )
         raise DeliveryTimeoutError(
             f"{len(waiting)} changes up to seq {target} were still being delivered "
             f"after {timeout} s (oldest seqs: {waiting[:5]}); consumers behind: "
-            f"{', '.join(behind) or 'none with a backlog (a handler is running)'}"
+            f"{'; '.join(behind) or 'none with a backlog (a handler is running)'}"
         )
 
     def _wait_releasing(

@@ -12,6 +12,7 @@ from conftest import Ticket, ticket
 
 from runtime import (
     BackpressureError,
+    DeliveryTimeoutError,
     EntityChanged,
     Runtime,
     RuntimeStoppedError,
@@ -150,35 +151,44 @@ def test_a_write_finishing_after_stop_closed_the_journal_is_refused_as_stopped(
     assert restored == ["t-0"]
 
 
+def _gated(started: threading.Event, gate: threading.Event) -> Any:
+    def apply(prev: Any) -> dict[str, Any]:
+        started.set()
+        assert gate.wait(30)
+        return ticket()
+
+    return apply
+
+
+def _commit_a_then_block_b(tickets: Any, b_gate: threading.Event) -> tuple[Any, Any]:
+    """Run "a" and "b" in one burst: "a" commits, then b's apply blocks on
+    ``b_gate``. Returns both futures once b's apply has begun."""
+    first_started, first_gate = threading.Event(), threading.Event()
+    b_started = threading.Event()
+    first = tickets.mutate_async("t-0", _gated(first_started, first_gate))
+    assert first_started.wait(10)
+    a = tickets.mutate_async("a", lambda prev: ticket())
+    b = tickets.mutate_async("b", _gated(b_started, b_gate))
+    first_gate.set()
+    first.get(timeout=10)
+    assert b_started.wait(10)
+    return a, b
+
+
 def test_a_change_waiting_behind_a_stuck_write_of_its_burst_is_in_the_stop_report() -> (
     None
 ):
-    # "a" and "b" run in one burst; "a" commits, then b's apply blocks past
-    # stop_timeout, so a's change is never handed to the subscriber: the
-    # report must say so instead of calling nothing undelivered.
+    # a's change is never handed to the subscriber: the report must say so
+    # instead of calling nothing undelivered, and drain() afterwards cannot
+    # wait for it.
     seen: list[str] = []
     rt = Runtime(stop_timeout=0.5)
     tickets = rt.define_entity("ticket", Ticket)
     rt.on_entity_changed("ticket", lambda c: seen.append(c.id), name="audit")
-    first_started, first_gate = threading.Event(), threading.Event()
-    b_started, b_gate = threading.Event(), threading.Event()
-
-    def gated(started: threading.Event, gate: threading.Event) -> Any:
-        def apply(prev: Any) -> dict[str, Any]:
-            started.set()
-            assert gate.wait(30)
-            return ticket()
-
-        return apply
+    b_gate = threading.Event()
 
     rt.start()
-    first = tickets.mutate_async("t-0", gated(first_started, first_gate))
-    assert first_started.wait(10)
-    a = tickets.mutate_async("a", lambda prev: ticket())
-    b = tickets.mutate_async("b", gated(b_started, b_gate))
-    first_gate.set()
-    first.get(timeout=10)
-    assert b_started.wait(10)
+    a, b = _commit_a_then_block_b(tickets, b_gate)
     a_seq = tickets.history("a")[0].seq
     try:
         report = rt.stop()
@@ -186,6 +196,8 @@ def test_a_change_waiting_behind_a_stuck_write_of_its_burst_is_in_the_stop_repor
         b_gate.set()
     a.get(timeout=10)
     b_error = b.exception(timeout=10)
+    with pytest.raises(RuntimeStoppedError, match=f"kind:ticket/0 seq={a_seq}"):
+        rt.drain(timeout=10)
 
     assert not report.clean
     assert "kind:ticket/0" in report.stuck_consumers
@@ -193,6 +205,27 @@ def test_a_change_waiting_behind_a_stuck_write_of_its_burst_is_in_the_stop_repor
     assert "a" not in seen
     assert isinstance(b_error, RuntimeStoppedError)
     assert tickets.get("b") is None
+
+
+def test_a_drain_timeout_names_a_kind_actor_holding_committed_changes() -> None:
+    rt = Runtime(stop_timeout=5.0)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: None)
+    b_gate = threading.Event()
+
+    with rt:
+        _, b = _commit_a_then_block_b(tickets, b_gate)
+        a_seq = tickets.history("a")[0].seq
+        try:
+            with pytest.raises(DeliveryTimeoutError) as caught:
+                rt.drain(timeout=0.3)
+        finally:
+            b_gate.set()
+        b.get(timeout=10)
+        rt.drain(timeout=10)
+
+    assert f"kind:ticket/0 (seqs {a_seq})" in str(caught.value)
+    assert "a handler is running" not in str(caught.value)
 
 
 def _journalled(tmp_path: Path, fsync: str) -> tuple[DataDir, JournalWriter]:
