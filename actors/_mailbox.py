@@ -271,8 +271,9 @@ class Mailbox:
             self._scheduled = True
             # A wake-up handed to ``wakes`` may be held back for a while (see
             # KindActor): once half the mailbox fills with the consumer idle,
-            # it is woken now rather than made to fold changes it has not
-            # fallen behind on. A second wake-up is a no-op for the consumer.
+            # it is woken now rather than left to fold what held wake-ups
+            # kept from it (one burst alone can still fill a small mailbox).
+            # A second wake-up is a no-op for the consumer.
             now = (
                 not wake
                 and wakes is not None
