@@ -50,10 +50,23 @@ def _unknown_field(path: str, key: Any, listed: str) -> _Invalid:
     """
     expected = f"(expected fields: {listed or 'none'})"
     if isinstance(key, str) and key:
-        return _Invalid(_join(path, str(key)), f"is not in the schema {expected}")
+        name = str.__str__(key)
+        if len(name) > _LONGEST_SHOWN_KEY:
+            name = name[: _LONGEST_SHOWN_KEY - 3] + "..."
+        return _Invalid(_join(path, name), f"is not in the schema {expected}")
     if isinstance(key, str):
         return _Invalid(path, f"has a field with an empty name {expected}")
-    return _Invalid(path, f"has a key {key!r} that is not a field name {expected}")
+    try:
+        shown = repr(key)
+    except Exception:
+        shown = f"<{type(key).__name__} object>"
+    if len(shown) > _LONGEST_SHOWN_KEY:
+        shown = shown[: _LONGEST_SHOWN_KEY - 3] + "..."
+    return _Invalid(path, f"has a key {shown} that is not a field name {expected}")
+
+
+_LONGEST_SHOWN_KEY = 64
+"""Keys longer than this are cut short in error messages."""
 
 
 def _check_str(value: Any, path: str) -> str:

@@ -376,3 +376,26 @@ def test_a_schema_whose_keys_are_not_its_field_names_is_refused(
 ) -> None:
     with pytest.raises(DefinitionError, match=message):
         compile_schema(spec)
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr exploded")
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ("k" * 100_000, "field '" + "k" * 61 + "...' is not in the schema"),
+        (_BadRepr(), "has a key <_BadRepr object> that is not a field name"),
+        (("x" * 200,), "has a key ('" + "x" * 59 + "... that is not a field name"),
+    ],
+)
+def test_an_unknown_key_is_shown_short_whatever_it_is(key: Any, shown: str) -> None:
+    schema = compile_schema(Check)
+
+    with pytest.raises(SchemaError) as caught:
+        schema.validate({**_valid(), key: 1}, "check", "c-1")
+
+    assert shown in str(caught.value)
+    assert len(str(caught.value)) < 300
