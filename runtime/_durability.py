@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from sys import intern
 from typing import Any
@@ -130,6 +132,9 @@ def _decode_rows(rows: Iterable[Any]) -> list[ChangeRecord]:
 
 def _check_change(change: ChangeRecord) -> None:
     """Raise ``ValueError`` unless a decoded change has the recorded shape."""
+    if _has_common_shape(change):
+        return
+
     if type(change.seq) is not int or change.seq < 1:
         raise ValueError(f"seq {change.seq!r} is not a positive integer")
     for name in ("kind", "id", "actor"):
@@ -152,6 +157,48 @@ def _check_change(change: ChangeRecord) -> None:
             raise ValueError(f"field {row[0]!r} is not a string")
 
 
+def _has_common_shape(change: ChangeRecord) -> bool:
+    """Whether ``change`` has the shape every written change has.
+
+    True only for a change that passes every test of :func:`_check_change`
+    (with a float time). A restore checks every change: this tests them all
+    at once and formats no message, and a change it does not accept goes
+    through the tests one by one, which name the first thing wrong.
+    """
+    seq, run_id, ts = change.seq, change.run_id, change.ts
+    kind, entity_id, actor = change.kind, change.id, change.actor
+    next_state, rows = change.next_state, change.rows
+    if not (
+        type(seq) is int
+        and seq > 0
+        and type(kind) is str
+        and kind != ""
+        and type(entity_id) is str
+        and entity_id != ""
+        and type(actor) is str
+        and actor != ""
+        and (run_id is None or type(run_id) is str)
+        and type(ts) is float
+        and (next_state is None or isinstance(next_state, dict))
+        and type(rows) is list
+        and rows
+    ):
+        return False
+
+    for row in rows:
+        if type(row) is not list or len(row) != 3:
+            return False
+        field = row[0]
+        if field is not None and type(field) is not str:
+            return False
+
+    try:
+        check_timestamp(ts, "the time")
+    except ValueError:
+        return False
+    return True
+
+
 def load_data_dir(directory: str | Path) -> RestoredData:
     """Read the newest valid snapshot and the journal after it.
 
@@ -163,7 +210,11 @@ def load_data_dir(directory: str | Path) -> RestoredData:
         RestoreError: a corrupt snapshot or journal leaves a gap of changes
             that no other file covers.
     """
-    directory = Path(directory)
+    with _gc_paused():
+        return _load_data_dir(Path(directory))
+
+
+def _load_data_dir(directory: Path) -> RestoredData:
     data = RestoredData()
 
     loaded = load_newest_snapshot(directory)
@@ -267,25 +318,53 @@ def _apply(data: RestoredData, change: ChangeRecord) -> None:
 
 
 def restore_into_log(log: TransitionLog, changes: Iterable[ChangeRecord]) -> int:
-    """Append restored changes to an empty log; return how many."""
+    """Append restored changes to an empty log; return how many.
+
+    Fields, actors and run ids are interned and values frozen, as the write
+    path stores them.
+    """
     count = 0
-    for change in changes:
-        spec = [
-            [None if f is None else intern(f), freeze(before), freeze(after)]
-            for f, before, after in change.rows
-        ]
-        log.append_rows(
-            change.seq,
-            change.kind,
-            change.id,
-            change.ts,
-            intern(change.actor),
-            None if change.run_id is None else intern(change.run_id),
-            spec,
-            change.changed_fields,
-        )
-        count += 1
+    with _gc_paused():
+        for change in changes:
+            spec = [
+                [None if f is None else intern(f), freeze(before), freeze(after)]
+                for f, before, after in change.rows
+            ]
+            run_id = change.run_id
+            log.append_rows(
+                change.seq,
+                change.kind,
+                change.id,
+                change.ts,
+                intern(change.actor),
+                None if run_id is None else intern(run_id),
+                spec,
+                change.changed_fields,
+            )
+            count += 1
     return count
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cycle collector off while a restore builds its objects.
+
+    Loading and restoring allocate a few containers per row and free none
+    in cycles, and a heap that grows that fast sets off a full collection
+    each time it grows by a quarter: with the collector running, about
+    half the restore's time went to collections that found nothing. The
+    collector is on again (if it was) as soon as the block ends, and its
+    next pass takes the new objects once.
+    """
+    if not gc.isenabled():
+        yield
+        return
+
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class DataDir:

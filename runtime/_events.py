@@ -64,14 +64,23 @@ class ReadOnlyList(list[Any]):
         return (list, (list(self),))
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+"""The types :func:`freeze` returns as they are, tested first."""
+
+
 def freeze(value: Any) -> Any:
     """Return a read-only deep copy of a JSON-compatible value."""
-    if type(value) is ReadOnlyDict or type(value) is ReadOnlyList:
+    kind = type(value)
+    if kind in _SCALARS or kind is ReadOnlyDict or kind is ReadOnlyList:
         return value
+    # Scalar members are tested here rather than in a call each: states are
+    # mostly flat, and a restore freezes every one of them.
     if isinstance(value, dict):
-        return ReadOnlyDict({k: freeze(v) for k, v in value.items()})
+        return ReadOnlyDict(
+            {k: v if type(v) in _SCALARS else freeze(v) for k, v in value.items()}
+        )
     if isinstance(value, list):
-        return ReadOnlyList([freeze(v) for v in value])
+        return ReadOnlyList([v if type(v) in _SCALARS else freeze(v) for v in value])
     return value
 
 
