@@ -802,7 +802,9 @@ class Runtime:
         self._housekeeping_stop = threading.Event()
         self._orphans: dict[str, tuple[bool, dict[str, Any]]] = {}
         self.restored: RestoredData | None = None
-        """What ``start()`` restored from ``data_dir`` (``None`` without one)."""
+        """What ``start()`` restored from ``data_dir`` (``None`` without one):
+        where from, up to which seq, and any damage; its ``changes`` and
+        ``states`` are left empty, since the log and the store hold them."""
         self._snapshot_seconds = (
             None
             if self._data_dir is None
@@ -1487,7 +1489,9 @@ class Runtime:
             data_dir.close()
             raise
 
-        self.restored = data
+        # The decoded changes and states are in the log and the store now:
+        # kept here as well, they would hold every restored value twice.
+        self.restored = dataclasses.replace(data, changes=[], states={})
         self._freeze_long_lived("restore")
         logger.info(
             "restored %s: seq=%d from %s and %d journal records",

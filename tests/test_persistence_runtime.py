@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from persistence_writer import KIND, Counter
 
 from runtime import EntityHandle, Runtime, thaw
-from runtime._durability import RestoreError
+from runtime._durability import RestoreError, load_data_dir
 from runtime._persistence import (
     DataDirError,
     DataDirLock,
@@ -858,7 +858,7 @@ def test_plugin_backed_kind_persists_only_its_log_and_reads_its_state(
     assert state == ticket(status="closed")
     assert history_after == history
     assert restored is not None
-    assert "plugged" not in restored.states
+    assert "plugged" not in load_data_dir(data_dir).states
     _, payload = read_snapshot(list_snapshots(data_dir)[0])
     assert payload["kinds"]["plugged"] == {"store_backed": False, "states": {}}
 
@@ -923,6 +923,8 @@ def test_stop_writes_a_final_snapshot_and_the_next_start_replays_no_journal(
     assert restored is not None
     assert restored.snapshot == data_dir / "snapshot-00000000000000000003.snap"
     assert (restored.seq, restored.journal_records) == (3, 0)
+    # What was decoded lives on in the log and the store only.
+    assert (restored.changes, restored.states) == ([], {})
 
 
 def test_automatic_snapshots_follow_snapshot_every_and_old_files_are_pruned(
