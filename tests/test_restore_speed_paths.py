@@ -137,25 +137,16 @@ def reference_check_change(change: ChangeRecord) -> None:
 
 
 def reference_restore(log: TransitionLog, changes: list[ChangeRecord]) -> None:
-    """Append each change through append_rows, its rows built as triples."""
+    """Append each change through append_rows, values frozen the plain way."""
     for change in changes:
-        triples = []
-        for name, before, after in change.rows:
-            triples.append(
-                [
-                    name if name is None else intern(name),
-                    freeze(before),
-                    freeze(after),
-                ]
-            )
         log.append_rows(
             change.seq,
             change.kind,
             change.id,
             change.ts,
-            intern(change.actor),
-            change.run_id if change.run_id is None else intern(change.run_id),
-            triples,
+            change.actor,
+            change.run_id,
+            [[f, reference_freeze(b), reference_freeze(a)] for f, b, a in change.rows],
             change.changed_fields,
         )
 
