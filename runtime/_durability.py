@@ -23,6 +23,7 @@ from runtime._persistence import (
     JournalClosedError,
     JournalWriter,
     LoadedSnapshot,
+    file_seq,
     list_journals,
     list_snapshots,
     load_newest_snapshot,
@@ -267,9 +268,39 @@ def _load_data_dir(directory: Path) -> RestoredData:
         data.journal_records += 1
         expected += 1
 
-    if loaded is None and not data.changes and data.problems:
-        logger.error("%s: no valid snapshot and no journal to rebuild from", directory)
+    _refuse_lost_changes(directory, data, replay.files, expected - 1)
     return data
+
+
+def _refuse_lost_changes(
+    directory: Path, data: RestoredData, journals: list[Path], covered: int
+) -> None:
+    """Raise RestoreError if the files show changes past ``covered`` that are lost.
+
+    A damaged snapshot held every change up to its seq, and a journal file
+    starts where the snapshot before it ended: when no usable file holds the
+    changes in between, starting would silently drop them (and renumber new
+    changes over them), so nothing is changed on disk and the start is refused.
+    """
+    lost_in = [p for p in data.damaged_snapshots() if file_seq(p) > covered]
+    if lost_in:
+        newest = max(lost_in, key=file_seq)
+        raise RestoreError(
+            f"{directory}: cannot restore without losing changes: the damaged "
+            f"snapshot {newest.name} held changes up to seq {file_seq(newest)}, "
+            f"and no usable snapshot or journal holds those after seq {covered}; "
+            "nothing was changed on disk. Put back a good copy of the file, or "
+            "move the damaged files and the journals after them aside to start "
+            "from what is left"
+        )
+    if journals and file_seq(journals[0]) > data.seq + 1:
+        raise RestoreError(
+            f"{directory}: cannot restore without a gap: the newest usable "
+            f"snapshot ends at seq {data.seq} but the journal {journals[0].name} "
+            f"starts at seq {file_seq(journals[0])}; nothing was changed on disk. "
+            "Put back the missing snapshot or journal, or move the journals "
+            "aside to start from what is left"
+        )
 
 
 def _read_payload(data: RestoredData, loaded: LoadedSnapshot) -> None:

@@ -829,6 +829,17 @@ def list_journals(directory: StrPath) -> list[Path]:
     return _numbered_files(Path(directory), _JOURNAL_RE, newest_first=False)
 
 
+def file_seq(path: Path) -> int:
+    """The seq in a snapshot's or journal's standard file name.
+
+    A snapshot's is the last seq it holds, a journal's the first it may hold.
+    """
+    found = _SNAPSHOT_RE.match(path.name) or _JOURNAL_RE.match(path.name)
+    if found is None:
+        raise ValueError(f"{path.name} is not a snapshot or journal file name")
+    return int(found.group(1))
+
+
 def _numbered_files(
     directory: Path, pattern: re.Pattern[str], newest_first: bool
 ) -> list[Path]:

@@ -1316,3 +1316,45 @@ def test_an_acknowledged_write_was_fsynced_only_with_fsync_always(
         rt.stop()
 
     assert all(n >= 1 for n in counts) if synced else counts == [0] * 5
+
+
+@pytest.mark.parametrize("journal_kept", [True, False])
+def test_a_damaged_only_snapshot_is_refused_and_left_as_is(
+    tmp_path: Path, clock: FakeClock, journal_kept: bool
+) -> None:
+    # After a clean stop the directory holds one snapshot and the empty journal
+    # after it: with the snapshot damaged, no file holds its changes.
+    data_dir = tmp_path / "data"
+    first, tickets = _ticket_runtime(data_dir, clock)
+    with first:
+        for n in range(5):
+            tickets.mutate(f"t-{n}", lambda prev: ticket())
+    if not journal_kept:
+        for journal in list_journals(data_dir):
+            journal.unlink()
+    (snapshot,) = list_snapshots(data_dir)
+    flip_byte(snapshot, 200)
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"}
+
+    for _ in range(2):
+        rt, _ = _ticket_runtime(data_dir, clock)
+        _refused_start(rt, RestoreError, match="held changes up to seq 5")
+
+    after = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"}
+    assert after == before
+
+
+def test_a_journal_starting_after_the_usable_snapshot_is_refused(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = tmp_path / "data"
+    first, tickets = _ticket_runtime(data_dir, clock)
+    with first:
+        tickets.mutate("t-1", lambda prev: ticket())
+    (snapshot,) = list_snapshots(data_dir)
+    snapshot.unlink()
+
+    rt, _ = _ticket_runtime(data_dir, clock)
+    _refused_start(rt, RestoreError, match="starts at seq 2")
+
+    assert file_names(data_dir) == ["journal-00000000000000000002.log"]
