@@ -81,6 +81,7 @@ from runtime._metrics import (
     DEFAULT_METRICS_PORT,
     RuntimeMetrics,
 )
+from runtime._persistence import DataDirError
 from runtime._schema import compile_schema
 from runtime._secrets import RunSecrets, mask_text
 
@@ -1578,7 +1579,16 @@ class Runtime:
                 data_dir.directory,
             )
         finally:
-            data_dir.close()
+            try:
+                data_dir.close()
+            except DataDirError:
+                # stop() still finishes: the threads are stopped and the
+                # directory is unlocked; only durability is in doubt.
+                logger.exception(
+                    "closing the journal in %s failed; changes since its last "
+                    "fsync may not be on disk",
+                    data_dir.directory,
+                )
 
     # -- dead letters ---------------------------------------------------------
 

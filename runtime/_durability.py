@@ -579,13 +579,20 @@ class DataDir:
             return path
 
     def close(self) -> None:
-        """Flush and close the journal and release the lock; idempotent."""
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-            self._closed = True
-        if self._lock.held:
-            self._lock.release()
+        """Flush and close the journal and release the lock; idempotent.
+
+        Raises:
+            DataDirError: the journal's final fsync failed; the journal is
+                closed and the lock released all the same.
+        """
+        journal, self._journal = self._journal, None
+        try:
+            if journal is not None:
+                self._closed = True
+                journal.close()
+        finally:
+            if self._lock.held:
+                self._lock.release()
 
     def journal_files(self) -> list[Path]:
         """The journal files in the directory, in replay order."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -270,3 +273,33 @@ def test_a_sync_that_finds_the_journal_closed_cleanly_has_nothing_left_to_do(
 
 def _records(directory: Path) -> list[Any]:
     return read_journal(directory).records
+
+
+def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_fsync = os.fsync
+
+    def failing_for_journals(fd: int) -> None:
+        if "journal-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "injected I/O error")
+        real_fsync(fd)
+
+    rt = Runtime(data_dir=tmp_path, journal_fsync="interval")
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket(status="working"))
+    monkeypatch.setattr(os, "fsync", failing_for_journals)
+    with caplog.at_level(logging.ERROR):
+        report = rt.stop()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    again = Runtime(data_dir=tmp_path)
+    again_tickets = again.define_entity("ticket", Ticket)
+    with again:
+        restored = again_tickets.get("t-1")
+
+    assert report == rt.stop()
+    assert "closing the journal in" in caplog.text
+    assert "injected I/O error" in caplog.text
+    assert restored == ticket(status="working")
