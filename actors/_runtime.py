@@ -55,6 +55,7 @@ from runtime._durability import (
     FSYNC_MODES,
     DataDir,
     RestoredData,
+    RestoreError,
     freeze_states,
     restore_into_log,
 )
@@ -1456,14 +1457,24 @@ class Runtime:
     def _restore(self, data_dir: DataDir) -> None:
         data = data_dir.open()
         try:
-            restore_into_log(self.log, data.changes)
-            self.log.advance_to(data.seq)
-            for kind, states in data.states.items():
-                entry = self._kinds.get(kind)
-                if entry is not None and entry.definition.store_backed:
-                    entry.engine.store.update(freeze_states(states))
-                else:
-                    self._orphans[kind] = (data.store_backed.get(kind, True), states)
+            try:
+                restore_into_log(self.log, data.changes)
+                self.log.advance_to(data.seq)
+                for kind, states in data.states.items():
+                    entry = self._kinds.get(kind)
+                    if entry is not None and entry.definition.store_backed:
+                        entry.engine.store.update(freeze_states(states))
+                    else:
+                        backed = data.store_backed.get(kind, True)
+                        self._orphans[kind] = (backed, states)
+            except (ValueError, TypeError, OverflowError, RecursionError) as err:
+                # Files whose checksums hold but whose changes cannot be
+                # rebuilt (out of order, nested too deeply, malformed rows).
+                raise RestoreError(
+                    f"{data_dir.directory}: the recorded changes could not be "
+                    f"rebuilt ({type(err).__name__}: {err}); nothing was changed "
+                    "on disk"
+                ) from err
             for kind in self._orphans:
                 logger.warning(
                     "data dir %s holds kind %s, which is not defined; its %d states "

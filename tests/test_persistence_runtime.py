@@ -8,6 +8,7 @@ writer processes (``persistence_writer.py``) where only a crash will do.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from runtime._persistence import (
     list_journals,
     list_snapshots,
     read_snapshot,
+    write_snapshot,
 )
 from runtime.testing import FakeClock
 
@@ -1358,3 +1360,43 @@ def test_a_journal_starting_after_the_usable_snapshot_is_refused(
     _refused_start(rt, RestoreError, match="starts at seq 2")
 
     assert file_names(data_dir) == ["journal-00000000000000000002.log"]
+
+
+_AT = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (
+            [
+                [2, "ticket", "t-1", _AT, "system", None, [["status", None, "open"]]],
+                [1, "ticket", "t-2", _AT, "system", None, [["status", None, "open"]]],
+            ],
+            "sequence 1 is not after",
+        ),
+        (
+            [[1, "ticket", "t-1", _AT, "system", None, [[None, 5, None]]]],
+            "TypeError",
+        ),
+    ],
+)
+def test_a_checksummed_snapshot_whose_changes_cannot_be_rebuilt_is_refused(
+    tmp_path: Path, clock: FakeClock, changes: list[Any], reason: str
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    payload = {
+        "format": 1,
+        "seq": 2,
+        "kinds": {"ticket": {"store_backed": True, "states": {}}},
+        "changes": changes,
+    }
+    write_snapshot(data_dir, 2, payload)
+    before = file_names(data_dir)
+
+    rt, _ = _ticket_runtime(data_dir, clock)
+    _refused_start(rt, RestoreError, match=f"could not be rebuilt.*{reason}")
+
+    assert file_names(data_dir) == before
+    assert gc.isenabled()
