@@ -523,6 +523,13 @@ def _compile_pydantic(model: Any) -> StateSchema:
             "states are keyed by field names, so such a schema could accept no "
             "state; remove the aliases"
         )
+    computed = list(getattr(model, "model_computed_fields", {}))
+    if computed:
+        raise DefinitionError(
+            f"{model.__name__}: computed fields {', '.join(map(repr, computed))} "
+            "would be stored in the state and then refused as unknown keys on the "
+            "next write; compute them from the state when reading instead"
+        )
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
@@ -553,6 +560,21 @@ def _compile_msgspec(struct: Any) -> StateSchema:
             f"{struct.__name__}: fields {', '.join(map(repr, renamed))} are renamed; "
             "states are keyed by field names, so such a schema could accept no "
             "state; remove rename="
+        )
+    config = struct.__struct_config__
+    shaping = [
+        option
+        for option, on in (
+            ("tag", config.tag is not None),
+            ("array_like", config.array_like),
+            ("omit_defaults", config.omit_defaults),
+        )
+        if on
+    ]
+    if shaping:
+        raise DefinitionError(
+            f"{struct.__name__}: {', '.join(shaping)} would store states that are "
+            "not a mapping of exactly its fields; remove them"
         )
 
     def check(value: Any) -> ReadOnlyDict:

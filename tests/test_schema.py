@@ -399,3 +399,40 @@ def test_an_unknown_key_is_shown_short_whatever_it_is(key: Any, shown: str) -> N
 
     assert shown in str(caught.value)
     assert len(str(caught.value)) < 300
+
+
+class _Tagged(msgspec.Struct, tag=True):
+    x: int = 0
+
+
+class _ArrayLike(msgspec.Struct, array_like=True):
+    x: int = 0
+
+
+class _OmitsDefaults(msgspec.Struct, omit_defaults=True):
+    x: int = 0
+
+
+class _Computed(pydantic.BaseModel):
+    a: int
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def doubled(self) -> int:
+        return self.a * 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (_Tagged, "_Tagged: tag would store states"),
+        (_ArrayLike, "_ArrayLike: array_like would store states"),
+        (_OmitsDefaults, "_OmitsDefaults: omit_defaults would store states"),
+        (_Computed, "_Computed: computed fields 'doubled' would be stored"),
+    ],
+)
+def test_a_schema_that_would_store_other_keys_than_its_fields_is_refused(
+    spec: Any, message: str
+) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        compile_schema(spec)
