@@ -212,20 +212,25 @@ def test_plot_writes_a_png_of_the_report(
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _run_bench_module(module: str, *args: str, timeout: float = 300) -> Any:
+    """Run ``python -m bench.<module> ARGS`` from the project root."""
+    return subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
 def test_the_bus_benchmark_still_runs() -> None:
     import shutil
 
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server binary (.ci/run installs Debian's redis-server)")
 
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_bus", "--changes", "300"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    done = _run_bench_module("bench_bus", "--changes", "300", timeout=120)
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("300 changes: local ")
@@ -264,45 +269,13 @@ def test_the_pytest_benchmark_scenarios_still_run() -> None:
 
 
 def test_the_persistence_metrics_and_gc_benchmarks_still_run(tmp_path: Path) -> None:
-    persistence = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_persistence",
-            *("--entities", "300", "--changes", "2", "--mutations", "50"),
-            *("--json", str(tmp_path / "persistence.json")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
+    persistence = _run_bench_module(
+        "bench_persistence",
+        *("--entities", "300", "--changes", "2", "--mutations", "50"),
+        *("--json", str(tmp_path / "persistence.json")),
     )
-    metrics = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_metrics",
-            "--mutations",
-            "300",
-            "--rounds",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
-
-    collector = subprocess.run(
-        [sys.executable, "-m", "bench.bench_gc", "--entities", "500", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
+    metrics = _run_bench_module("bench_metrics", "--mutations", "300", "--rounds", "1")
+    collector = _run_bench_module("bench_gc", "--entities", "500", "--rounds", "1")
 
     assert persistence.returncode == 0, persistence.stderr
     report = json.loads((tmp_path / "persistence.json").read_text())
@@ -315,16 +288,8 @@ def test_the_persistence_metrics_and_gc_benchmarks_still_run(tmp_path: Path) -> 
 
 def test_the_thread_benchmark_accounts_each_mode_and_thread(tmp_path: Path) -> None:
     out = tmp_path / "threads.json"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.bench_threads"),
-            *("--mutations", "5000", "--ids", "250", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
+    done = _run_bench_module(
+        "bench_threads", "--mutations", "5000", "--ids", "250", "--json", str(out)
     )
 
     assert done.returncode == 0, done.stderr
