@@ -585,10 +585,12 @@ class DataDir:
             DataDirError: the journal's final fsync failed; the journal is
                 closed and the lock released all the same.
         """
+        # Closed is set first: a write that then finds no journal knows why.
+        if self._journal is not None:
+            self._closed = True
         journal, self._journal = self._journal, None
         try:
             if journal is not None:
-                self._closed = True
                 journal.close()
         finally:
             if self._lock.held:
