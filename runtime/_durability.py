@@ -324,6 +324,11 @@ def _read_payload(data: RestoredData, loaded: LoadedSnapshot) -> None:
                 raise ValueError(f"states of kind {kind!r} are not id -> mapping")
             data.states[kind] = dict(states)
     data.changes = _decode_rows(payload["changes"])
+    beyond = [c.seq for c in data.changes if c.seq > loaded.seq]
+    if beyond:
+        raise ValueError(
+            f"change seq {beyond[0]} is after the snapshot's own seq {loaded.seq}"
+        )
 
 
 def _all_corrupt(directory: Path) -> list[CorruptFileError]:

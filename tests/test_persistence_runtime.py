@@ -35,6 +35,7 @@ from persistence_writer import KIND, Counter
 from runtime import EntityHandle, Runtime, thaw
 from runtime._durability import RestoreError, load_data_dir
 from runtime._persistence import (
+    CorruptFileError,
     DataDirError,
     DataDirLock,
     DataDirLockedError,
@@ -1394,3 +1395,26 @@ def test_a_checksummed_snapshot_whose_changes_cannot_be_rebuilt_is_refused(
 
     assert file_names(data_dir) == before
     assert gc.isenabled()
+
+
+def test_a_snapshot_holding_changes_after_its_own_seq_is_refused(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    payload = {
+        "format": 1,
+        "seq": 1,
+        "kinds": {"ticket": {"store_backed": True, "states": {}}},
+        "changes": [
+            [1, "ticket", "t-1", _AT, "system", None, [["status", None, "open"]]],
+            [7, "ticket", "t-2", _AT, "system", None, [["status", None, "open"]]],
+        ],
+    }
+    write_snapshot(data_dir, 1, payload)
+    before = file_names(data_dir)
+
+    rt, _ = _ticket_runtime(data_dir, clock)
+    _refused_start(rt, CorruptFileError, match="change seq 7 is after the snapshot's")
+
+    assert file_names(data_dir) == before
