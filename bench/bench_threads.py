@@ -257,7 +257,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{result['name']:18s} {result['ops_per_s']:9,.0f}{cells}"
             f" {sum(cpu.values()):7.2f}   {passes}, {gc_ms:.0f} ms, {share:.0%}"
         )
-    if not report["per_thread"]:
+    if report["per_thread"]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        lines.append(
+            f"note: /proc counts each thread's CPU in ticks of {1000 / ticks:g} ms: "
+            "a short run rounds every cell (use 100,000 mutations or more)"
+        )
+    else:
         lines.append("note: no /proc/self/task here, so no per-thread figures")
     return "\n".join(lines)
 
