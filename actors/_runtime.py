@@ -1484,13 +1484,18 @@ class Runtime:
                     len(self._orphans[kind][1]),
                 )
             if data.damaged:
-                # The fresh snapshot is durable before any damaged file is set
-                # aside, so a crash in between still finds the valid prefix.
-                data_dir.set_aside(data.damaged_snapshots())
+                # Damaged snapshots go aside first, as the fresh one may take
+                # the name of one of them; the fresh snapshot is durable before
+                # any damaged journal is set aside, so a crash in between
+                # still finds the valid prefix.
+                damaged_snapshots = data.damaged_snapshots()
+                data_dir.set_aside(damaged_snapshots)
                 data_dir.snapshot(
                     self.log, self._capture_states, self._snapshot_seconds
                 )
-                data_dir.set_aside(data.damaged_files)
+                data_dir.set_aside(
+                    [p for p in data.damaged_files if p not in damaged_snapshots]
+                )
             data_dir.start_journal(data.seq + 1)
         except BaseException:
             # Leave the runtime as it was before start(), so it can be retried.

@@ -475,6 +475,7 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_loses_nothin
             expected = dump(first)
     newest, previous = list_snapshots(data_dir)
     flip_byte(newest, 40)
+    damaged_bytes = newest.read_bytes()
     rt = make_runtime(data_dir, clock, keep_snapshots=2)
     if how == "killed":
         rt.define_entity(KIND, Counter)
@@ -494,6 +495,10 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_loses_nothin
     assert used.snapshot == previous
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any(str(newest) in r.getMessage() for r in errors), caplog.text
+    # The damaged file is kept as it was, and the fresh snapshot (which may
+    # take its name) is not set aside with it.
+    assert (data_dir / f"{newest.name}.damaged").read_bytes() == damaged_bytes
+    assert read_snapshot(list_snapshots(data_dir)[0])[0] == expected["seq"]
 
 
 def test_journal_alone_rebuilds_everything_when_it_covers_from_seq_1(
