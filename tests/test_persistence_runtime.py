@@ -1365,6 +1365,20 @@ def test_a_damaged_only_snapshot_is_refused_and_left_as_is(
 _AT = 1_700_000_000.0
 
 
+def _crafted_snapshot(tmp_path: Path, seq: int, changes: list[Any]) -> Path:
+    """A data dir holding one valid snapshot file at ``seq`` with ``changes``."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    payload = {
+        "format": 1,
+        "seq": seq,
+        "kinds": {"ticket": {"store_backed": True, "states": {}}},
+        "changes": changes,
+    }
+    write_snapshot(data_dir, seq, payload)
+    return data_dir
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
@@ -1384,15 +1398,7 @@ _AT = 1_700_000_000.0
 def test_a_checksummed_snapshot_whose_changes_cannot_be_rebuilt_is_refused(
     tmp_path: Path, clock: FakeClock, changes: list[Any], reason: str
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    payload = {
-        "format": 1,
-        "seq": 2,
-        "kinds": {"ticket": {"store_backed": True, "states": {}}},
-        "changes": changes,
-    }
-    write_snapshot(data_dir, 2, payload)
+    data_dir = _crafted_snapshot(tmp_path, 2, changes)
     before = file_names(data_dir)
 
     rt, _ = _ticket_runtime(data_dir, clock)
@@ -1405,18 +1411,11 @@ def test_a_checksummed_snapshot_whose_changes_cannot_be_rebuilt_is_refused(
 def test_a_snapshot_holding_changes_after_its_own_seq_is_refused(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    payload = {
-        "format": 1,
-        "seq": 1,
-        "kinds": {"ticket": {"store_backed": True, "states": {}}},
-        "changes": [
-            [1, "ticket", "t-1", _AT, "system", None, [["status", None, "open"]]],
-            [7, "ticket", "t-2", _AT, "system", None, [["status", None, "open"]]],
-        ],
-    }
-    write_snapshot(data_dir, 1, payload)
+    changes = [
+        [1, "ticket", "t-1", _AT, "system", None, [["status", None, "open"]]],
+        [7, "ticket", "t-2", _AT, "system", None, [["status", None, "open"]]],
+    ]
+    data_dir = _crafted_snapshot(tmp_path, 1, changes)
     before = file_names(data_dir)
 
     rt, _ = _ticket_runtime(data_dir, clock)
