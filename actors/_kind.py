@@ -666,17 +666,7 @@ class KindActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> None:
         if message == WAKE:
-            if self._wake_delay:
-                self._run_holding_wakes()
-                return
-            while True:
-                batch = self.requests.take(BURST)
-                if batch is None:
-                    return
-                try:
-                    self._handle_batch(batch)
-                except Exception as bug:
-                    self._recover(batch, bug)
+            self._run_bursts()
         else:
             logger.warning(
                 "kind actor %s/%d got an unexpected message %r",
@@ -685,24 +675,28 @@ class KindActor(pykka.ThreadingActor):
                 message,
             )
 
-    def _run_holding_wakes(self) -> None:
-        # Run bursts until no write comes, holding the consumers' wake-ups in
-        # the request queue; the releaser makes them once ``wake_delay`` is up
-        # even while a slow apply keeps this thread busy (see the class doc).
+    def _run_bursts(self) -> None:
+        # Run bursts until no write comes. With a wake_delay the consumers'
+        # wake-ups are held in the request queue, and the releaser makes them
+        # once the delay is up even while a slow apply keeps this thread busy
+        # (see the class doc); without one they are made after each burst.
         requests = self.requests
         releaser = self._releaser
-        assert releaser is not None
         wakes: list[Callable[[], None]] = []
         try:
             while True:
-                batch = requests.take(BURST, LINGER if requests.holding else 0.0)
+                linger = LINGER if requests.holding else 0.0
+                batch = requests.take(BURST, linger)
                 if batch is None:
                     return
                 try:
                     self._handle_batch(batch, wakes)
                 except Exception as bug:
                     self._recover(batch, bug)
-                if wakes and requests.hold(wakes):
+                if not self._wake_delay:
+                    _make(wakes)
+                elif wakes and requests.hold(wakes):
+                    assert releaser is not None
                     releaser.release_later(requests, self._wake_delay)
         finally:
             _make(wakes)
@@ -714,11 +708,9 @@ class KindActor(pykka.ThreadingActor):
             self._releaser.release_all()
 
     def _handle_batch(
-        self,
-        batch: Iterable[Request],
-        held: list[Callable[[], None]] | None = None,
+        self, batch: Iterable[Request], wakes: list[Callable[[], None]]
     ) -> None:
-        """Run one burst; make its consumer wake-ups, or add them to ``held``."""
+        """Run one burst; add the consumer wake-ups it needs to ``wakes``."""
         # The burst's first commit opens a floor in the tracker at its seq:
         # every later change of the burst has a higher one, so keeping the
         # floor open until the changes are handed on makes drain() wait for
@@ -731,20 +723,15 @@ class KindActor(pykka.ThreadingActor):
             tracker.add(seq)
             floors.append(seq)
 
-        wakes: list[Callable[[], None]] = [] if held is None else held
         engine = self.engine
         engine.begin_burst(open_floor)
         try:
-            try:
-                outcomes = self._run_all(batch, wakes)
-            finally:
-                engine.end_burst()
-                if floors:
-                    tracker.done(floors)
-            self._answer(outcomes)
+            outcomes = self._run_all(batch, wakes)
         finally:
-            if held is None:
-                _make(wakes)
+            engine.end_burst()
+            if floors:
+                tracker.done(floors)
+        self._answer(outcomes)
 
     def _answer(self, outcomes: list[_Outcome]) -> None:
         tracker = self._tracker

@@ -28,11 +28,11 @@ def test_a_kind_actor_failing_outside_user_code_fails_back_and_carries_on(
     broken = threading.Event()
     broken.set()
 
-    def handle_batch(self: KindActor, batch: Any, held: Any = None) -> None:
+    def handle_batch(self: KindActor, batch: Any, wakes: Any) -> None:
         if broken.is_set():
             broken.clear()
             raise RuntimeError("simulated bug in the actor loop")
-        original(self, batch, held)
+        original(self, batch, wakes)
 
     monkeypatch.setattr(KindActor, "_handle_batch", handle_batch)
 
