@@ -137,6 +137,11 @@ class StopReport:
         abandoned: consumers with a handler call that was abandoned after
             its timeout and had still not returned at the end (its daemon
             thread is left behind; the delivery was already accounted for).
+        data_dir_errors: what went wrong with the data directory while
+            stopping: a final snapshot that could not be written (the
+            journal still holds every change; the next start replays it) or
+            a journal whose last flush and fsync failed (changes since its
+            previous fsync may not be on disk). Also logged.
     """
 
     clean: bool
@@ -144,6 +149,7 @@ class StopReport:
     stuck_consumers: tuple[str, ...] = ()
     unpublished: int = 0
     abandoned: tuple[str, ...] = ()
+    data_dir_errors: tuple[str, ...] = ()
 
 
 class Unsubscribe:
@@ -1220,16 +1226,17 @@ class Runtime:
         stuck += self._wait_retired(deadline)
         unpublished = self._close_bus(deadline - time.monotonic())
         self._stop_housekeeping()
-        self._close_data_dir()
+        disk_errors = self._close_data_dir()
         self.metrics.close()
 
         abandoned = sorted({w.name for w in self._abandoned if not w.stopped})
         report = StopReport(
-            clean=not undelivered and not stuck and not unpublished and not abandoned,
+            clean=not (undelivered or stuck or unpublished or abandoned or disk_errors),
             undelivered=tuple(undelivered),
             stuck_consumers=tuple(stuck),
             unpublished=unpublished,
             abandoned=tuple(abandoned),
+            data_dir_errors=disk_errors,
         )
         if abandoned:
             logger.warning(
@@ -1582,29 +1589,35 @@ class Runtime:
         since = data_dir.last_snapshot_at
         return since is None or time.time() - since >= self._snapshot_interval
 
-    def _close_data_dir(self) -> None:
+    def _close_data_dir(self) -> tuple[str, ...]:
+        # Returns what went wrong, for the stop report; stop() finishes either
+        # way: the threads are stopped and the directory is unlocked.
         data_dir = self._data_dir
         if data_dir is None:
-            return
+            return ()
+
+        errors = []
         try:
             self.apply_retention()
             data_dir.snapshot(self.log, self._capture_states, self._snapshot_seconds)
-        except Exception:
-            logger.exception(
-                "final snapshot of %s failed; the journal still holds every change",
-                data_dir.directory,
+        except Exception as err:
+            message = (
+                f"final snapshot of {data_dir.directory} failed "
+                f"({type(err).__name__}: {err}); the journal still holds every change"
             )
+            logger.exception("%s", message)
+            errors.append(message)
         finally:
             try:
                 data_dir.close()
-            except DataDirError:
-                # stop() still finishes: the threads are stopped and the
-                # directory is unlocked; only durability is in doubt.
-                logger.exception(
-                    "closing the journal in %s failed; changes since its last "
-                    "fsync may not be on disk",
-                    data_dir.directory,
+            except DataDirError as err:
+                message = (
+                    f"closing the journal in {data_dir.directory} failed ({err}); "
+                    "changes since its last fsync may not be on disk"
                 )
+                logger.exception("%s", message)
+                errors.append(message)
+        return tuple(errors)
 
     # -- dead letters ---------------------------------------------------------
 

@@ -300,6 +300,61 @@ def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
         restored = again_tickets.get("t-1")
 
     assert report == rt.stop()
-    assert "closing the journal in" in caplog.text
-    assert "injected I/O error" in caplog.text
+    assert not report.clean
+    # The final snapshot starts a new journal, whose header fsync fails too.
+    snapshot_problem, close_problem = report.data_dir_errors
+    assert "final snapshot of" in snapshot_problem
+    assert "closing the journal in" in close_problem
+    assert "injected I/O error" in close_problem
+    assert close_problem in caplog.text
     assert restored == ticket(status="working")
+
+
+def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_fsync = os.fsync
+
+    def failing_for_snapshots(fd: int) -> None:
+        if ".snapshot-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "injected: no space left")
+        real_fsync(fd)
+
+    rt = Runtime(data_dir=tmp_path)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket(status="working"))
+    tickets.mutate("t-2", lambda prev: ticket(status="closed"))
+    monkeypatch.setattr(os, "fsync", failing_for_snapshots)
+    with caplog.at_level(logging.ERROR):
+        report = rt.stop()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    again = Runtime(data_dir=tmp_path)
+    again_tickets = again.define_entity("ticket", Ticket)
+    with again:
+        restored = again_tickets.get_many(["t-1", "t-2"])
+
+    assert not report.clean
+    assert not report.undelivered
+    [problem] = report.data_dir_errors
+    assert "final snapshot of" in problem
+    assert "injected: no space left" in problem
+    assert "journal still holds every change" in problem
+    assert problem in caplog.text
+    assert restored == {"t-1": ticket(status="working"), "t-2": ticket(status="closed")}
+
+
+def test_a_stop_with_a_healthy_data_dir_reports_no_data_dir_errors(
+    tmp_path: Path,
+) -> None:
+    rt = Runtime(data_dir=tmp_path)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket(status="working"))
+
+    report = rt.stop()
+
+    assert report.clean
+    assert report.data_dir_errors == ()
+    assert len(list(tmp_path.glob("snapshot-*.snap"))) == 1
