@@ -1334,17 +1334,27 @@ class Runtime:
             target = self.log.last_seq
         if self._wait_releasing(target, until_idle, timeout):
             return
-        waiting = self._tracker.open_up_to(target)
+        held = {
+            f"kind:{kind}/{shard}": seqs
+            for kind, entry in list(self._kinds.items())
+            for shard, queue in enumerate(list(entry.queues))
+            if (seqs := queue.unhanded_seqs())
+        }
+        # A burst's unhanded changes keep only its first seq open in the
+        # tracker: count each of them.
+        waiting = sorted(
+            {*self._tracker.open_up_to(target)}.union(
+                s for seqs in held.values() for s in seqs if s <= target
+            )
+        )
         behind = [
             f"{c.mailbox.name} ({len(c.mailbox)} waiting)"
             for c in self._all_consumers()
             if len(c.mailbox)
         ]
         holding = [
-            f"kind:{kind}/{shard} (seqs {', '.join(map(str, seqs[:5]))})"
-            for kind, entry in list(self._kinds.items())
-            for shard, queue in enumerate(list(entry.queues))
-            if (seqs := queue.unhanded_seqs())
+            f"{name} (seqs {', '.join(map(str, seqs[:5]))})"
+            for name, seqs in held.items()
         ]
         if holding:
             behind.append(

@@ -163,14 +163,18 @@ def _gated(started: threading.Event, gate: threading.Event) -> Any:
     return apply
 
 
-def _commit_a_then_block_b(tickets: Any, b_gate: threading.Event) -> tuple[Any, Any]:
-    """Run "a" and "b" in one burst: "a" commits, then b's apply blocks on
-    ``b_gate``. Returns both futures once b's apply has begun."""
+def _commit_a_then_block_b(
+    tickets: Any, b_gate: threading.Event, committed: tuple[str, ...] = ("a",)
+) -> tuple[Any, Any]:
+    """Run ``committed`` ("a") and "b" in one burst: they commit, then b's
+    apply blocks on ``b_gate``. Returns the last committed write's future and
+    b's, once b's apply has begun."""
     first_started, first_gate = threading.Event(), threading.Event()
     b_started = threading.Event()
     first = tickets.mutate_async("t-0", _gated(first_started, first_gate))
     assert first_started.wait(10)
-    a = tickets.mutate_async("a", lambda prev: ticket())
+    for entity_id in committed:
+        a = tickets.mutate_async(entity_id, lambda prev: ticket())
     b = tickets.mutate_async("b", _gated(b_started, b_gate))
     first_gate.set()
     first.get(timeout=10)
@@ -229,6 +233,28 @@ def test_a_drain_timeout_names_a_kind_actor_holding_committed_changes() -> None:
 
     assert f"kind:ticket/0 (seqs {a_seq})" in str(caught.value)
     assert "a handler is running" not in str(caught.value)
+
+
+def test_a_drain_timeout_counts_every_change_a_kind_actor_holds() -> None:
+    rt = Runtime(stop_timeout=5.0)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: None)
+    b_gate = threading.Event()
+
+    with rt:
+        _, b = _commit_a_then_block_b(tickets, b_gate, ("a1", "a2", "a3"))
+        seqs = [tickets.history(i)[0].seq for i in ("a1", "a2", "a3")]
+        try:
+            with pytest.raises(DeliveryTimeoutError) as caught:
+                rt.drain(timeout=0.3)
+        finally:
+            b_gate.set()
+        b.get(timeout=10)
+        rt.drain(timeout=10)
+
+    assert str(caught.value).startswith(f"3 changes up to seq {seqs[-1]} ")
+    assert f"(oldest seqs: {seqs})" in str(caught.value)
+    assert f"kind:ticket/0 (seqs {', '.join(map(str, seqs))})" in str(caught.value)
 
 
 def _journalled(tmp_path: Path, fsync: str) -> tuple[DataDir, JournalWriter]:
