@@ -56,8 +56,10 @@ from runtime._durability import (
     DataDir,
     RestoredData,
     RestoreError,
-    freeze_states,
+    check_restored_ids,
     restore_into_log,
+    restore_refusal,
+    validated_states,
 )
 from runtime._engine import (
     KindDefinition,
@@ -73,6 +75,7 @@ from runtime._errors import (
     MutationBatchError,
     ReentrantCallError,
     RuntimeStoppedError,
+    SchemaError,
     UnknownKindError,
 )
 from runtime._events import SYSTEM_ACTOR, EntityChanged, ReadOnlyDict, Transition
@@ -848,6 +851,9 @@ class Runtime:
             DefinitionError: empty or duplicate kind, a ``read`` that is not
                 callable, a schema that is not supported or has no fields, bad
                 ``shards``.
+            RestoreError: defined after ``start()``, the kind's restored states
+                fail its schema (or hold a bad id); the kind stays undefined
+                and its restored data stays kept.
         """
         if not isinstance(kind, str) or not kind or not kind.isprintable():
             raise DefinitionError(
@@ -874,6 +880,7 @@ class Runtime:
                 raise DefinitionError(f"kind {kind!r} is already defined")
 
             definition = KindDefinition(kind, schema, read, shards)
+            restored = self._restored_orphans(definition)
             engine = KindEngine(
                 definition, self.log, self.metrics, self.clock, self._on_commit
             )
@@ -882,9 +889,8 @@ class Runtime:
             engine.secrets = self._secrets
             if self._data_dir is not None:
                 engine.journal = self._data_dir.journal
-            orphan = self._orphans.pop(kind, None)
-            if orphan is not None and definition.store_backed:
-                engine.store.update(freeze_states(orphan[1]))
+            self._orphans.pop(kind, None)
+            engine.store.update(restored)
             if self._state == _RUNNING:
                 self._start_kind(entry)
 
@@ -1471,6 +1477,21 @@ class Runtime:
             kinds[kind] = (backed, dict(entry.engine.store) if backed else {})
         return kinds
 
+    def _restored_orphans(self, definition: KindDefinition) -> dict[str, ReadOnlyDict]:
+        """The states restored for a kind defined after ``start()``, validated."""
+        orphan = self._orphans.get(definition.kind)
+        if orphan is None or not definition.store_backed:
+            return {}
+
+        validate = definition.schema.validator
+        try:
+            return validated_states(definition.kind, orphan[1], validate)
+        except (SchemaError, InvalidIdError) as err:
+            assert self._data_dir is not None
+            where = self._data_dir.directory
+            # The changes were dropped after the restore: no file or seq known.
+            raise restore_refusal(RestoredData(), where, err) from err
+
     def _restore(self, data_dir: DataDir) -> None:
         data = data_dir.open()
         try:
@@ -1480,10 +1501,19 @@ class Runtime:
                 for kind, states in data.states.items():
                     entry = self._kinds.get(kind)
                     if entry is not None and entry.definition.store_backed:
-                        entry.engine.store.update(freeze_states(states))
+                        validate = entry.definition.schema.validator
+                        entry.engine.store.update(
+                            validated_states(kind, states, validate)
+                        )
                     else:
                         backed = data.store_backed.get(kind, True)
                         self._orphans[kind] = (backed, states)
+                check_restored_ids(self.log)
+            except (SchemaError, InvalidIdError) as err:
+                # Whole files holding what the write path refuses: a definition
+                # that changed since, or an edited file. Not damage, so
+                # recover_damaged does not skip it either.
+                raise restore_refusal(data, data_dir.directory, err) from err
             except (ValueError, TypeError, OverflowError, RecursionError) as err:
                 # Files whose checksums hold but whose changes cannot be
                 # rebuilt (out of order, nested too deeply, malformed rows).

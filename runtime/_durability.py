@@ -12,8 +12,13 @@ from pathlib import Path
 from sys import intern
 from typing import Any
 
-from runtime._engine import check_timestamp
-from runtime._errors import EntityRuntimeError, RuntimeStoppedError
+from runtime._engine import check_entity_id, check_timestamp
+from runtime._errors import (
+    EntityRuntimeError,
+    InvalidIdError,
+    RuntimeStoppedError,
+    SchemaError,
+)
 from runtime._events import ReadOnlyDict, freeze
 from runtime._log import TransitionLog
 from runtime._persistence import (
@@ -110,10 +115,30 @@ class RestoredData:
     damaged_files: list[Path] = dataclasses.field(default_factory=list)
     """Files not (fully) used: corrupt snapshots, and journals from the first
     damaged record on, including later journals that could not be replayed."""
+    journal_files: list[Path] = dataclasses.field(default_factory=list)
+    """The journal files that were read, in replay order."""
 
     def damaged_snapshots(self) -> list[Path]:
         """The damaged files that are snapshots."""
         return [p for p in self.damaged_files if p.name.startswith("snapshot-")]
+
+    def source_of(self, kind: str, entity_id: str) -> tuple[Path | None, int | None]:
+        """The file and seq that the restored state of ``kind/entity_id`` came from.
+
+        The entity's last change names both; an entity without a change came
+        from the snapshot's states, at no known seq. Scans every change: meant
+        for error messages, not for a loop.
+        """
+        for change in reversed(self.changes):
+            if change.id == entity_id and change.kind == kind:
+                return self._file_holding(change.seq), change.seq
+        return self.snapshot, None
+
+    def _file_holding(self, seq: int) -> Path | None:
+        if self.snapshot is not None and seq <= file_seq(self.snapshot):
+            return self.snapshot
+        holding = [p for p in self.journal_files if file_seq(p) <= seq]
+        return holding[-1] if holding else None
 
     @property
     def damaged(self) -> bool:
@@ -233,6 +258,7 @@ def _load_data_dir(directory: Path) -> RestoredData:
             ) from err
 
     replay = read_journal(directory, on_corrupt="stop", after_seq=data.seq)
+    data.journal_files = replay.files
     if replay.corruption is not None:
         data.journal_damage = replay.corruption
         data.problems.append(str(replay.corruption))
@@ -379,6 +405,67 @@ def restore_into_log(log: TransitionLog, changes: Iterable[ChangeRecord]) -> int
             )
             count += 1
     return count
+
+
+def validated_states(
+    kind: str,
+    states: Mapping[str, Any],
+    validate: Callable[[Any, str, str], ReadOnlyDict],
+) -> dict[str, ReadOnlyDict]:
+    """Return restored states of ``kind`` as the write path would store them.
+
+    Each id must pass :func:`check_entity_id` and each state ``validate``, the
+    kind's schema validator, which also returns the state read-only (with the
+    schema's defaults filled in), so no separate freezing pass is needed. Only
+    the final state of each entity is checked, not every change that led to it.
+
+    Raises:
+        InvalidIdError: the first id the write path would refuse.
+        SchemaError: the first state the schema refuses.
+    """
+    return {
+        entity_id: validate(state, kind, check_entity_id(kind, entity_id))
+        for entity_id, state in states.items()
+    }
+
+
+def check_restored_ids(log: TransitionLog) -> None:
+    """Raise :class:`InvalidIdError` for the first id of ``log`` the write path refuses.
+
+    Covers the ids no state holds: plugin-backed kinds, removed entities.
+    """
+    for kind, entity_id in log.entity_keys():
+        check_entity_id(kind, entity_id)
+
+
+def restore_refusal(
+    data: RestoredData, directory: Path, err: SchemaError | InvalidIdError
+) -> RestoreError:
+    """The :class:`RestoreError` for a restored id or state the write path refuses.
+
+    A file that passed its checksum was written whole, so this is no damage
+    that ``recover_damaged`` could skip: the files and the definitions
+    disagree, and the message says how to go on.
+    """
+    path, seq = data.source_of(err.kind, err.entity_id)
+    where = str(path or directory) + ("" if seq is None else f" (seq {seq})")
+    what = str(err).removesuffix("; nothing recorded")
+    if isinstance(err, InvalidIdError):
+        cause = (
+            "The write path never records such an id, so the file was edited or "
+            "comes from elsewhere: put back a good copy"
+        )
+    else:
+        cause = (
+            "The state does not fit the kind's current definition (did its schema "
+            "change since the file was written?): start with the definition the "
+            "files were written with"
+        )
+    return RestoreError(
+        f"{where}: {what}; nothing was changed on disk. {cause}, or move the "
+        "snapshot and journal files aside to start without them; "
+        "recover_damaged=True does not skip this check"
+    )
 
 
 @contextlib.contextmanager
@@ -604,8 +691,3 @@ class DataDir:
     def journal_files(self) -> list[Path]:
         """The journal files in the directory, in replay order."""
         return list_journals(self.directory)
-
-
-def freeze_states(states: Mapping[str, Any]) -> dict[str, ReadOnlyDict]:
-    """Return restored states as read-only values."""
-    return {key: freeze(value) for key, value in states.items()}
