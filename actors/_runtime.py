@@ -1480,8 +1480,13 @@ class Runtime:
     def _restored_orphans(self, definition: KindDefinition) -> dict[str, ReadOnlyDict]:
         """The states restored for a kind defined after ``start()``, validated."""
         orphan = self._orphans.get(definition.kind)
-        if orphan is None or not definition.store_backed:
+        if orphan is None or not orphan[1]:
             return {}
+        if not definition.store_backed:
+            assert self._data_dir is not None
+            raise _states_of_plugin_kind(
+                self._data_dir.directory, definition.kind, orphan[1]
+            )
 
         validate = definition.schema.validator
         try:
@@ -1500,6 +1505,12 @@ class Runtime:
                 self.log.advance_to(data.seq)
                 for kind, states in data.states.items():
                     entry = self._kinds.get(kind)
+                    if (
+                        entry is not None
+                        and states
+                        and not entry.definition.store_backed
+                    ):
+                        raise _states_of_plugin_kind(data_dir.directory, kind, states)
                     if entry is not None and entry.definition.store_backed:
                         validate = entry.definition.schema.validator
                         entry.engine.store.update(
@@ -2568,6 +2579,19 @@ def _check_masked(
     else:
         return
     raise refused
+
+
+def _states_of_plugin_kind(
+    directory: Path, kind: str, states: dict[str, Any]
+) -> RestoreError:
+    # Its next snapshot would hold no states for a plugin-backed kind.
+    return RestoreError(
+        f"{directory}: kind {kind!r} is defined plugin-backed (with read=), but the "
+        f"files hold {len(states)} states it recorded while store-backed, which the "
+        "next snapshot would drop; nothing was changed on disk. Define it without "
+        "read= to keep them (remove its entities first to switch it over), or move "
+        "the snapshot and journal files aside"
+    )
 
 
 class _Shown:

@@ -371,6 +371,62 @@ def test_a_kind_defined_after_start_has_its_kept_states_checked(
     assert state == ticket(owner="ann")
 
 
+def test_states_of_a_kind_now_defined_plugin_backed_are_refused_not_dropped(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written(tmp_path, clock)
+    before = _files(data_dir)
+    rt = make_runtime(data_dir, clock)
+    rt.define_entity("ticket", Ticket, read=lambda ids: {})
+
+    err = _refused_start(rt, RestoreError)
+    again = make_runtime(data_dir, clock)
+    tickets = again.define_entity("ticket", Ticket)
+    with again:
+        kept = tickets.get_many(["t-1", "t-2"])
+
+    assert "kind 'ticket' is defined plugin-backed (with read=)" in str(err)
+    assert "the files hold 2 states" in str(err)
+    assert _files(data_dir) == before
+    assert kept == {"t-1": ticket(), "t-2": ticket(severity="high")}
+
+
+def test_a_kind_switches_to_plugin_backed_once_its_entities_are_removed(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written(tmp_path, clock)
+    rt, tickets = _ticket_runtime(data_dir, clock)
+    with rt:
+        tickets.remove("t-1")
+        tickets.remove("t-2")
+    plugged = make_runtime(data_dir, clock)
+    handle = plugged.define_entity("ticket", Ticket, read=lambda ids: {})
+
+    with plugged:
+        fields = [r.field for r in handle.history("t-1")]
+
+    assert fields[:2] == ["status", "severity"]
+    assert len(fields) > 2  # the tombstone row is kept too
+
+
+def test_a_plugin_backed_kind_defined_after_start_refuses_kept_states(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = tmp_path / "data"
+    first = make_runtime(data_dir, clock)
+    hosts = first.define_entity("host", Ticket)
+    with first:
+        hosts.mutate("h-1", lambda prev: ticket())
+    rt = make_runtime(data_dir, clock)
+
+    with rt:
+        with pytest.raises(RestoreError, match="kind 'host' is defined plugin-backed"):
+            rt.define_entity("host", Ticket, read=lambda ids: {})
+        state = rt.define_entity("host", Ticket).get("h-1")
+
+    assert state == ticket()
+
+
 # --- a normal run still restores exactly ----------------------------------------
 
 JSON_LEAF = st.one_of(
