@@ -65,6 +65,7 @@ from typing import Any, Literal, NoReturn
 import msgspec
 
 from runtime._errors import EntityRuntimeError
+from runtime._schema import MAX_DEPTH
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,10 @@ class JournalClosedError(EntityRuntimeError, ValueError):
 
 
 def _describe(value: Any) -> str:
-    shown = repr(value)
+    try:
+        shown = repr(value)
+    except Exception:
+        shown = f"<{type(value).__name__} object>"
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{type(value).__name__} {shown}"
@@ -205,12 +209,24 @@ def _where(root: str, steps: tuple[Any, ...] | None) -> str:
     return root + "".join(f"[{key!r}]" for key in reversed(keys))
 
 
+_LEFT = object()
+"""Marks, on the located walk's stack, where the walk leaves a container."""
+
+
 def _json_problem(value: Any) -> tuple[tuple[Any, ...] | None, str] | None:
-    """Return (location, reason) of the first non-JSON-compatible part, or None."""
-    stack: list[tuple[Any, tuple[Any, ...] | None]] = [(value, None)]
+    """Return (location, reason) of the first non-JSON-compatible part, or None.
+
+    A container met again inside itself (a cycle) is such a part: the walk
+    keeps the ids of the containers it is inside, so it ends on any value.
+    """
+    stack: list[tuple[Any, Any]] = [(value, None)]
+    inside: set[int] = set()
 
     while stack:
         item, steps = stack.pop()
+        if item is _LEFT:
+            inside.discard(steps)
+            continue
         kind = type(item)
         if kind is str or kind is float or kind is bool or item is None:
             continue
@@ -221,6 +237,15 @@ def _json_problem(value: Any) -> tuple[tuple[Any, ...] | None, str] | None:
                     "-2**63 to 2**64-1); store it as a string instead"
                 )
             continue
+        if isinstance(item, dict | list):
+            if id(item) in inside:
+                return steps, (
+                    f"is a {kind.__name__} that holds itself (a cycle), which "
+                    "no encoding can represent"
+                )
+            inside.add(id(item))
+            # Below the children: popped once the walk has left the container.
+            stack.append((_LEFT, id(item)))
         if isinstance(item, dict):
             for key, child in item.items():
                 if type(key) is not str:
@@ -252,10 +277,15 @@ def _json_clean(value: Any, *, ints_fit: bool = False) -> bool:
     sit, which makes it several times faster than the located walk. Callers
     walk again with :func:`_json_problem` to name the part that failed.
 
-    ``ints_fit`` skips the 64-bit range test of ints, for values just decoded
-    from MessagePack, whose ints always lie in ``-2**63 .. 2**64-1``.
+    ``ints_fit`` is for values just decoded from MessagePack: their ints always
+    lie in ``-2**63 .. 2**64-1`` and they are trees (a decoder builds no
+    cycles), so this walk tests neither. Other values go to
+    :func:`_json_clean_any`, which also ends on a value that holds itself.
     """
-    atoms = _DECODED_ATOMS if ints_fit else _JSON_ATOMS
+    if not ints_fit:
+        return _json_clean_any(value)
+
+    atoms = _DECODED_ATOMS
     if type(value) in atoms:
         return True
 
@@ -263,9 +293,8 @@ def _json_clean(value: Any, *, ints_fit: bool = False) -> bool:
     pop, push = stack.pop, stack.append
     while stack:
         item = pop()
-        kind = type(item)
         # Lists first: rows of changes make most of the containers.
-        if kind is list or isinstance(item, list):
+        if type(item) is list or isinstance(item, list):
             for child in item:
                 if type(child) not in atoms:
                     push(child)
@@ -275,10 +304,54 @@ def _json_clean(value: Any, *, ints_fit: bool = False) -> bool:
                     return False
                 if type(child) not in atoms:
                     push(child)
-        elif kind is not int or not _MIN_INT <= item <= _MAX_INT:
+        else:
             return False
 
     return True
+
+
+def _json_clean_any(value: Any) -> bool:
+    """:func:`_json_clean` for values from anywhere, which may hold cycles.
+
+    The stack keeps one iterator per container the walk is inside, so it
+    never holds more than the value's depth, and its length is that depth.
+    Past ``MAX_DEPTH`` levels (deeper than a state may nest, or a cycle) the
+    located walk, which ends on cycles, decides instead.
+    """
+    atoms = _JSON_ATOMS
+    stack: list[Iterator[Any]] = []
+    push, pop = stack.append, stack.pop
+    top: Iterator[Any] = iter((value,))
+    while True:
+        for child in top:
+            kind = type(child)
+            if kind in atoms:
+                continue
+            if kind is int:
+                if _MIN_INT <= child <= _MAX_INT:
+                    continue
+                return False
+            if kind is list or isinstance(child, list):
+                push(top)
+                top = iter(child)
+                break
+            if isinstance(child, dict):
+                for key in child:
+                    if type(key) is not str:
+                        return False
+                push(top)
+                top = iter(child.values())
+                break
+            return False
+        else:
+            # The container is done: back to its parent, or to the end.
+            if not stack:
+                return True
+            top = pop()
+            continue
+
+        if len(stack) > MAX_DEPTH:
+            return _json_problem(value) is None
 
 
 def encode_value(value: Any, *, what: str = "value") -> bytes:
@@ -290,7 +363,8 @@ def encode_value(value: Any, *, what: str = "value") -> bytes:
 
     Args:
         value: ``dict`` with ``str`` keys, ``list``, ``str``, ``int``, ``float``,
-            ``bool`` or ``None``, nested freely.
+            ``bool`` or ``None``, nested freely (up to the depth Python's
+            recursion limit allows the encoder), but not holding itself.
         what: how error messages refer to the value, e.g. ``"record"``.
 
     Returns:
@@ -299,14 +373,20 @@ def encode_value(value: Any, *, what: str = "value") -> bytes:
     Raises:
         UnencodableValueError: a part is not JSON-compatible (tuples, sets,
             bytes, datetimes, non-``str`` keys, ...) or is an int outside
-            ``-2**63 .. 2**64-1``, which MessagePack cannot hold; the message
-            names the part.
+            ``-2**63 .. 2**64-1``, which MessagePack cannot hold, or is a
+            container holding itself (a cycle); the message names the part.
+            Also when the value nests too deeply for the encoder.
     """
     if not _json_clean(value):
         steps, reason = _json_problem(value) or (None, "is not JSON-compatible")
         raise UnencodableValueError(_where(what, steps), reason)
 
-    return msgspec.msgpack.encode(value)
+    try:
+        return msgspec.msgpack.encode(value)
+    except RecursionError:
+        raise UnencodableValueError(
+            what, "nests too deeply to encode (deeper than Python's recursion limit)"
+        ) from None
 
 
 def _refuse_ext(code: int, data: memoryview) -> Any:

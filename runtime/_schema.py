@@ -7,7 +7,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from runtime._errors import DefinitionError, SchemaError
@@ -31,11 +31,19 @@ class _Invalid(Exception):
         self.reason = reason
 
 
+def _shown(value: Any, longest: int) -> str:
+    """``repr(value)`` cut to ``longest`` characters, even if ``__repr__`` raises."""
+    try:
+        shown = repr(value)
+    except Exception:
+        shown = f"<{type(value).__name__} object>"
+    if len(shown) > longest:
+        shown = shown[: longest - 3] + "..."
+    return shown
+
+
 def _describe(value: Any) -> str:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{shown} ({type(value).__name__})"
+    return f"{_shown(value, 60)} ({type(value).__name__})"
 
 
 def _join(path: str, key: str) -> str:
@@ -56,23 +64,53 @@ def _unknown_field(path: str, key: Any, listed: str) -> _Invalid:
         return _Invalid(_join(path, name), f"is not in the schema {expected}")
     if isinstance(key, str):
         return _Invalid(path, f"has a field with an empty name {expected}")
-    try:
-        shown = repr(key)
-    except Exception:
-        shown = f"<{type(key).__name__} object>"
-    if len(shown) > _LONGEST_SHOWN_KEY:
-        shown = shown[: _LONGEST_SHOWN_KEY - 3] + "..."
+    shown = _shown(key, _LONGEST_SHOWN_KEY)
     return _Invalid(path, f"has a key {shown} that is not a field name {expected}")
+
+
+def _uncomparable_key(path: str, key: Any, err: Exception) -> _Invalid:
+    """The error for a key whose ``__eq__`` or ``__hash__`` raised."""
+    return _Invalid(
+        path,
+        f"has a key {_shown(key, _LONGEST_SHOWN_KEY)} that cannot be compared "
+        f"with the field names ({_raised(err)})",
+    )
+
+
+def _raised(err: BaseException) -> str:
+    """``TypeName: message`` of an exception from user code, cut short."""
+    try:
+        text = str(err)
+    except Exception:
+        text = ""
+    if len(text) > _LONGEST_SHOWN_ERROR:
+        text = text[: _LONGEST_SHOWN_ERROR - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 _LONGEST_SHOWN_KEY = 64
 """Keys longer than this are cut short in error messages."""
 
+_LONGEST_SHOWN_ERROR = 200
+"""The message of an exception raised by a value's code is cut to this length."""
+
+
+def _plain_str(value: str, path: str) -> str:
+    """``str(value)`` of a str subclass (what is stored), even if ``__str__`` raises."""
+    try:
+        text = str(value)
+    except Exception as err:
+        raise _Invalid(
+            path, f"is a {type(value).__name__} whose __str__ raised ({_raised(err)})"
+        ) from err
+    # A __str__ may return a str subclass again: keep only its characters.
+    return text if type(text) is str else str.__str__(text)
+
 
 def _check_str(value: Any, path: str) -> str:
     if type(value) is not str:
         if isinstance(value, str):
-            return _check_str(str(value), path)
+            return _check_str(_plain_str(value, path), path)
         raise _Invalid(path, f"must be a string, got {_describe(value)}")
     if not value.isascii():
         try:
@@ -125,7 +163,7 @@ def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
         return _check_str(value, path)
     if isinstance(value, str):
         # str subclasses (StrEnum members) are stored as plain strings.
-        return _check_str(str(value), path)
+        return _check_str(_plain_str(value, path), path)
     if kind is int:
         return _check_int(value, path)
     if kind is float:
@@ -190,7 +228,12 @@ class StateSchema:
         return getattr(self.source, "__name__", repr(self.source))
 
     def validate(self, value: Any, kind: str, entity_id: str) -> ReadOnlyDict:
-        """Return the validated, read-only state or raise :class:`SchemaError`."""
+        """Return the validated, read-only state or raise :class:`SchemaError`.
+
+        Code that raises while the state is checked (a key's ``__eq__``, a
+        validator of the schema) refuses the state too; the error's cause is
+        what it raised.
+        """
         return self.validator(value, kind, entity_id)
 
 
@@ -204,11 +247,18 @@ def _validate_with(
         return check(value)
     except _Invalid as err:
         field = err.path or None
-        raise SchemaError(kind, entity_id, field, err.reason) from None
+        # The cause is kept when the value's own code raised (None otherwise).
+        raise SchemaError(kind, entity_id, field, err.reason) from err.__cause__
     except RecursionError:
         raise SchemaError(
             kind, entity_id, None, "nests too deeply (or is a cycle)"
         ) from None
+    except Exception as err:
+        # Code in the value (a key's __eq__, a mapping's __iter__, ...) or in
+        # the schema (a validator, a default factory) raised.
+        raise SchemaError(
+            kind, entity_id, None, f"could not be checked: {_raised(err)}"
+        ) from err
 
 
 def _literal_check(options: tuple[Any, ...]) -> _Check:
@@ -218,7 +268,8 @@ def _literal_check(options: tuple[Any, ...]) -> _Check:
     def check(value: Any, path: str) -> Any:
         try:
             ok = (type(value), value) in allowed
-        except TypeError:
+        except Exception:
+            # Unhashable, or a __hash__ or __eq__ that raises: not an option.
             ok = False
         if not ok:
             raise _Invalid(path, f"must be one of {listed}, got {_describe(value)}")
@@ -417,7 +468,11 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
             raise _Invalid(path, f"must be a mapping, got {_describe(value)}")
 
         for key in value:
-            if key not in names:
+            try:
+                known = key in names
+            except Exception as err:
+                raise _uncomparable_key(path, key, err) from err
+            if not known:
                 raise _unknown_field(path, key, listed)
 
         out = {}
@@ -479,7 +534,9 @@ def _flat_dataclass_check(
             "        try:",
             # "pass" keeps the block valid for a dataclass without fields.
             *(f"            {read}" for read in reads or ["pass"]),
-            "        except KeyError:",
+            # A missing name, or a key's __eq__ that raised: the full check
+            # says which.
+            "        except Exception:",
             "            pass",
             "        else:",
             f"            if {' and '.join(tests) or 'True'}:",
@@ -496,27 +553,161 @@ def _flat_dataclass_check(
 
 _MSGSPEC_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 
+_MSGSPEC_KEY_AT = re.compile(r" - at `key` in `\$([^`]*)`")
+"""Where msgspec refused a mapping's key: ``$.tags``, ``$.rows[2]``, ``$.m[...]``."""
+
+_MSGSPEC_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def _msgspec_refusal(value: Any, message: str) -> _Invalid:
+    """The error for msgspec's refusal of ``value``, showing a refused key.
+
+    msgspec names the type of a key it refuses but not the key itself, so
+    the key is looked up at the place the message names.
+    """
+    at = _MSGSPEC_KEY_AT.search(message)
+    if at is not None:
+        try:
+            found = _non_str_key(value, at.group(1))
+        except Exception:
+            found = None
+        if found is not None:
+            path, key = found
+            return _Invalid(path, f"has a key that is not a string: {_describe(key)}")
+    path_at = _MSGSPEC_PATH.search(message)
+    return _Invalid(path_at.group(1) if path_at else "", message)
+
+
+def _non_str_key(value: Any, where: str) -> tuple[str, Any] | None:
+    """The path and key of the first non-``str`` key of the mapping at ``where``.
+
+    ``where`` is msgspec's path below ``$``; ``[...]`` stands for any value
+    of a mapping, so each is tried.
+    """
+    places = [("", value)]
+    for step in _MSGSPEC_STEP.finditer(where):
+        name, index = step.groups()
+        reached = []
+        for path, part in places:
+            if name is not None and isinstance(part, Mapping) and name in part:
+                reached.append((_join(path, name), part[name]))
+            elif name is not None and hasattr(part, "__struct_fields__"):
+                reached.append((_join(path, name), getattr(part, name, None)))
+            elif index is not None and isinstance(part, list | tuple):
+                if int(index) < len(part):
+                    reached.append((f"{path}[{index}]", part[int(index)]))
+            elif name is None and index is None and isinstance(part, Mapping):
+                reached.extend(
+                    (_join(path, key) if isinstance(key, str) else path, item)
+                    for key, item in part.items()
+                )
+        places = reached
+
+    for path, part in places:
+        if isinstance(part, Mapping):
+            for key in part:
+                if not isinstance(key, str):
+                    return path, key
+    return None
+
+
+def _msgspec_unbuilt(obj: Any, names: tuple[str, ...], err: Exception) -> _Invalid:
+    """The error for a converted state that ``msgspec.to_builtins`` refused."""
+    import msgspec
+
+    reason = f"must be a JSON-compatible value ({_raised(err)})"
+    for name in names:
+        try:
+            msgspec.to_builtins(getattr(obj, name))
+        except Exception:
+            return _Invalid(name, reason)
+    return _Invalid("", reason)
+
 
 def _check_fields(value: Any, names: tuple[str, ...]) -> None:
     if not isinstance(value, Mapping):
         raise _Invalid("", f"must be a mapping, got {_describe(value)}")
     for key in value:
-        if key not in names:
+        try:
+            known = key in names
+        except Exception as err:
+            raise _uncomparable_key("", key, err) from err
+        if not known:
             raise _unknown_field("", key, ", ".join(names))
+
+
+def _aliased_fields(fields: Mapping[str, Any]) -> list[str]:
+    return [
+        name
+        for name, info in fields.items()
+        if any(
+            alias is not None and alias != name
+            for alias in (info.alias, info.validation_alias, info.serialization_alias)
+        )
+    ]
+
+
+def _named_classes(annotation: Any) -> Iterator[type]:
+    """The classes an annotation names, inside unions, containers and Annotated."""
+    if typing.get_origin(annotation) is None:
+        if isinstance(annotation, type):
+            yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _named_classes(arg)
+
+
+def _refuse_nested_aliases(model: Any) -> None:
+    """Refuse a model with aliased fields anywhere inside ``model``'s fields.
+
+    A field holding such a model (alone, in a list, a mapping or a union)
+    would take its values under the aliases and store them under the field
+    names, so a state read back could not be written again.
+    """
+    seen = {model}
+    pending: list[tuple[str, Any]] = [
+        (name, info.annotation) for name, info in model.model_fields.items()
+    ]
+    # Appending while iterating: each field is visited once, in order.
+    for path, annotation in pending:
+        for cls in _named_classes(annotation):
+            if cls in seen:
+                continue
+            seen.add(cls)
+            # Models and pydantic dataclasses list their fields with aliases;
+            # plain dataclasses have none but may hold models.
+            fields = getattr(cls, "__pydantic_fields__", None)
+            if isinstance(fields, dict):
+                hints = {name: info.annotation for name, info in fields.items()}
+            elif dataclasses.is_dataclass(cls):
+                fields, hints = {}, _dataclass_hints(cls)
+            else:
+                continue
+            aliased = _aliased_fields(fields)
+            if aliased:
+                raise DefinitionError(
+                    f"{model.__name__}.{path} holds {cls.__name__}, whose fields "
+                    f"{', '.join(map(repr, aliased))} have an alias; nested "
+                    "records are keyed by field names like states, so this field "
+                    "could not be written under them; remove the aliases from "
+                    f"{cls.__name__}"
+                )
+            pending.extend((f"{path}.{name}", hint) for name, hint in hints.items())
+
+
+def _dataclass_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        # Unresolvable names: pydantic reports them when it builds the model.
+        return {}
 
 
 def _compile_pydantic(model: Any) -> StateSchema:
     from pydantic import ValidationError
 
     names = tuple(model.model_fields)
-    aliased = [
-        name
-        for name, info in model.model_fields.items()
-        if any(
-            alias is not None and alias != name
-            for alias in (info.alias, info.validation_alias, info.serialization_alias)
-        )
-    ]
+    aliased = _aliased_fields(model.model_fields)
     if aliased:
         raise DefinitionError(
             f"{model.__name__}: fields {', '.join(map(repr, aliased))} have an alias; "
@@ -530,6 +721,7 @@ def _compile_pydantic(model: Any) -> StateSchema:
             "would be stored in the state and then refused as unknown keys on the "
             "next write; compute them from the state when reading instead"
         )
+    _refuse_nested_aliases(model)
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
@@ -546,15 +738,59 @@ def _compile_pydantic(model: Any) -> StateSchema:
     return StateSchema(model, names, check)
 
 
+def _renamed_fields(struct: Any) -> list[str]:
+    return [
+        name
+        for name, key in zip(
+            struct.__struct_fields__, struct.__struct_encode_fields__, strict=True
+        )
+        if name != key
+    ]
+
+
+def _refuse_nested_renames(struct: Any) -> None:
+    """Refuse a Struct with renamed fields anywhere inside ``struct``'s fields.
+
+    A field holding such a Struct (alone, in a list, a mapping or a union)
+    would be written under the renamed keys, never under the field names a
+    state is given with.
+    """
+    import msgspec
+
+    types = msgspec.inspect
+    seen: set[type] = set()
+    pending: list[tuple[str, Any]] = [("", types.type_info(struct))]
+    # Appending while iterating: each field is visited once, in order.
+    for path, node in pending:
+        # Records (Structs, dataclasses, ...) may hold themselves: each once.
+        cls: Any = getattr(node, "cls", None)
+        if cls is not None:
+            if cls in seen:
+                continue
+            seen.add(cls)
+        if isinstance(node, types.StructType) and cls is not struct:
+            renamed = _renamed_fields(cls)
+            if renamed:
+                inner = cls.__name__
+                raise DefinitionError(
+                    f"{struct.__name__}.{path} holds {inner}, whose fields "
+                    f"{', '.join(map(repr, renamed))} are renamed; nested records "
+                    "are keyed by field names like states, so this field could "
+                    f"not be written under them; remove rename= from {inner}"
+                )
+        for member in (getattr(node, name) for name in node.__struct_fields__):
+            for part in member if isinstance(member, tuple) else (member,):
+                if isinstance(part, types.Field):
+                    pending.append((_join(path, part.name), part.type))
+                elif isinstance(part, types.Type):
+                    pending.append((path, part))
+
+
 def _compile_msgspec(struct: Any) -> StateSchema:
     import msgspec
 
     names = tuple(struct.__struct_fields__)
-    renamed = [
-        name
-        for name, key in zip(names, struct.__struct_encode_fields__, strict=True)
-        if name != key
-    ]
+    renamed = _renamed_fields(struct)
     if renamed:
         raise DefinitionError(
             f"{struct.__name__}: fields {', '.join(map(repr, renamed))} are renamed; "
@@ -576,15 +812,20 @@ def _compile_msgspec(struct: Any) -> StateSchema:
             f"{struct.__name__}: {', '.join(shaping)} would store states that are "
             "not a mapping of exactly its fields; remove them"
         )
+    _refuse_nested_renames(struct)
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
         try:
             obj = msgspec.convert(dict(value), type=struct, strict=True)
         except msgspec.ValidationError as err:
-            found = _MSGSPEC_PATH.search(str(err))
-            raise _Invalid(found.group(1) if found else "", str(err)) from None
-        return check_json_value(msgspec.to_builtins(obj))  # type: ignore[no-any-return]
+            raise _msgspec_refusal(value, str(err)) from None
+        try:
+            plain = msgspec.to_builtins(obj)
+        except (TypeError, ValueError) as err:
+            # An Any field holding an object msgspec has no plain form for.
+            raise _msgspec_unbuilt(obj, names, err) from None
+        return check_json_value(plain)  # type: ignore[no-any-return]
 
     return StateSchema(struct, names, check)
 
@@ -593,8 +834,9 @@ def compile_schema(spec: Any) -> StateSchema:
     """Compile a state schema from a dataclass, pydantic model or msgspec Struct.
 
     Raises:
-        DefinitionError: the schema is none of those, or uses an annotation
-            that cannot describe JSON-compatible data.
+        DefinitionError: the schema is none of those, uses an annotation
+            that cannot describe JSON-compatible data, or keys its records
+            (its own or nested ones) by other names than their fields.
     """
     if isinstance(spec, StateSchema):
         return spec
