@@ -34,7 +34,20 @@ REMOVE = 2
 _ACCEPTING = DeliveryTracker.ACCEPTING
 
 BURST = 256
-"""Requests a kind actor runs before handing their changes on and answering."""
+"""Requests a kind actor runs before handing their changes on and answering.
+
+Fewer when their applies are slow: see ``HAND_ON_AFTER``.
+"""
+
+HAND_ON_AFTER = 0.005
+"""Seconds a kind actor holds a burst's committed changes before the next apply.
+
+A burst of fast writes (up to ``BURST`` of them) ends well within this
+time. When its applies are slow (a plugin-backed kind writing to its own
+storage, say), the actor hands on, makes durable and answers what it has
+committed so far before it starts the next apply once this time has passed
+since the oldest change it holds.
+"""
 
 LINGER = 0.0005
 """Seconds a kind actor holding consumer wake-ups waits for the next write.
@@ -723,10 +736,19 @@ class KindActor(pykka.ThreadingActor):
             tracker.add(seq)
             floors.append(seq)
 
+        def close_segment(outcomes: list[_Outcome]) -> None:
+            # Its changes are handed on: close its floor, let the next commit
+            # open another, and answer its callers.
+            if floors:
+                tracker.done(floors)
+                floors.clear()
+                engine.begin_burst(open_floor)
+            self._answer(outcomes)
+
         engine = self.engine
         engine.begin_burst(open_floor)
         try:
-            outcomes = self._run_all(batch, wakes)
+            outcomes = self._run_all(batch, wakes, close_segment)
         finally:
             engine.end_burst()
             if floors:
@@ -754,19 +776,25 @@ class KindActor(pykka.ThreadingActor):
         tracker.finish_mutations(len(outcomes))
 
     def _run_all(
-        self, batch: Iterable[Request], wakes: list[Callable[[], None]]
+        self,
+        batch: Iterable[Request],
+        wakes: list[Callable[[], None]],
+        close_segment: Callable[[list[_Outcome]], None],
     ) -> list[_Outcome]:
-        """Run, make durable and hand on one burst; return each request's outcome.
+        """Run, make durable and hand on one burst; return the outcomes left.
 
-        The changes are handed on at the end of the burst, or earlier when
-        the deriver stage's mailbox could not take them all: its bound counts
-        the changes the burst has not handed on yet.
+        The changes are handed on at the end of the burst, or earlier in
+        segments: when the deriver stage's mailbox could not take them all
+        (its bound counts the changes not handed on yet), or before an apply
+        that would start ``HAND_ON_AFTER`` seconds or more after the oldest
+        change held. An early segment is passed to ``close_segment`` once
+        handed on; the last one is returned.
         """
-        outcomes: list[_Outcome] = []
         segment: list[_Outcome] = []
         requests = self.requests
         requests.unhanded = segment
         waiting = 0
+        held_since = 0.0
         box = self._deriver_box()
         abort = self._abort
         self._stalled = False
@@ -778,18 +806,22 @@ class KindActor(pykka.ThreadingActor):
             depth = 0
             if box is not None:
                 depth = len(box)
-                if waiting and depth + waiting >= box.capacity:
-                    outcomes += self._finish_segment(segment, wakes)
-                    segment, waiting = [], 0
-                    requests.unhanded = segment
-                    _make(wakes)
-                    self._release_all_held()
-                    depth = len(box)
-                elif depth >= box.capacity:
+                if not waiting and depth >= box.capacity:
                     # The stage must be awake before the writer waits for it,
                     # whichever shard holds its wake-up.
                     _make(wakes)
                     self._release_all_held()
+            if waiting and (
+                (box is not None and depth + waiting >= box.capacity)
+                or _perf_counter() - held_since >= HAND_ON_AFTER
+            ):
+                close_segment(self._finish_segment(segment, wakes))
+                segment, waiting = [], 0
+                requests.unhanded = segment
+                _make(wakes)
+                self._release_all_held()
+                if box is not None:
+                    depth = len(box)
 
             try:
                 result, change = self._run(request, box, depth)
@@ -797,9 +829,12 @@ class KindActor(pykka.ThreadingActor):
                 segment.append((request, None, None, err))
             else:
                 segment.append((request, result, change, None))
-                waiting += change is not None
+                if change is not None:
+                    if not waiting:
+                        held_since = _perf_counter()
+                    waiting += 1
 
-        outcomes += self._finish_segment(segment, wakes)
+        outcomes = self._finish_segment(segment, wakes)
         requests.unhanded = []
         return outcomes
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import Ticket, ticket
 
+from actors._kind import HAND_ON_AFTER
 from runtime import (
     BackpressureError,
     DeliveryTimeoutError,
@@ -233,6 +234,46 @@ def test_a_drain_timeout_names_a_kind_actor_holding_committed_changes() -> None:
 
     assert f"kind:ticket/0 (seqs {a_seq})" in str(caught.value)
     assert "a handler is running" not in str(caught.value)
+
+
+def test_changes_held_past_the_hand_on_time_are_delivered_before_a_slow_apply() -> None:
+    # a and b commit in one burst, b's apply taking longer than HAND_ON_AFTER;
+    # c's apply then blocks. a and b must reach the subscriber and their
+    # callers, and drain() return, while c's apply still runs.
+    seen: list[str] = []
+    rt = Runtime()
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.on_entity_changed("ticket", lambda c: seen.append(c.id))
+    first_started, first_gate = threading.Event(), threading.Event()
+    c_started, c_gate = threading.Event(), threading.Event()
+
+    def slow(prev: Any) -> dict[str, Any]:
+        time.sleep(HAND_ON_AFTER * 2)
+        return ticket()
+
+    with rt:
+        first = tickets.mutate_async("t-0", _gated(first_started, first_gate))
+        assert first_started.wait(10)
+        a = tickets.mutate_async("a", lambda prev: ticket())
+        b = tickets.mutate_async("b", slow)
+        c = tickets.mutate_async("c", _gated(c_started, c_gate))
+        first_gate.set()
+        try:
+            assert c_started.wait(10)
+            answered = [a.done(), b.done()]
+            rt.drain(timeout=10)
+            seen_while_c_ran = list(seen)
+            c_was_running = not c.done()
+        finally:
+            c_gate.set()
+        c.get(timeout=10)
+        first.get(timeout=10)
+        rt.drain(timeout=10)
+
+    assert answered == [True, True]
+    assert seen_while_c_ran == ["t-0", "a", "b"]
+    assert c_was_running
+    assert seen == ["t-0", "a", "b", "c"]
 
 
 def test_a_drain_timeout_counts_every_change_a_kind_actor_holds() -> None:
