@@ -19,16 +19,35 @@ MAX_DEPTH = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
-_Check = Callable[[Any, str], Any]
+_Check = Callable[[Any], Any]
 
 
 class _Invalid(Exception):
-    """A value failed a check; ``path`` names where (``status``, ``tags[2]``)."""
+    """A value failed a check; ``path`` names where (``status``, ``tags[2]``).
+
+    Checks are given no path, so a value that passes costs no path string:
+    each container a failure passes on its way out appends its step (a key
+    or field name, or a list index) to ``steps``, and ``path`` is joined
+    from them when it is read. ``base`` is where the checked value itself is.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(reason)
-        self.path = path
+        self.base = path
+        self.steps: list[str | int] = []
         self.reason = reason
+
+    def at(self, step: str | int) -> _Invalid:
+        """Add the step to the part that failed, from the container holding it."""
+        self.steps.append(step)
+        return self
+
+    @property
+    def path(self) -> str:
+        path = self.base
+        for step in reversed(self.steps):
+            path = f"{path}[{step}]" if isinstance(step, int) else _join(path, step)
+        return path
 
 
 def _shown(value: Any, longest: int) -> str:
@@ -50,7 +69,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _unknown_field(path: str, key: Any, listed: str) -> _Invalid:
+def _unknown_field(key: Any, listed: str) -> _Invalid:
     """The error for a key of a state or record that is not one of its fields.
 
     A string key is named as the field's path; an empty or non-string key
@@ -61,17 +80,17 @@ def _unknown_field(path: str, key: Any, listed: str) -> _Invalid:
         name = str.__str__(key)
         if len(name) > _LONGEST_SHOWN_KEY:
             name = name[: _LONGEST_SHOWN_KEY - 3] + "..."
-        return _Invalid(_join(path, name), f"is not in the schema {expected}")
+        return _Invalid("", f"is not in the schema {expected}").at(name)
     if isinstance(key, str):
-        return _Invalid(path, f"has a field with an empty name {expected}")
+        return _Invalid("", f"has a field with an empty name {expected}")
     shown = _shown(key, _LONGEST_SHOWN_KEY)
-    return _Invalid(path, f"has a key {shown} that is not a field name {expected}")
+    return _Invalid("", f"has a key {shown} that is not a field name {expected}")
 
 
-def _uncomparable_key(path: str, key: Any, err: Exception) -> _Invalid:
+def _uncomparable_key(key: Any, err: Exception) -> _Invalid:
     """The error for a key whose ``__eq__`` or ``__hash__`` raised."""
     return _Invalid(
-        path,
+        "",
         f"has a key {_shown(key, _LONGEST_SHOWN_KEY)} that cannot be compared "
         f"with the field names ({_raised(err)})",
     )
@@ -95,59 +114,59 @@ _LONGEST_SHOWN_ERROR = 200
 """The message of an exception raised by a value's code is cut to this length."""
 
 
-def _plain_str(value: str, path: str) -> str:
+def _plain_str(value: str) -> str:
     """``str(value)`` of a str subclass (what is stored), even if ``__str__`` raises."""
     try:
         text = str(value)
     except Exception as err:
         raise _Invalid(
-            path, f"is a {type(value).__name__} whose __str__ raised ({_raised(err)})"
+            "", f"is a {type(value).__name__} whose __str__ raised ({_raised(err)})"
         ) from err
     # A __str__ may return a str subclass again: keep only its characters.
     return text if type(text) is str else str.__str__(text)
 
 
-def _check_str(value: Any, path: str) -> str:
+def _check_str(value: Any) -> str:
     if type(value) is not str:
         if isinstance(value, str):
-            return _check_str(_plain_str(value, path), path)
-        raise _Invalid(path, f"must be a string, got {_describe(value)}")
+            return _check_str(_plain_str(value))
+        raise _Invalid("", f"must be a string, got {_describe(value)}")
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Invalid(path, "must be valid Unicode (no lone surrogates)") from None
+            raise _Invalid("", "must be valid Unicode (no lone surrogates)") from None
     return value
 
 
-def _check_int(value: Any, path: str) -> int:
+def _check_int(value: Any) -> int:
     if type(value) is not int:
-        raise _Invalid(path, f"must be an integer, got {_describe(value)}")
+        raise _Invalid("", f"must be an integer, got {_describe(value)}")
     if not _INT_MIN <= value <= _INT_MAX:
-        raise _Invalid(path, f"must fit in 64 bits, got {value}")
+        raise _Invalid("", f"must fit in 64 bits, got {value}")
     return value
 
 
-def _check_float(value: Any, path: str) -> float:
+def _check_float(value: Any) -> float:
     kind = type(value)
     if kind is int:
-        value = float(_check_int(value, path))
+        value = float(_check_int(value))
     elif kind is not float:
-        raise _Invalid(path, f"must be a number, got {_describe(value)}")
+        raise _Invalid("", f"must be a number, got {_describe(value)}")
     if not math.isfinite(value):
-        raise _Invalid(path, f"must be a finite number, got {value!r}")
+        raise _Invalid("", f"must be a finite number, got {value!r}")
     return float(value)
 
 
-def _check_bool(value: Any, path: str) -> bool:
+def _check_bool(value: Any) -> bool:
     if type(value) is not bool:
-        raise _Invalid(path, f"must be true or false, got {_describe(value)}")
+        raise _Invalid("", f"must be true or false, got {_describe(value)}")
     return value
 
 
-def _check_none(value: Any, path: str) -> None:
+def _check_none(value: Any) -> None:
     if value is not None:
-        raise _Invalid(path, f"must be null, got {_describe(value)}")
+        raise _Invalid("", f"must be null, got {_describe(value)}")
 
 
 def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
@@ -156,44 +175,60 @@ def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
     JSON-compatible means: ``None``, ``bool``, 64-bit ``int``, finite ``float``,
     ``str``, ``list`` and ``dict`` with string keys, nested at most
     ``MAX_DEPTH`` levels. Tuples, sets, bytes and other objects are refused,
-    because they would not come back as what went in.
+    because they would not come back as what went in. ``path`` is where
+    ``value`` is and ``depth`` how deeply it is nested there.
     """
+    try:
+        return _json_value(value, depth)
+    except _Invalid as err:
+        err.base = path
+        raise
+
+
+def _json_value(value: Any, depth: int) -> Any:
     kind = type(value)
     if kind is str:
-        return _check_str(value, path)
+        return _check_str(value)
     if isinstance(value, str):
         # str subclasses (StrEnum members) are stored as plain strings.
-        return _check_str(_plain_str(value, path), path)
+        return _check_str(_plain_str(value))
     if kind is int:
-        return _check_int(value, path)
+        return _check_int(value)
     if kind is float:
-        return _check_float(value, path)
+        return _check_float(value)
     if value is None or kind is bool:
         return value
     if depth >= MAX_DEPTH:
-        raise _Invalid(path, f"nests deeper than {MAX_DEPTH} levels (or is a cycle)")
+        raise _Invalid("", f"nests deeper than {MAX_DEPTH} levels (or is a cycle)")
+
+    depth += 1
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if type(key) is not str:
-                raise _Invalid(
-                    path, f"has a key that is not a string: {_describe(key)}"
-                )
-            _check_str(key, path)
-            out[key] = check_json_value(item, _join(path, key), depth + 1)
+                raise _Invalid("", f"has a key that is not a string: {_describe(key)}")
+            _check_str(key)
+            try:
+                out[key] = _json_value(item, depth)
+            except _Invalid as err:
+                err.at(key)
+                raise
         return ReadOnlyDict(out)
     if isinstance(value, list):
-        return ReadOnlyList(
-            [
-                check_json_value(item, f"{path}[{i}]", depth + 1)
-                for i, item in enumerate(value)
-            ]
-        )
-    raise _Invalid(path, f"must be a JSON-compatible value, got {_describe(value)}")
+        items: list[Any] = []
+        try:
+            for item in value:
+                items.append(_json_value(item, depth))
+        except _Invalid as err:
+            # The item that failed is the first one not appended.
+            err.at(len(items))
+            raise
+        return ReadOnlyList(items)
+    raise _Invalid("", f"must be a JSON-compatible value, got {_describe(value)}")
 
 
-def _check_any(value: Any, path: str) -> Any:
-    return check_json_value(value, path, 1)
+def _check_any(value: Any) -> Any:
+    return _json_value(value, 1)
 
 
 class StateSchema:
@@ -265,14 +300,14 @@ def _literal_check(options: tuple[Any, ...]) -> _Check:
     allowed = {(type(o), o) for o in options}
     listed = ", ".join(repr(o) for o in options)
 
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         try:
             ok = (type(value), value) in allowed
         except Exception:
             # Unhashable, or a __hash__ or __eq__ that raises: not an option.
             ok = False
         if not ok:
-            raise _Invalid(path, f"must be one of {listed}, got {_describe(value)}")
+            raise _Invalid("", f"must be one of {listed}, got {_describe(value)}")
         return value
 
     return check
@@ -282,10 +317,10 @@ def _enum_check(cls: type[enum.Enum]) -> _Check:
     values = [m.value for m in cls]
     inner = _literal_check(tuple(values))
 
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if isinstance(value, cls):
             value = value.value
-        return inner(value, path)
+        return inner(value)
 
     return check
 
@@ -293,45 +328,55 @@ def _enum_check(cls: type[enum.Enum]) -> _Check:
 def _union_check(options: list[_Check], names: list[str]) -> _Check:
     listed = " or ".join(names)
 
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         for option in options:
             try:
-                return option(value, path)
+                return option(value)
             except _Invalid:
                 continue
-        raise _Invalid(path, f"must be {listed}, got {_describe(value)}")
+        raise _Invalid("", f"must be {listed}, got {_describe(value)}")
 
     return check
 
 
 def _optional_check(inner: _Check) -> _Check:
-    def check(value: Any, path: str) -> Any:
-        return None if value is None else inner(value, path)
+    def check(value: Any) -> Any:
+        return None if value is None else inner(value)
 
     return check
 
 
 def _list_check(item: _Check) -> _Check:
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if not isinstance(value, list):
-            raise _Invalid(path, f"must be a list, got {_describe(value)}")
-        return ReadOnlyList([item(v, f"{path}[{i}]") for i, v in enumerate(value)])
+            raise _Invalid("", f"must be a list, got {_describe(value)}")
+        items: list[Any] = []
+        try:
+            for v in value:
+                items.append(item(v))
+        except _Invalid as err:
+            # The item that failed is the first one not appended.
+            err.at(len(items))
+            raise
+        return ReadOnlyList(items)
 
     return check
 
 
 def _dict_check(item: _Check) -> _Check:
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if not isinstance(value, dict):
-            raise _Invalid(path, f"must be a mapping, got {_describe(value)}")
+            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
         out = {}
         for key, v in value.items():
             if type(key) is not str:
-                raise _Invalid(
-                    path, f"has a key that is not a string: {_describe(key)}"
-                )
-            _check_str(key, path)
-            out[key] = item(v, _join(path, key))
+                raise _Invalid("", f"has a key that is not a string: {_describe(key)}")
+            _check_str(key)
+            try:
+                out[key] = item(v)
+            except _Invalid as err:
+                err.at(key)
+                raise
         return ReadOnlyDict(out)
 
     return check
@@ -378,12 +423,7 @@ def _compile_annotation(annotation: Any, where: str) -> _Check:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return _enum_check(annotation)
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        nested = _compile_dataclass(annotation)
-
-        def check(value: Any, path: str) -> Any:
-            return nested(value, path)
-
-        return check
+        return _compile_record(annotation)
     raise DefinitionError(
         f"{where}: unsupported annotation {annotation!r}; use str, int, float, "
         "bool, None, Any, Literal, list[...], dict[str, ...], unions, enums or "
@@ -443,6 +483,20 @@ def _literal_test(
 
 
 def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
+    """The check of a ``cls`` record found at the path it is given."""
+    record = _compile_record(cls)
+
+    def check(value: Any, path: str) -> ReadOnlyDict:
+        try:
+            return record(value)
+        except _Invalid as err:
+            err.base = path
+            raise
+
+    return check
+
+
+def _compile_record(cls: type) -> Callable[[Any], ReadOnlyDict]:
     try:
         hints = typing.get_type_hints(cls, include_extras=True)
     except Exception as err:
@@ -463,28 +517,32 @@ def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
     names = {name for name, _, _ in specs}
     listed = ", ".join(name for name, _, _ in specs)
 
-    def check_record(value: Any, path: str) -> ReadOnlyDict:
+    def check_record(value: Any) -> ReadOnlyDict:
         if not isinstance(value, Mapping):
-            raise _Invalid(path, f"must be a mapping, got {_describe(value)}")
+            raise _Invalid("", f"must be a mapping, got {_describe(value)}")
 
         for key in value:
             try:
                 known = key in names
             except Exception as err:
-                raise _uncomparable_key(path, key, err) from err
+                raise _uncomparable_key(key, err) from err
             if not known:
-                raise _unknown_field(path, key, listed)
+                raise _unknown_field(key, listed)
 
         out = {}
-        for name, check, default in specs:
-            if name in value:
-                out[name] = check(value[name], _join(path, name))
-            elif default is None:
-                raise _Invalid(_join(path, name), "is missing")
-            else:
-                how, given = default
-                raw = given() if how == "factory" else given
-                out[name] = check(raw, _join(path, name))
+        try:
+            for name, check, default in specs:
+                if name in value:
+                    out[name] = check(value[name])
+                elif default is None:
+                    raise _Invalid("", "is missing")
+                else:
+                    how, given = default
+                    out[name] = check(given() if how == "factory" else given)
+        except _Invalid as err:
+            # ``name`` is the field being checked when it failed.
+            err.at(name)
+            raise
         return ReadOnlyDict(out)
 
     return check_record
@@ -631,9 +689,9 @@ def _check_fields(value: Any, names: tuple[str, ...]) -> None:
         try:
             known = key in names
         except Exception as err:
-            raise _uncomparable_key("", key, err) from err
+            raise _uncomparable_key(key, err) from err
         if not known:
-            raise _unknown_field("", key, ", ".join(names))
+            raise _unknown_field(key, ", ".join(names))
 
 
 def _aliased_fields(fields: Mapping[str, Any]) -> list[str]:
@@ -841,12 +899,8 @@ def compile_schema(spec: Any) -> StateSchema:
     if isinstance(spec, StateSchema):
         return spec
     if isinstance(spec, type) and dataclasses.is_dataclass(spec):
-        record = _compile_dataclass(spec)
+        full = _compile_record(spec)
         names = tuple(f.name for f in dataclasses.fields(spec))
-
-        def full(value: Any) -> ReadOnlyDict:
-            return record(value, "")
-
         quick = _flat_dataclass_check(spec, full)
         return StateSchema(spec, names, full, flat=quick is not None, quick=quick)
     if isinstance(spec, type) and hasattr(spec, "model_validate"):
