@@ -16,6 +16,10 @@ from runtime._events import ReadOnlyDict, ReadOnlyList
 MAX_DEPTH = 64
 """How deeply values may nest; deeper values (and cycles) are refused."""
 
+MAX_VALUES = 1_000_000
+"""The most values (list items and mapping entries, at any depth) that one
+free-form (``Any``) value of a state may hold."""
+
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -179,13 +183,18 @@ def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
     ``value`` is and ``depth`` how deeply it is nested there.
     """
     try:
-        return _json_value(value, depth)
+        return _json_value(value, depth, [MAX_VALUES])
+    except _TooMany:
+        raise _Invalid(path, _TOO_MANY) from None
     except _Invalid as err:
         err.base = path
         raise
 
 
-def _json_value(value: Any, depth: int) -> Any:
+def _json_value(value: Any, depth: int, left: list[int]) -> Any:
+    # ``left`` counts down the values the whole check may still copy: shared
+    # lists (``[row] * 1000`` nested a few levels) would otherwise make a copy
+    # that grows exponentially with the depth.
     kind = type(value)
     if kind is str:
         return _check_str(value)
@@ -203,22 +212,28 @@ def _json_value(value: Any, depth: int) -> Any:
 
     depth += 1
     if isinstance(value, dict):
+        left[0] -= len(value)
+        if left[0] < 0:
+            raise _TooMany("", _TOO_MANY)
         out = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise _Invalid("", f"has a key that is not a string: {_describe(key)}")
             _check_str(key)
             try:
-                out[key] = _json_value(item, depth)
+                out[key] = _json_value(item, depth, left)
             except _Invalid as err:
                 err.at(key)
                 raise
         return ReadOnlyDict(out)
     if isinstance(value, list):
+        left[0] -= len(value)
+        if left[0] < 0:
+            raise _TooMany("", _TOO_MANY)
         items: list[Any] = []
         try:
             for item in value:
-                items.append(_json_value(item, depth))
+                items.append(_json_value(item, depth, left))
         except _Invalid as err:
             # The item that failed is the first one not appended.
             err.at(len(items))
@@ -228,7 +243,21 @@ def _json_value(value: Any, depth: int) -> Any:
 
 
 def _check_any(value: Any) -> Any:
-    return _json_value(value, 1)
+    try:
+        return _json_value(value, 1, [MAX_VALUES])
+    except _TooMany:
+        # Named as the whole free-form value, not where the count ran out.
+        raise _Invalid("", _TOO_MANY) from None
+
+
+class _TooMany(_Invalid):
+    """A free-form value holds more than ``MAX_VALUES`` values (no path kept)."""
+
+    def at(self, step: str | int) -> _Invalid:
+        return self
+
+
+_TOO_MANY = f"holds more than {MAX_VALUES:,} values in all"
 
 
 class StateSchema:

@@ -23,7 +23,7 @@ from runtime._persistence import (
     decode_value,
     encode_value,
 )
-from runtime._schema import MAX_DEPTH
+from runtime._schema import MAX_DEPTH, MAX_VALUES
 
 # --- values that hold themselves ----------------------------------------------
 
@@ -427,3 +427,43 @@ def test_a_schema_check_that_raises_is_reported_as_the_states_refusal(
     )
     assert isinstance(caught.value.__cause__, LookupError)
     assert (checked.get("c-1"), rt.log.last_seq, len(rt.log)) == before
+
+
+def _shared_rows(levels: int) -> list[Any]:
+    """A list whose every level holds the level below twice: 2**levels leaves."""
+    value: list[Any] = [1]
+    for _ in range(levels):
+        value = [value, value]
+    return value
+
+
+def test_a_free_form_value_expanding_past_the_value_limit_is_refused(
+    rt: Runtime,
+) -> None:
+    # 2**40 leaves once copied: without a limit the check would run for days.
+    docs = rt.define_entity("doc", _Doc)
+    rt.start()
+    docs.mutate("d-1", lambda prev: {"n": 1})
+    before = (docs.get("d-1"), rt.log.last_seq, len(rt.log))
+
+    with pytest.raises(SchemaError) as caught:
+        docs.mutate("d-1", lambda prev: {"anything": _shared_rows(40)})
+
+    assert caught.value.field == "anything"
+    assert f"holds more than {MAX_VALUES:,} values in all" in str(caught.value)
+    assert (docs.get("d-1"), rt.log.last_seq, len(rt.log)) == before
+
+
+def test_the_value_limit_counts_every_list_item_and_mapping_entry() -> None:
+    # 1,000 rows of 999 items, plus the 1,000 rows themselves: exactly the limit.
+    row = list(range(MAX_VALUES // 1000 - 1))
+    at_limit = [row] * 1000
+    check = compile_schema(_Doc).validator
+
+    state = check({"anything": at_limit}, "doc", "d-1")
+    with pytest.raises(SchemaError) as caught:
+        check({"anything": [*at_limit, 1]}, "doc", "d-1")
+
+    assert len(state["anything"]) == 1000
+    assert state["anything"][999] == row
+    assert caught.value.field == "anything"
