@@ -1488,7 +1488,7 @@ class Runtime:
                 self._data_dir.directory, definition.kind, orphan[1]
             )
 
-        validate = definition.schema.validator
+        validate = definition.schema.restore_validator
         try:
             return validated_states(definition.kind, orphan[1], validate)
         except (SchemaError, InvalidIdError) as err:
@@ -1512,7 +1512,7 @@ class Runtime:
                     ):
                         raise _states_of_plugin_kind(data_dir.directory, kind, states)
                     if entry is not None and entry.definition.store_backed:
-                        validate = entry.definition.schema.validator
+                        validate = entry.definition.schema.restore_validator
                         entry.engine.store.update(
                             validated_states(kind, states, validate)
                         )

@@ -415,8 +415,9 @@ def validated_states(
     """Return restored states of ``kind`` as the write path would store them.
 
     Each id must pass :func:`check_entity_id` and each state ``validate``, the
-    kind's schema validator, which also returns the state read-only (with the
-    schema's defaults filled in), so no separate freezing pass is needed. Only
+    schema's check of recorded states (``StateSchema.restore_validator``),
+    which also returns the state read-only (with the schema's defaults filled
+    in), so no separate freezing pass is needed. Only
     the final state of each entity is checked, not every change that led to it.
 
     Raises:

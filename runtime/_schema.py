@@ -276,6 +276,7 @@ class StateSchema:
         check: Callable[[Any], ReadOnlyDict],
         flat: bool = False,
         quick: _Validator | None = None,
+        stored: Callable[[Any], ReadOnlyDict] | None = None,
     ) -> None:
         self.source = source
         self.fields = fields
@@ -285,6 +286,20 @@ class StateSchema:
             functools.partial(_validate_with, check) if quick is None else quick
         )
         """:meth:`validate` as a plain function (generated for flat schemas)."""
+        self.restore_validator: _Validator = functools.partial(
+            _validate_with, check if stored is None else stored
+        )
+        """Checks a state as recorded (restored from a data dir).
+
+        It must accept every state :attr:`validator` returned and leave it
+        as it is: the dataclass check does (it is the same check), but a
+        pydantic model's or msgspec Struct's check need not (an enum field
+        refuses its stored string in strict mode; a validator or serializer
+        may change the value each time), so for those a recorded state is
+        checked for what the runtime itself guarantees: a JSON-compatible
+        mapping of exactly the schema's fields, the missing ones with a
+        default filled in.
+        """
 
     @property
     def name(self) -> str:
@@ -808,6 +823,13 @@ def _compile_pydantic(model: Any) -> StateSchema:
             "would be stored in the state and then refused as unknown keys on the "
             "next write; compute them from the state when reading instead"
         )
+    excluded = [name for name, info in model.model_fields.items() if info.exclude]
+    if excluded:
+        raise DefinitionError(
+            f"{model.__name__}: fields {', '.join(map(repr, excluded))} are excluded "
+            "from the model's dump, so no stored state would hold them and the "
+            "next write from it would lack them; remove exclude="
+        )
     _refuse_nested_aliases(model)
 
     def check(value: Any) -> ReadOnlyDict:
@@ -822,7 +844,39 @@ def _compile_pydantic(model: Any) -> StateSchema:
             raise _Invalid(loc, first.get("msg", str(err))) from None
         return check_json_value(dumped)  # type: ignore[no-any-return]
 
-    return StateSchema(model, names, check)
+    def defaults() -> dict[str, Any]:
+        return {
+            name: info.get_default(call_default_factory=True)
+            for name, info in model.model_fields.items()
+            if not info.is_required()
+        }
+
+    return StateSchema(model, names, check, stored=_stored_check(names, defaults))
+
+
+def _stored_check(
+    names: tuple[str, ...], defaults: Callable[[], dict[str, Any]]
+) -> Callable[[Any], ReadOnlyDict]:
+    """The check of a recorded state of a pydantic or msgspec schema.
+
+    ``defaults`` gives the values of the fields that have one (called only
+    when a recorded state lacks a field: a field added since it was written).
+    """
+
+    def check(value: Any) -> ReadOnlyDict:
+        _check_fields(value, names)
+        missing = [name for name in names if name not in value]
+        if missing:
+            known = defaults()
+            for name in missing:
+                if name not in known:
+                    raise _Invalid(name, "is missing and has no default")
+            value = {**{name: known[name] for name in missing}, **value}
+            value = {name: value[name] for name in names}
+        state: ReadOnlyDict = check_json_value(value)
+        return state
+
+    return check
 
 
 def _renamed_fields(struct: Any) -> list[str]:
@@ -914,7 +968,16 @@ def _compile_msgspec(struct: Any) -> StateSchema:
             raise _msgspec_unbuilt(obj, names, err) from None
         return check_json_value(plain)  # type: ignore[no-any-return]
 
-    return StateSchema(struct, names, check)
+    def defaults() -> dict[str, Any]:
+        found = {}
+        for info in msgspec.structs.fields(struct):
+            if info.default is not msgspec.NODEFAULT:
+                found[info.name] = msgspec.to_builtins(info.default)
+            elif info.default_factory is not msgspec.NODEFAULT:
+                found[info.name] = msgspec.to_builtins(info.default_factory())
+        return found
+
+    return StateSchema(struct, names, check, stored=_stored_check(names, defaults))
 
 
 def compile_schema(spec: Any) -> StateSchema:

@@ -10,12 +10,15 @@ it was. A schema that changed between runs is the realistic way to get there.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+import pydantic
 import pytest
 from conftest import Ticket, ticket
 from hypothesis import given, settings
@@ -29,7 +32,7 @@ from test_persistence_runtime import (
     make_runtime,
 )
 
-from runtime import ReadOnlyDict, RestoreError
+from runtime import ReadOnlyDict, RestoreError, compile_schema
 from runtime._durability import ChangeRecord, load_data_dir
 from runtime._persistence import (
     JournalWriter,
@@ -425,6 +428,128 @@ def test_a_plugin_backed_kind_defined_after_start_refuses_kept_states(
         state = rt.define_entity("host", Ticket).get("h-1")
 
     assert state == ticket()
+
+
+class _Status(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _PydanticTicket(pydantic.BaseModel):
+    status: _Status = _Status.OPEN
+    balance: int = 0
+    deposit: int = 0
+
+    @pydantic.model_validator(mode="after")
+    def _book(self) -> _PydanticTicket:
+        # Not idempotent: checking a stored state again would book it twice.
+        self.balance += self.deposit
+        return self
+
+
+class _PydanticTicketWithNote(_PydanticTicket):
+    note: str = "none"
+    tags: list[str] = pydantic.Field(default_factory=lambda: ["new"])
+
+
+class _StructTicket(msgspec.Struct):
+    status: _Status = _Status.OPEN
+    balance: int = 0
+
+
+class _StructTicketWithNote(_StructTicket):
+    note: str = "none"
+    tags: list[str] = msgspec.field(default_factory=lambda: ["new"])
+
+
+class _StructTicketNeedingNote(_StructTicket, kw_only=True):
+    note: str
+
+
+def _written_with(tmp_path: Path, clock: FakeClock, schema: type) -> Path:
+    data_dir = tmp_path / "data"
+    rt = make_runtime(data_dir, clock)
+    handle = rt.define_entity("ticket", schema)
+    with rt:
+        handle.mutate("t-1", lambda prev: {"status": _Status.CLOSED, "balance": 10})
+    return data_dir
+
+
+def _restored(data_dir: Path, clock: FakeClock, schema: type) -> Any:
+    rt = make_runtime(data_dir, clock)
+    handle = rt.define_entity("ticket", schema)
+    with rt:
+        return handle.get("t-1")
+
+
+@pytest.mark.parametrize("schema", [_PydanticTicket, _StructTicket])
+def test_a_library_schema_restores_its_states_exactly_as_recorded(
+    tmp_path: Path, clock: FakeClock, schema: type
+) -> None:
+    # An enum field's stored string fails pydantic's strict check, and a
+    # validator may change a state each time it runs: neither may refuse or
+    # alter a recorded state.
+    data_dir = _written_with(tmp_path, clock, schema)
+    recorded = _restored(data_dir, clock, schema)
+
+    again = [_restored(data_dir, clock, schema) for _ in range(2)]
+
+    assert recorded["status"] == "closed"
+    assert recorded["balance"] == 10
+    assert again == [recorded, recorded]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (_PydanticTicket, _PydanticTicketWithNote),
+        (_StructTicket, _StructTicketWithNote),
+    ],
+)
+def test_a_library_schema_fills_fields_added_with_a_default(
+    tmp_path: Path, clock: FakeClock, old: type, new: type
+) -> None:
+    data_dir = _written_with(tmp_path, clock, old)
+
+    state = _restored(data_dir, clock, new)
+
+    assert state["note"] == "none"
+    assert state["tags"] == ["new"]
+    assert state["status"] == "closed"
+    assert list(state) == list(compile_schema(new).fields)
+
+
+def test_a_library_schema_refuses_a_field_added_without_a_default(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written_with(tmp_path, clock, _StructTicket)
+    before = _files(data_dir)
+    rt = make_runtime(data_dir, clock)
+    rt.define_entity("ticket", _StructTicketNeedingNote)
+
+    err = _refused_start(rt, RestoreError)
+
+    assert "ticket/t-1: field 'note' is missing and has no default" in str(err)
+    assert _files(data_dir) == before
+
+
+def test_a_library_schema_refuses_a_recorded_unknown_field_and_nan(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written_with(tmp_path, clock, _PydanticTicketWithNote)
+    rt = make_runtime(data_dir, clock)
+    rt.define_entity("ticket", _PydanticTicket)
+    unknown = _refused_start(rt, RestoreError)
+    _edit_snapshot(data_dir, lambda p: _states(p)["t-1"].update(balance=math.nan))
+    before = _files(data_dir)
+    again = make_runtime(data_dir, clock)
+    again.define_entity("ticket", _PydanticTicketWithNote)
+
+    nan = _refused_start(again, RestoreError)
+
+    assert "ticket/t-1: field 'note' is not in the schema" in str(unknown)
+    assert "field 'balance' must be a finite number, got nan" in str(nan)
+    assert _files(data_dir) == before
 
 
 # --- a normal run still restores exactly ----------------------------------------

@@ -422,9 +422,15 @@ class _Computed(pydantic.BaseModel):
         return self.a * 2
 
 
+class _Excluded(pydantic.BaseModel):
+    a: int
+    secret: str = pydantic.Field("", exclude=True)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
+        (_Excluded, "_Excluded: fields 'secret' are excluded from the model's dump"),
         (_Tagged, "_Tagged: tag would store states"),
         (_ArrayLike, "_ArrayLike: array_like would store states"),
         (_OmitsDefaults, "_OmitsDefaults: omit_defaults would store states"),
