@@ -85,7 +85,6 @@ from runtime._metrics import (
     DEFAULT_METRICS_PORT,
     RuntimeMetrics,
 )
-from runtime._persistence import DataDirError
 from runtime._schema import compile_schema
 from runtime._secrets import RunSecrets, mask_text
 
@@ -1661,11 +1660,9 @@ class Runtime:
         finally:
             try:
                 data_dir.close()
-            except DataDirError as err:
-                message = (
-                    f"closing the journal in {data_dir.directory} failed ({err}); "
-                    "changes since its last fsync may not be on disk"
-                )
+            except Exception as err:
+                # The journal's own errors say what may not be on disk.
+                message = f"closing the journal in {data_dir.directory} failed: {err}"
                 logger.exception("%s", message)
                 errors.append(message)
         return tuple(errors)

@@ -389,6 +389,20 @@ def encode_value(value: Any, *, what: str = "value") -> bytes:
         ) from None
 
 
+def _close_file(fd: int, path: Path) -> None:
+    """Close a journal file's descriptor; a failure is a DataDirError naming it."""
+    try:
+        os.close(fd)
+    except OSError as err:
+        # Some file systems (NFS, FUSE) report a failed write-back only here.
+        raise DataDirError(
+            path,
+            f"closing the file failed ({err.strerror or err}); records since the "
+            "last successful fsync may not be on disk",
+            err,
+        ) from err
+
+
 def _refuse_ext(code: int, data: memoryview) -> Any:
     raise ValueError(f"MessagePack extension type {code} is not allowed")
 
@@ -1415,14 +1429,17 @@ class JournalWriter:
             new_fd, new_size = self._open_file(new_path)
             old_fd = self._fd
 
+            old_path = self._path
             try:
                 if self.fsync != "never" and old_fd is not None:
                     self._fsync_locked()
             finally:
-                if old_fd is not None:
-                    os.close(old_fd)
+                # The new file is in use before the old one is closed, so a
+                # failing close leaves the writer usable.
                 self._fd, self._path, self._size = new_fd, new_path, new_size
                 self._dirty = False
+                if old_fd is not None:
+                    _close_file(old_fd, old_path)
 
         logger.debug("journal rotated to %s", new_path)
         return new_path
@@ -1486,7 +1503,7 @@ class JournalWriter:
                 if self._failed is None:
                     self._fsync_fd(fd)
             finally:
-                os.close(fd)
+                _close_file(fd, self._path)
 
         logger.debug("journal %s closed", self._path)
 

@@ -377,6 +377,44 @@ def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
     assert restored == ticket(status="working")
 
 
+def test_a_journal_whose_close_fails_is_reported_and_stop_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some file systems (NFS, FUSE) report a failed write-back only at close.
+    real_close = os.close
+
+    def failing_for_journals(fd: int) -> None:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        real_close(fd)
+        if "journal-" in path:
+            raise OSError(errno.EIO, "injected I/O error at close")
+
+    rt = Runtime(data_dir=tmp_path)
+    tickets = rt.define_entity("ticket", Ticket)
+    rt.start()
+    tickets.mutate("t-1", lambda prev: ticket(status="working"))
+    monkeypatch.setattr(os, "close", failing_for_journals)
+    report = rt.stop()
+    monkeypatch.setattr(os, "close", real_close)
+
+    again = Runtime(data_dir=tmp_path)
+    again_tickets = again.define_entity("ticket", Ticket)
+    with again:
+        restored = again_tickets.get("t-1")
+
+    assert not report.clean
+    assert report == rt.stop()
+    # The final snapshot closes the journal it replaces; stop closes the new one.
+    replaced, last = report.data_dir_errors
+    assert "final snapshot of" in replaced
+    assert "closing the journal in" in last
+    assert "closing the file failed (injected I/O error at close)" in last
+    assert restored == ticket(status="working")
+
+
 def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
