@@ -783,8 +783,19 @@ def _refuse_nested_aliases(model: Any) -> None:
                 hints = {name: info.annotation for name, info in fields.items()}
             elif dataclasses.is_dataclass(cls):
                 fields, hints = {}, _dataclass_hints(cls)
+            elif _is_typeddict(cls):
+                # A TypedDict gives its aliases in Annotated[..., Field(...)].
+                hints = _dataclass_hints(cls)
+                fields = _annotated_field_infos(cls)
             else:
                 continue
+            decorators = getattr(cls, "__pydantic_decorators__", None)
+            if decorators is not None and decorators.model_serializers:
+                raise DefinitionError(
+                    f"{model.__name__}.{path} holds {cls.__name__}, whose model "
+                    "serializer decides the keys it is stored under; nested "
+                    "records are keyed by field names like states; remove it"
+                )
             aliased = _aliased_fields(fields)
             if aliased:
                 raise DefinitionError(
@@ -795,6 +806,26 @@ def _refuse_nested_aliases(model: Any) -> None:
                     f"{cls.__name__}"
                 )
             pending.extend((f"{path}.{name}", hint) for name, hint in hints.items())
+
+
+def _is_typeddict(cls: type) -> bool:
+    import typing_extensions
+
+    return typing.is_typeddict(cls) or typing_extensions.is_typeddict(cls)
+
+
+def _annotated_field_infos(cls: type) -> dict[str, Any]:
+    """The pydantic ``Field`` infos a TypedDict's ``Annotated`` hints carry."""
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:
+        return {}
+    found = {}
+    for name, hint in hints.items():
+        for extra in getattr(hint, "__metadata__", ()):
+            if all(hasattr(extra, a) for a in ("alias", "validation_alias")):
+                found[name] = extra
+    return found
 
 
 def _dataclass_hints(cls: type) -> dict[str, Any]:
@@ -822,6 +853,11 @@ def _compile_pydantic(model: Any) -> StateSchema:
             f"{model.__name__}: computed fields {', '.join(map(repr, computed))} "
             "would be stored in the state and then refused as unknown keys on the "
             "next write; compute them from the state when reading instead"
+        )
+    if model.__pydantic_decorators__.model_serializers:
+        raise DefinitionError(
+            f"{model.__name__}: a model serializer decides what a state holds; "
+            "states are exactly the model's fields; remove it"
         )
     excluded = [name for name, info in model.model_fields.items() if info.exclude]
     if excluded:

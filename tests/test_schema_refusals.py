@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pydantic
 import pytest
+from typing_extensions import TypedDict
 
 from runtime import DefinitionError, Runtime, SchemaError, compile_schema
 from runtime._persistence import (
@@ -467,3 +468,48 @@ def test_the_value_limit_counts_every_list_item_and_mapping_entry() -> None:
     assert len(state["anything"]) == 1000
     assert state["anything"][999] == row
     assert caught.value.field == "anything"
+
+
+class _AliasedPoint(TypedDict):
+    x: Annotated[int, pydantic.Field(alias="X")]
+
+
+class _HoldsAliasedPoint(pydantic.BaseModel):
+    origin: _AliasedPoint
+
+
+class _SerializedItself(pydantic.BaseModel):
+    a: int = 0
+
+    @pydantic.model_serializer
+    def _as_upper(self) -> dict[str, Any]:
+        return {"A": self.a}
+
+
+class _HoldsSerialized(pydantic.BaseModel):
+    inner: list[_SerializedItself] = []
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            _HoldsAliasedPoint,
+            "_HoldsAliasedPoint.origin holds _AliasedPoint, whose fields 'x' have "
+            "an alias",
+        ),
+        (
+            _HoldsSerialized,
+            "_HoldsSerialized.inner holds _SerializedItself, whose model serializer "
+            "decides the keys",
+        ),
+        (_SerializedItself, "_SerializedItself: a model serializer decides"),
+    ],
+)
+def test_records_keyed_other_than_by_their_fields_are_refused_at_definition(
+    model: type, message: str
+) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        compile_schema(model)
+
+    assert str(caught.value).startswith(message)
