@@ -319,11 +319,7 @@ def test_recover_damaged_does_not_skip_the_check(
 def test_a_removed_field_is_refused_and_the_old_definition_still_restores(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    owned = first.define_entity("ticket", TicketWithOwner)
-    with first:
-        owned.mutate("t-1", lambda prev: ticket(owner="ann"))
+    data_dir = _written_with(tmp_path, clock, TicketWithOwner, ticket(owner="ann"))
 
     message = _refused(data_dir, clock)
     old = make_runtime(data_dir, clock)
@@ -354,11 +350,9 @@ def test_a_field_added_with_a_default_is_filled_in_on_restore(
 def test_a_kind_defined_after_start_has_its_kept_states_checked(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    hosts = first.define_entity("host", TicketWithOwner)
-    with first:
-        hosts.mutate("h-1", lambda prev: ticket(owner="ann"))
+    data_dir = _written_with(
+        tmp_path, clock, TicketWithOwner, ticket(owner="ann"), "host", "h-1"
+    )
     rt = make_runtime(data_dir, clock)
 
     with rt:
@@ -415,11 +409,7 @@ def test_a_kind_switches_to_plugin_backed_once_its_entities_are_removed(
 def test_a_plugin_backed_kind_defined_after_start_refuses_kept_states(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    data_dir = tmp_path / "data"
-    first = make_runtime(data_dir, clock)
-    hosts = first.define_entity("host", Ticket)
-    with first:
-        hosts.mutate("h-1", lambda prev: ticket())
+    data_dir = _written_with(tmp_path, clock, Ticket, ticket(), "host", "h-1")
     rt = make_runtime(data_dir, clock)
 
     with rt:
@@ -466,12 +456,23 @@ class _StructTicketNeedingNote(_StructTicket, kw_only=True):
     note: str
 
 
-def _written_with(tmp_path: Path, clock: FakeClock, schema: type) -> Path:
+_CLOSED = {"status": _Status.CLOSED, "balance": 10}
+
+
+def _written_with(
+    tmp_path: Path,
+    clock: FakeClock,
+    schema: type,
+    state: dict[str, Any] = _CLOSED,
+    kind: str = "ticket",
+    entity_id: str = "t-1",
+) -> Path:
+    """A data dir after one write of ``state`` under ``schema`` and a stop."""
     data_dir = tmp_path / "data"
     rt = make_runtime(data_dir, clock)
-    handle = rt.define_entity("ticket", schema)
+    handle = rt.define_entity(kind, schema)
     with rt:
-        handle.mutate("t-1", lambda prev: {"status": _Status.CLOSED, "balance": 10})
+        handle.mutate(entity_id, lambda prev: state)
     return data_dir
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,31 +343,66 @@ def _records(directory: Path) -> list[Any]:
     return read_journal(directory).records
 
 
-def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    real_fsync = os.fsync
+def _stop_with_fault(
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    faulty: Callable[..., None],
+    **options: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """Write t-1 and t-2, stop with ``os.<name>`` replaced by ``faulty``, restart.
 
-    def failing_for_journals(fd: int) -> None:
-        if "journal-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.EIO, "injected I/O error")
-        real_fsync(fd)
-
-    rt = Runtime(data_dir=tmp_path, journal_fsync="interval")
+    Returns the stop report and the states the restart restored.
+    """
+    rt = Runtime(data_dir=directory, **options)
     tickets = rt.define_entity("ticket", Ticket)
     rt.start()
     tickets.mutate("t-1", lambda prev: ticket(status="working"))
-    monkeypatch.setattr(os, "fsync", failing_for_journals)
-    with caplog.at_level(logging.ERROR):
+    tickets.mutate("t-2", lambda prev: ticket(status="closed"))
+    with monkeypatch.context() as patched:
+        patched.setattr(os, name, faulty)
         report = rt.stop()
-    monkeypatch.setattr(os, "fsync", real_fsync)
 
-    again = Runtime(data_dir=tmp_path)
+    again = Runtime(data_dir=directory)
     again_tickets = again.define_entity("ticket", Ticket)
     with again:
-        restored = again_tickets.get("t-1")
-
+        restored = again_tickets.get_many(["t-1", "t-2"])
     assert report == rt.stop()
+    return report, restored
+
+
+_WRITTEN = {"t-1": ticket(status="working"), "t-2": ticket(status="closed")}
+
+
+def _path_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _fsync_failing_for(marker: str, error: OSError) -> Callable[[int], None]:
+    """``os.fsync`` raising ``error`` for files whose path holds ``marker``."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if marker in _path_of(fd):
+            raise error
+        real_fsync(fd)
+
+    return fsync
+
+
+def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = _fsync_failing_for("journal-", OSError(errno.EIO, "injected I/O error"))
+
+    with caplog.at_level(logging.ERROR):
+        report, restored = _stop_with_fault(
+            tmp_path, monkeypatch, "fsync", failing, journal_fsync="interval"
+        )
+
     assert not report.clean
     # The final snapshot starts a new journal, whose header fsync fails too.
     snapshot_problem, close_problem = report.data_dir_errors
@@ -374,7 +410,7 @@ def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
     assert "closing the journal in" in close_problem
     assert "injected I/O error" in close_problem
     assert close_problem in caplog.text
-    assert restored == ticket(status="working")
+    assert restored == _WRITTEN
 
 
 def test_a_journal_whose_close_fails_is_reported_and_stop_finishes(
@@ -384,61 +420,32 @@ def test_a_journal_whose_close_fails_is_reported_and_stop_finishes(
     real_close = os.close
 
     def failing_for_journals(fd: int) -> None:
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            path = ""
+        path = _path_of(fd)
         real_close(fd)
         if "journal-" in path:
             raise OSError(errno.EIO, "injected I/O error at close")
 
-    rt = Runtime(data_dir=tmp_path)
-    tickets = rt.define_entity("ticket", Ticket)
-    rt.start()
-    tickets.mutate("t-1", lambda prev: ticket(status="working"))
-    monkeypatch.setattr(os, "close", failing_for_journals)
-    report = rt.stop()
-    monkeypatch.setattr(os, "close", real_close)
-
-    again = Runtime(data_dir=tmp_path)
-    again_tickets = again.define_entity("ticket", Ticket)
-    with again:
-        restored = again_tickets.get("t-1")
+    report, restored = _stop_with_fault(
+        tmp_path, monkeypatch, "close", failing_for_journals
+    )
 
     assert not report.clean
-    assert report == rt.stop()
     # The final snapshot closes the journal it replaces; stop closes the new one.
     replaced, last = report.data_dir_errors
     assert "final snapshot of" in replaced
     assert "closing the journal in" in last
     assert "closing the file failed (injected I/O error at close)" in last
-    assert restored == ticket(status="working")
+    assert restored == _WRITTEN
 
 
 def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_fsync = os.fsync
+    no_space = OSError(errno.ENOSPC, "injected: no space left")
+    failing = _fsync_failing_for(".snapshot-", no_space)
 
-    def failing_for_snapshots(fd: int) -> None:
-        if ".snapshot-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "injected: no space left")
-        real_fsync(fd)
-
-    rt = Runtime(data_dir=tmp_path)
-    tickets = rt.define_entity("ticket", Ticket)
-    rt.start()
-    tickets.mutate("t-1", lambda prev: ticket(status="working"))
-    tickets.mutate("t-2", lambda prev: ticket(status="closed"))
-    monkeypatch.setattr(os, "fsync", failing_for_snapshots)
     with caplog.at_level(logging.ERROR):
-        report = rt.stop()
-    monkeypatch.setattr(os, "fsync", real_fsync)
-
-    again = Runtime(data_dir=tmp_path)
-    again_tickets = again.define_entity("ticket", Ticket)
-    with again:
-        restored = again_tickets.get_many(["t-1", "t-2"])
+        report, restored = _stop_with_fault(tmp_path, monkeypatch, "fsync", failing)
 
     assert not report.clean
     assert not report.undelivered
@@ -447,7 +454,7 @@ def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
     assert "injected: no space left" in problem
     assert "journal still holds every change" in problem
     assert problem in caplog.text
-    assert restored == {"t-1": ticket(status="working"), "t-2": ticket(status="closed")}
+    assert restored == _WRITTEN
 
 
 def test_a_stop_with_a_healthy_data_dir_reports_no_data_dir_errors(
