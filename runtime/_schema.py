@@ -868,6 +868,9 @@ def _compile_pydantic(model: Any) -> StateSchema:
         )
     _refuse_nested_aliases(model)
 
+    # Known limit: pydantic copies an Any field's value in model_dump before
+    # MAX_VALUES is counted, so shared nested lists there (2**40 leaves from
+    # 40 levels) still take exponential time; msgspec's to_builtins likewise.
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
         try:
