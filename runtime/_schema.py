@@ -180,15 +180,18 @@ def check_json_value(value: Any, path: str = "", depth: int = 0) -> Any:
     ``str``, ``list`` and ``dict`` with string keys, nested at most
     ``MAX_DEPTH`` levels. Tuples, sets, bytes and other objects are refused,
     because they would not come back as what went in. ``path`` is where
-    ``value`` is and ``depth`` how deeply it is nested there.
+    ``value`` is and ``depth`` how deeply it is nested there. Unlike an ``Any``
+    field's check it sets no limit to how many values it copies: its callers
+    pass whole states or values a library has already built.
     """
     try:
-        return _json_value(value, depth, [MAX_VALUES])
-    except _TooMany:
-        raise _Invalid(path, _TOO_MANY) from None
+        return _json_value(value, depth, [_NO_LIMIT])
     except _Invalid as err:
         err.base = path
         raise
+
+
+_NO_LIMIT = 2**62
 
 
 def _json_value(value: Any, depth: int, left: list[int]) -> Any:
@@ -243,6 +246,9 @@ def _json_value(value: Any, depth: int, left: list[int]) -> Any:
 
 
 def _check_any(value: Any) -> Any:
+    # Known limit: the count is per Any value, so list[Any] and dict[str, Any]
+    # fields give each item its own MAX_VALUES (one shared big value repeated
+    # still copies item count times the limit).
     try:
         return _json_value(value, 1, [MAX_VALUES])
     except _TooMany:
@@ -859,7 +865,11 @@ def _compile_pydantic(model: Any) -> StateSchema:
             f"{model.__name__}: a model serializer decides what a state holds; "
             "states are exactly the model's fields; remove it"
         )
-    excluded = [name for name, info in model.model_fields.items() if info.exclude]
+    excluded = [
+        name
+        for name, info in model.model_fields.items()
+        if info.exclude or getattr(info, "exclude_if", None) is not None
+    ]
     if excluded:
         raise DefinitionError(
             f"{model.__name__}: fields {', '.join(map(repr, excluded))} are excluded "
@@ -873,44 +883,85 @@ def _compile_pydantic(model: Any) -> StateSchema:
     # 40 levels) still take exponential time; msgspec's to_builtins likewise.
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
+        given = dict(value)
         try:
-            dumped = model.model_validate(dict(value), strict=True).model_dump(
-                mode="python"
-            )
+            dumped = model.model_validate(given, strict=True).model_dump(mode="python")
         except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first.get("loc", ()))
-            raise _Invalid(loc, first.get("msg", str(err))) from None
+            # A state as stored (an enum's value, a nested dataclass as a
+            # mapping, a serializer's output) fails strict validation; it is
+            # accepted when validating it loosely and dumping it gives it back.
+            dumped = _stored_form(model, given)
+            if dumped is None:
+                first = err.errors()[0]
+                loc = ".".join(str(p) for p in first.get("loc", ()))
+                raise _Invalid(loc, first.get("msg", str(err))) from None
         return check_json_value(dumped)  # type: ignore[no-any-return]
 
-    def defaults() -> dict[str, Any]:
-        return {
-            name: info.get_default(call_default_factory=True)
-            for name, info in model.model_fields.items()
-            if not info.is_required()
-        }
+    def defaults(value: Mapping[str, Any], missing: list[str]) -> dict[str, Any]:
+        # Built as a write would store them: nested models dumped, serializers
+        # applied, factories given the other fields.
+        built = model.model_construct(**value)
+        dumped: dict[str, Any] = built.model_dump(mode="python", include=set(missing))
+        return dumped
 
-    return StateSchema(model, names, check, stored=_stored_check(names, defaults))
+    def required(name: str) -> bool:
+        return bool(model.model_fields[name].is_required())
+
+    stored = _stored_check(names, required, defaults)
+    return StateSchema(model, names, check, stored=stored)
+
+
+def _stored_form(model: Any, given: dict[str, Any]) -> dict[str, Any] | None:
+    """``given`` dumped again if it is what some valid state dumps to, else None."""
+    from pydantic import ValidationError
+
+    try:
+        dumped: dict[str, Any] = model.model_validate(given).model_dump(mode="python")
+    except ValidationError:
+        return None
+    return dumped if _same_stored(dumped, given) else None
+
+
+def _same_stored(dumped: Any, given: Any) -> bool:
+    """Whether ``dumped`` is ``given``: equal, and no value turned into another type.
+
+    Loose validation turns ``"5"`` into ``5`` and ``1`` into ``True``; both
+    compare equal or change type, so they count as different. A str
+    subclass (an enum member dumped by value) counts as its string.
+    """
+    if isinstance(dumped, str) and isinstance(given, str):
+        return str.__eq__(dumped, given) is True
+    if isinstance(dumped, dict) and isinstance(given, dict):
+        return dumped.keys() == given.keys() and all(
+            _same_stored(dumped[key], given[key]) for key in dumped
+        )
+    if isinstance(dumped, list) and isinstance(given, list):
+        return len(dumped) == len(given) and all(
+            _same_stored(a, b) for a, b in zip(dumped, given, strict=True)
+        )
+    return type(dumped) is type(given) and bool(dumped == given)
 
 
 def _stored_check(
-    names: tuple[str, ...], defaults: Callable[[], dict[str, Any]]
+    names: tuple[str, ...],
+    required: Callable[[str], bool],
+    defaults: Callable[[Mapping[str, Any], list[str]], dict[str, Any]],
 ) -> Callable[[Any], ReadOnlyDict]:
     """The check of a recorded state of a pydantic or msgspec schema.
 
-    ``defaults`` gives the values of the fields that have one (called only
-    when a recorded state lacks a field: a field added since it was written).
+    ``defaults(state, missing)`` gives the stored form of the defaults of the
+    ``missing`` fields (called only when a recorded state lacks a field that
+    has one: a field added since it was written).
     """
 
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
         missing = [name for name in names if name not in value]
         if missing:
-            known = defaults()
             for name in missing:
-                if name not in known:
+                if required(name):
                     raise _Invalid(name, "is missing and has no default")
-            value = {**{name: known[name] for name in missing}, **value}
+            value = {**defaults(value, missing), **value}
             value = {name: value[name] for name in names}
         state: ReadOnlyDict = check_json_value(value)
         return state
@@ -1007,16 +1058,23 @@ def _compile_msgspec(struct: Any) -> StateSchema:
             raise _msgspec_unbuilt(obj, names, err) from None
         return check_json_value(plain)  # type: ignore[no-any-return]
 
-    def defaults() -> dict[str, Any]:
+    fields = {info.name: info for info in msgspec.structs.fields(struct)}
+
+    def defaults(value: Mapping[str, Any], missing: list[str]) -> dict[str, Any]:
         found = {}
-        for info in msgspec.structs.fields(struct):
+        for name in missing:
+            info = fields[name]
             if info.default is not msgspec.NODEFAULT:
-                found[info.name] = msgspec.to_builtins(info.default)
-            elif info.default_factory is not msgspec.NODEFAULT:
-                found[info.name] = msgspec.to_builtins(info.default_factory())
+                found[name] = msgspec.to_builtins(info.default)
+            else:
+                found[name] = msgspec.to_builtins(info.default_factory())
         return found
 
-    return StateSchema(struct, names, check, stored=_stored_check(names, defaults))
+    def required(name: str) -> bool:
+        return bool(fields[name].required)
+
+    stored = _stored_check(names, required, defaults)
+    return StateSchema(struct, names, check, stored=stored)
 
 
 def compile_schema(spec: Any) -> StateSchema:

@@ -520,6 +520,31 @@ def test_a_library_schema_fills_fields_added_with_a_default(
     assert list(state) == list(compile_schema(new).fields)
 
 
+class _Owner(pydantic.BaseModel):
+    name: str = "nobody"
+
+
+class _PydanticTicketWithOwner(_PydanticTicket):
+    owner: _Owner = _Owner()
+    previous: int = pydantic.Field(default_factory=lambda data: data["balance"] - 1)
+
+
+def test_a_pydantic_default_is_filled_in_as_a_write_would_store_it(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written_with(tmp_path, clock, _PydanticTicket)
+    rt = make_runtime(data_dir, clock)
+    tickets = rt.define_entity("ticket", _PydanticTicketWithOwner)
+
+    with rt:
+        state = tickets.get("t-1")
+        again = tickets.mutate("t-1", lambda prev: dict(prev))
+
+    assert state["owner"] == {"name": "nobody"}
+    assert state["previous"] == 9
+    assert again == state
+
+
 def test_a_library_schema_refuses_a_field_added_without_a_default(
     tmp_path: Path, clock: FakeClock
 ) -> None:

@@ -8,6 +8,7 @@ keys or values whose own ``__repr__``, ``__eq__`` or ``__hash__`` raise.
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -513,3 +514,92 @@ def test_records_keyed_other_than_by_their_fields_are_refused_at_definition(
         compile_schema(model)
 
     assert str(caught.value).startswith(message)
+
+
+class _Color(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class _Point:
+    x: int = 0
+
+
+class _Painted(pydantic.BaseModel):
+    color: _Color = _Color.RED
+    at: _Point = _Point()
+    count: int = 0
+    flag: bool = False
+    shown: int = 0
+
+    @pydantic.field_serializer("shown")
+    def _as_text(self, shown: int) -> str:
+        return str(shown)
+
+
+def test_a_pydantic_state_read_back_can_be_written_back(rt: Runtime) -> None:
+    # Stored forms fail pydantic's strict mode: an enum's value, a nested
+    # dataclass as a mapping, a serializer's output.
+    painted = rt.define_entity("painted", _Painted)
+    rt.start()
+    first = painted.mutate(
+        "p-1", lambda prev: {"color": _Color.BLUE, "at": _Point(2), "shown": 7}
+    )
+
+    again = painted.mutate("p-1", lambda prev: dict(prev))
+
+    stored = {"color": "blue", "at": {"x": 2}, "count": 0, "flag": False, "shown": "7"}
+    assert first == stored
+    assert again == first
+    assert len(painted.history("p-1")) == len(first)
+
+
+@pytest.mark.parametrize(
+    ("given", "field"),
+    [({"count": "5"}, "count"), ({"flag": 1}, "flag"), ({"color": "green"}, "color")],
+)
+def test_pydantic_still_refuses_what_loose_validation_would_coerce(
+    rt: Runtime, given: dict[str, Any], field: str
+) -> None:
+    painted = rt.define_entity("painted", _Painted)
+    rt.start()
+
+    with pytest.raises(SchemaError) as caught:
+        painted.mutate("p-1", lambda prev: given)
+
+    assert caught.value.field == field
+    assert painted.get("p-1") is None
+
+
+class _Counts(pydantic.BaseModel):
+    counts: list[int] = []
+
+
+class _CountsStruct(msgspec.Struct):
+    counts: list[int] = []
+
+
+@pytest.mark.parametrize("schema", [_Counts, _CountsStruct])
+def test_the_value_limit_leaves_typed_fields_of_library_schemas_alone(
+    rt: Runtime, schema: type
+) -> None:
+    counts = rt.define_entity("counts", schema)
+    rt.start()
+
+    state = counts.mutate("c-1", lambda prev: {"counts": list(range(MAX_VALUES + 1))})
+
+    assert len(state["counts"]) == MAX_VALUES + 1
+
+
+@pytest.mark.skipif(
+    "exclude_if" not in inspect.signature(pydantic.Field).parameters,
+    reason="this pydantic has no exclude_if",
+)
+def test_a_pydantic_field_excluded_by_a_condition_is_refused() -> None:
+    class Sometimes(pydantic.BaseModel):
+        a: int = 0
+        b: int | None = pydantic.Field(None, exclude_if=lambda v: v is None)
+
+    with pytest.raises(DefinitionError, match="fields 'b' are excluded"):
+        compile_schema(Sometimes)
