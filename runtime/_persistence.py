@@ -389,11 +389,18 @@ def encode_value(value: Any, *, what: str = "value") -> bytes:
         ) from None
 
 
-def _close_file(fd: int, path: Path) -> None:
-    """Close a journal file's descriptor; a failure is a DataDirError naming it."""
+def _close_file(fd: int, path: Path, quietly: bool = False) -> None:
+    """Close a journal file's descriptor; a failure is a DataDirError naming it.
+
+    ``quietly`` when the close follows a failure already on its way out (a
+    failed fsync): a failing close is then left unreported, as the earlier
+    error is the one that says what happened.
+    """
     try:
         os.close(fd)
     except OSError as err:
+        if quietly:
+            return
         # Some file systems (NFS, FUSE) report a failed write-back only here.
         raise DataDirError(
             path,
@@ -1430,16 +1437,18 @@ class JournalWriter:
             old_fd = self._fd
 
             old_path = self._path
+            failed = True
             try:
                 if self.fsync != "never" and old_fd is not None:
                     self._fsync_locked()
+                failed = False
             finally:
                 # The new file is in use before the old one is closed, so a
                 # failing close leaves the writer usable.
                 self._fd, self._path, self._size = new_fd, new_path, new_size
                 self._dirty = False
                 if old_fd is not None:
-                    _close_file(old_fd, old_path)
+                    _close_file(old_fd, old_path, quietly=failed)
 
         logger.debug("journal rotated to %s", new_path)
         return new_path
@@ -1499,11 +1508,13 @@ class JournalWriter:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
+            failed = True
             try:
                 if self._failed is None:
                     self._fsync_fd(fd)
+                failed = False
             finally:
-                _close_file(fd, self._path)
+                _close_file(fd, self._path, quietly=failed)
 
         logger.debug("journal %s closed", self._path)
 

@@ -17,6 +17,7 @@ from conftest import Ticket, ticket
 from actors._kind import HAND_ON_AFTER
 from runtime import (
     BackpressureError,
+    DataDirError,
     DeliveryTimeoutError,
     EntityChanged,
     Runtime,
@@ -436,6 +437,29 @@ def test_a_journal_whose_close_fails_is_reported_and_stop_finishes(
     assert "closing the journal in" in last
     assert "closing the file failed (injected I/O error at close)" in last
     assert restored == _WRITTEN
+
+
+def test_a_close_failing_after_a_failed_fsync_leaves_the_fsync_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir, writer = _journalled(tmp_path, "interval")
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        path = _path_of(fd)
+        real_close(fd)
+        if "journal-" in path:
+            raise OSError(errno.EIO, "injected I/O error at close")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", _fsync_failing_for("journal-", OSError(5, "bad")))
+        patched.setattr(os, "close", failing_close)
+        with pytest.raises(DataDirError) as caught:
+            writer.close()
+    data_dir.close()
+
+    assert "fsync failed (bad)" in str(caught.value)
+    assert "closing the file failed" not in str(caught.value)
 
 
 def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
