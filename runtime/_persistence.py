@@ -1609,7 +1609,7 @@ class JournalWriter:
                 if created:
                     _fsync_dir(path.parent)
         except OSError as err:
-            os.close(fd)
+            _close_file(fd, path, quietly=True)
             if created:
                 with contextlib.suppress(OSError):
                     path.unlink()

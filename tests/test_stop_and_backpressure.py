@@ -462,6 +462,31 @@ def test_a_close_failing_after_a_failed_fsync_leaves_the_fsync_reported(
     assert "closing the file failed" not in str(caught.value)
 
 
+def test_a_new_journal_whose_header_and_close_fail_is_refused_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir, writer = _journalled(tmp_path, "always")
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        path = _path_of(fd)
+        real_close(fd)
+        if path.endswith("journal-00000000000000000005.log"):
+            raise OSError(errno.EIO, "injected I/O error at close")
+
+    with monkeypatch.context() as patched:
+        failing = _fsync_failing_for("00000005.log", OSError(5, "bad"))
+        patched.setattr(os, "fsync", failing)
+        patched.setattr(os, "close", failing_close)
+        with pytest.raises(DataDirError) as caught:
+            writer.rotate(5)
+    names = sorted(p.name for p in tmp_path.glob("journal-*"))
+    data_dir.close()
+
+    assert "could not write the journal header (bad)" in str(caught.value)
+    assert names == ["journal-00000000000000000001.log"]
+
+
 def test_a_failing_final_snapshot_is_reported_and_the_journal_restores_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
