@@ -394,6 +394,19 @@ def _fsync_failing_for(marker: str, error: OSError) -> Callable[[int], None]:
     return fsync
 
 
+def _close_failing_for(marker: str) -> Callable[[int], None]:
+    """``os.close`` closing, then raising EIO, for files whose path holds ``marker``."""
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        path = _path_of(fd)
+        real_close(fd)
+        if marker in path:
+            raise OSError(errno.EIO, "injected I/O error at close")
+
+    return close
+
+
 def test_a_failing_final_fsync_still_lets_stop_finish_and_unlock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -418,17 +431,9 @@ def test_a_journal_whose_close_fails_is_reported_and_stop_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Some file systems (NFS, FUSE) report a failed write-back only at close.
-    real_close = os.close
+    failing = _close_failing_for("journal-")
 
-    def failing_for_journals(fd: int) -> None:
-        path = _path_of(fd)
-        real_close(fd)
-        if "journal-" in path:
-            raise OSError(errno.EIO, "injected I/O error at close")
-
-    report, restored = _stop_with_fault(
-        tmp_path, monkeypatch, "close", failing_for_journals
-    )
+    report, restored = _stop_with_fault(tmp_path, monkeypatch, "close", failing)
 
     assert not report.clean
     # The final snapshot closes the journal it replaces; stop closes the new one.
@@ -443,17 +448,10 @@ def test_a_close_failing_after_a_failed_fsync_leaves_the_fsync_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir, writer = _journalled(tmp_path, "interval")
-    real_close = os.close
-
-    def failing_close(fd: int) -> None:
-        path = _path_of(fd)
-        real_close(fd)
-        if "journal-" in path:
-            raise OSError(errno.EIO, "injected I/O error at close")
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "fsync", _fsync_failing_for("journal-", OSError(5, "bad")))
-        patched.setattr(os, "close", failing_close)
+        patched.setattr(os, "close", _close_failing_for("journal-"))
         with pytest.raises(DataDirError) as caught:
             writer.close()
     data_dir.close()
@@ -466,18 +464,11 @@ def test_a_new_journal_whose_header_and_close_fail_is_refused_and_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir, writer = _journalled(tmp_path, "always")
-    real_close = os.close
-
-    def failing_close(fd: int) -> None:
-        path = _path_of(fd)
-        real_close(fd)
-        if path.endswith("journal-00000000000000000005.log"):
-            raise OSError(errno.EIO, "injected I/O error at close")
 
     with monkeypatch.context() as patched:
         failing = _fsync_failing_for("00000005.log", OSError(5, "bad"))
         patched.setattr(os, "fsync", failing)
-        patched.setattr(os, "close", failing_close)
+        patched.setattr(os, "close", _close_failing_for("00000005.log"))
         with pytest.raises(DataDirError) as caught:
             writer.rotate(5)
     names = sorted(p.name for p in tmp_path.glob("journal-*"))
