@@ -748,12 +748,12 @@ class KindActor(pykka.ThreadingActor):
         engine = self.engine
         engine.begin_burst(open_floor)
         try:
-            outcomes = self._run_all(batch, wakes, close_segment)
+            self._run_all(batch, wakes, close_segment)
         finally:
+            # A failure outside user code may leave a floor open: close it.
             engine.end_burst()
             if floors:
                 tracker.done(floors)
-        self._answer(outcomes)
 
     def _answer(self, outcomes: list[_Outcome]) -> None:
         tracker = self._tracker
@@ -780,15 +780,14 @@ class KindActor(pykka.ThreadingActor):
         batch: Iterable[Request],
         wakes: list[Callable[[], None]],
         close_segment: Callable[[list[_Outcome]], None],
-    ) -> list[_Outcome]:
-        """Run, make durable and hand on one burst; return the outcomes left.
+    ) -> None:
+        """Run, make durable and hand on one burst, in segments.
 
-        The changes are handed on at the end of the burst, or earlier in
-        segments: when the deriver stage's mailbox could not take them all
-        (its bound counts the changes not handed on yet), or before an apply
-        that would start ``HAND_ON_AFTER`` seconds or more after the oldest
-        change held. An early segment is passed to ``close_segment`` once
-        handed on; the last one is returned.
+        The changes are handed on at the end of the burst, or earlier: when
+        the deriver stage's mailbox could not take them all (its bound counts
+        the changes not handed on yet), or before an apply that would start
+        ``HAND_ON_AFTER`` seconds or more after the oldest change held. Each
+        segment's outcomes go to ``close_segment`` once it is handed on.
         """
         segment: list[_Outcome] = []
         requests = self.requests
@@ -815,9 +814,10 @@ class KindActor(pykka.ThreadingActor):
                 (box is not None and depth + waiting >= box.capacity)
                 or _perf_counter() - held_since >= HAND_ON_AFTER
             ):
-                close_segment(self._finish_segment(segment, wakes))
+                handed = self._finish_segment(segment, wakes)
                 segment, waiting = [], 0
                 requests.unhanded = segment
+                close_segment(handed)
                 _make(wakes)
                 self._release_all_held()
                 if box is not None:
@@ -834,9 +834,9 @@ class KindActor(pykka.ThreadingActor):
                         held_since = _perf_counter()
                     waiting += 1
 
-        outcomes = self._finish_segment(segment, wakes)
+        handed = self._finish_segment(segment, wakes)
         requests.unhanded = []
-        return outcomes
+        close_segment(handed)
 
     def _finish_segment(
         self, segment: list[_Outcome], wakes: list[Callable[[], None]]
