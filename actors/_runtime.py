@@ -1476,20 +1476,34 @@ class Runtime:
             kinds[kind] = (backed, dict(entry.engine.store) if backed else {})
         return kinds
 
-    def _restored_orphans(self, definition: KindDefinition) -> dict[str, ReadOnlyDict]:
-        """The states restored for a kind defined after ``start()``, validated."""
-        orphan = self._orphans.get(definition.kind)
-        if orphan is None or not orphan[1]:
+    def _kept_states(
+        self, definition: KindDefinition, states: dict[str, Any]
+    ) -> dict[str, ReadOnlyDict]:
+        """A defined kind's restored states, checked as its schema says.
+
+        Raises:
+            RestoreError: the kind is plugin-backed but states were kept for
+                it (its next snapshot would drop them).
+            SchemaError, InvalidIdError: a state or id the kind refuses.
+        """
+        if not states:
             return {}
         if not definition.store_backed:
             assert self._data_dir is not None
             raise _states_of_plugin_kind(
-                self._data_dir.directory, definition.kind, orphan[1]
+                self._data_dir.directory, definition.kind, states
             )
-
         validate = definition.schema.restore_validator
+        return validated_states(definition.kind, states, validate)
+
+    def _restored_orphans(self, definition: KindDefinition) -> dict[str, ReadOnlyDict]:
+        """The states restored for a kind defined after ``start()``, checked."""
+        orphan = self._orphans.get(definition.kind)
+        if orphan is None:
+            return {}
+
         try:
-            return validated_states(definition.kind, orphan[1], validate)
+            return self._kept_states(definition, orphan[1])
         except (SchemaError, InvalidIdError) as err:
             assert self._data_dir is not None
             where = self._data_dir.directory
@@ -1504,17 +1518,9 @@ class Runtime:
                 self.log.advance_to(data.seq)
                 for kind, states in data.states.items():
                     entry = self._kinds.get(kind)
-                    if (
-                        entry is not None
-                        and states
-                        and not entry.definition.store_backed
-                    ):
-                        raise _states_of_plugin_kind(data_dir.directory, kind, states)
-                    if entry is not None and entry.definition.store_backed:
-                        validate = entry.definition.schema.restore_validator
-                        entry.engine.store.update(
-                            validated_states(kind, states, validate)
-                        )
+                    if entry is not None:
+                        kept = self._kept_states(entry.definition, states)
+                        entry.engine.store.update(kept)
                     else:
                         backed = data.store_backed.get(kind, True)
                         self._orphans[kind] = (backed, states)

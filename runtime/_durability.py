@@ -417,8 +417,8 @@ def validated_states(
     Each id must pass :func:`check_entity_id` and each state ``validate``, the
     schema's check of recorded states (``StateSchema.restore_validator``),
     which also returns the state read-only (with the schema's defaults filled
-    in), so no separate freezing pass is needed. Only
-    the final state of each entity is checked, not every change that led to it.
+    in), so no separate freezing pass is needed. Only the final state of each
+    entity is checked, not every change that led to it.
 
     Raises:
         InvalidIdError: the first id the write path would refuse.
