@@ -529,20 +529,6 @@ def _literal_test(
     return f"(type({var}) in {kinds} and (type({var}), {var}) in {allowed})"
 
 
-def _compile_dataclass(cls: type) -> Callable[[Any, str], ReadOnlyDict]:
-    """The check of a ``cls`` record found at the path it is given."""
-    record = _compile_record(cls)
-
-    def check(value: Any, path: str) -> ReadOnlyDict:
-        try:
-            return record(value)
-        except _Invalid as err:
-            err.base = path
-            raise
-
-    return check
-
-
 def _compile_record(cls: type) -> Callable[[Any], ReadOnlyDict]:
     try:
         hints = typing.get_type_hints(cls, include_extras=True)

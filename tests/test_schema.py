@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime import DefinitionError, ReadOnlyDict, SchemaError, compile_schema
-from runtime._schema import StateSchema, _compile_dataclass
+from runtime._schema import StateSchema, _compile_record
 
 
 @dataclass
@@ -266,7 +266,7 @@ def test_the_flat_fast_check_agrees_with_the_full_check(value: dict[str, Any]) -
     """The generated check of a scalar dataclass accepts, returns and refuses
     exactly what the general dataclass check does."""
     schema = compile_schema(Flat)
-    full = StateSchema(Flat, schema.fields, lambda v: _compile_dataclass(Flat)(v, ""))
+    full = StateSchema(Flat, schema.fields, _compile_record(Flat))
     assert schema.flat
 
     try:
