@@ -65,7 +65,7 @@ from typing import Any, Literal, NoReturn
 import msgspec
 
 from runtime._errors import EntityRuntimeError
-from runtime._schema import MAX_DEPTH
+from runtime._schema import MAX_DEPTH, _shown
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +192,7 @@ class JournalClosedError(EntityRuntimeError, ValueError):
 
 
 def _describe(value: Any) -> str:
-    try:
-        shown = repr(value)
-    except Exception:
-        shown = f"<{type(value).__name__} object>"
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{type(value).__name__} {shown}"
+    return f"{type(value).__name__} {_shown(value, 60)}"
 
 
 def _where(root: str, steps: tuple[Any, ...] | None) -> str:
