@@ -17,6 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench._compare import (
+    BaselineError,
+    compare_ratios,
+    format_comparison,
+    load_baseline,
+)
 from bench._modes import (
     AMORTISED,
     EVENTSOURCING_SETUP,
@@ -463,7 +469,9 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run ``entity-runtime bench``; return its exit code.
 
     Exit codes: 0 done, 1 a harness check failed, 2 ``--plot`` without
-    matplotlib (checked before anything runs).
+    matplotlib or an unusable ``--compare`` baseline (both checked before
+    anything runs), 3 a ratio regressed against the baseline by more than
+    ``--tolerance``.
     """
     if args.plot:
         try:
@@ -472,6 +480,14 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"entity-runtime bench: {err}", file=sys.stderr)
             return 2
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
+
+    baseline = None
+    if args.compare:
+        try:
+            baseline = load_baseline(args.compare, config.size)
+        except BaselineError as err:
+            print(f"entity-runtime bench: {err}", file=sys.stderr)
+            return 2
 
     started = time.perf_counter()
     report = run_side_by_side(config, _progress)
@@ -482,7 +498,18 @@ def run_cli(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.plot:
         write_plot(report, args.plot)
-    return 0 if report["checks"]["ok"] else 1
+    if not report["checks"]["ok"]:
+        return 1
+
+    if baseline is not None:
+        changes = compare_ratios(report["ratios"], baseline["ratios"], args.tolerance)
+        print()
+        print(format_comparison(changes, args.tolerance))
+        regressed = [change.name for change in changes if change.regressed]
+        if regressed:
+            logger.warning("ratios regressed against %s: %s", args.compare, regressed)
+            return 3
+    return 0
 
 
 def _progress(message: str) -> None:

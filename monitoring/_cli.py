@@ -163,6 +163,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a fraction in [0, 1) (0.2 allows 20 %)"
+        )
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     from bench import run_cli
 
@@ -214,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     bench.add_argument(
         "--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)"
+    )
+    bench.add_argument(
+        "--compare",
+        metavar="BASELINE.json",
+        help="compare the ratios with an earlier --json report of the same size; "
+        "exit 3 if one moved the wrong way by more than --tolerance",
+    )
+    bench.add_argument(
+        "--tolerance",
+        type=_fraction,
+        default=0.2,
+        metavar="FRACTION",
+        help="how far a ratio may move the wrong way, as a fraction of the "
+        "baseline's value, before it counts as a regression (default 0.2)",
     )
     bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)

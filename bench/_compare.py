@@ -1,0 +1,159 @@
+"""Comparing a benchmark report with an earlier one, to see regressions.
+
+Ratios are compared, not ops/s: each ratio is measured side by side within
+one run, so it carries over between runs on a shared machine far better than
+an absolute speed does. A ratio *regresses* when it moves the wrong way by
+more than the tolerance (a fraction of the baseline's value). Which way is
+wrong depends on the ratio: more throughput is better, more time per call or
+more bytes per row is worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = frozenset({"blocking_vs_pykka_ask", "bytes_per_row"})
+"""Ratios that get worse as they grow; every other ratio gets worse as it falls."""
+
+DEFAULT_TOLERANCE = 0.20
+"""How far a ratio may move the wrong way before it counts as a regression.
+
+The throughput ratios of full runs on a shared two-core machine have spread
+over about a fifth of their value between runs; a smaller tolerance would
+flag noise. Instruction counts (``python -m bench.bench_instructions``) see
+much smaller changes.
+"""
+
+
+class BaselineError(ValueError):
+    """A baseline report could not be read or does not fit this run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioChange:
+    """One ratio of the current run next to the baseline's.
+
+    Attributes:
+        name: the ratio's key in the report.
+        baseline: its value in the baseline, or ``None`` if not measured there.
+        current: its value now, or ``None`` if not measured now.
+        regressed: it moved the wrong way by more than the tolerance.
+    """
+
+    name: str
+    baseline: float | None
+    current: float | None
+    regressed: bool
+
+    @property
+    def factor(self) -> float | None:
+        """``current / baseline``, or ``None`` when either is missing or zero."""
+        if self.baseline is None or self.current is None or self.baseline == 0:
+            return None
+        return self.current / self.baseline
+
+
+def load_baseline(path: str | Path, size: str) -> dict[str, Any]:
+    """Read a report written by ``entity-runtime bench --json``; return it.
+
+    Raises:
+        BaselineError: the file cannot be read, is not such a report, holds a
+            ratio that is not a finite number, or was run at another size than
+            ``size`` (ratios of scaled-down runs differ from full ones).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BaselineError(f"cannot read the baseline {path}: {err}") from err
+
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BaselineError(f"the baseline {path} is not JSON: {err}") from err
+
+    if not isinstance(report, dict) or not isinstance(report.get("ratios"), dict):
+        raise BaselineError(
+            f"the baseline {path} is not a bench report: it has no 'ratios' object "
+            "(write one with entity-runtime bench --json FILE)"
+        )
+    for name, value in report["ratios"].items():
+        if value is not None and not _is_finite_number(value):
+            raise BaselineError(
+                f"the baseline {path} has ratio {name!r} = {value!r}; ratios are "
+                "finite numbers or null"
+            )
+
+    workload = report.get("workload")
+    ran_at = workload.get("size") if isinstance(workload, dict) else None
+    if ran_at != size:
+        raise BaselineError(
+            f"the baseline {path} was run at size {ran_at!r}, this run is {size!r}; "
+            "ratios are only comparable between runs of the same size"
+        )
+    return report
+
+
+def compare_ratios(
+    current: Mapping[str, float | None],
+    baseline: Mapping[str, float | None],
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> list[RatioChange]:
+    """Set each ratio of ``current`` next to ``baseline``'s; flag regressions.
+
+    Ratios only one side has are listed with ``None`` on the other side and
+    never count as regressed.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+
+    changes = []
+    for name in _union(current, baseline):
+        now, then = current.get(name), baseline.get(name)
+        regressed = False
+        if now is not None and then is not None:
+            if name in LOWER_IS_BETTER:
+                regressed = now > then * (1 + tolerance)
+            else:
+                regressed = now < then * (1 - tolerance)
+        changes.append(RatioChange(name, then, now, regressed))
+    return changes
+
+
+def format_comparison(changes: list[RatioChange], tolerance: float) -> str:
+    """Render the comparison as the lines the command prints."""
+    lines = [f"against the baseline (tolerance {tolerance:.0%}):"]
+    for change in changes:
+        then = "n/a" if change.baseline is None else f"{change.baseline:,.4f}"
+        now = "n/a" if change.current is None else f"{change.current:,.4f}"
+        factor = change.factor
+        moved = "" if factor is None else f"{factor:.2f}x"
+        better = "lower" if change.name in LOWER_IS_BETTER else "higher"
+        verdict = "REGRESSED" if change.regressed else ""
+        lines.append(
+            f"  {change.name:<30}{then:>12} -> {now:<12}{moved:>7}  "
+            f"({better} is better) {verdict}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def _union(*mappings: Mapping[str, Any]) -> Iterable[str]:
+    seen: dict[str, None] = {}
+    for mapping in mappings:
+        seen.update(dict.fromkeys(mapping))
+    return seen
+
+
+def _is_finite_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
