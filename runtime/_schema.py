@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import functools
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from runtime._errors import DefinitionError, SchemaError
@@ -861,6 +862,10 @@ def _compile_pydantic(model: Any) -> StateSchema:
         )
     _refuse_nested_aliases(model)
 
+    # Set once a state of this model was stored with a JSON form; see
+    # _converted.
+    converts = [False]
+
     # Known limit: pydantic copies an Any field's value in model_dump before
     # MAX_VALUES is counted, so shared nested lists there (2**40 leaves from
     # 40 levels) still take exponential time; msgspec's to_builtins likewise.
@@ -868,24 +873,27 @@ def _compile_pydantic(model: Any) -> StateSchema:
         _check_fields(value, names)
         given = dict(value)
         try:
-            dumped = model.model_validate(given, strict=True).model_dump(mode="python")
+            built = model.model_validate(given, strict=True)
         except ValidationError as err:
-            # A state as stored (an enum's value, a nested dataclass as a
-            # mapping, a serializer's output) fails strict validation; it is
-            # accepted when validating it loosely and dumping it gives it back.
-            dumped = _stored_form(model, given)
-            if dumped is None:
-                first = err.errors()[0]
-                loc = ".".join(str(p) for p in first.get("loc", ()))
-                raise _Invalid(loc, first.get("msg", str(err))) from None
-        return check_json_value(dumped)  # type: ignore[no-any-return]
+            # A state as stored (an enum's value, a datetime's ISO string, a
+            # nested dataclass as a mapping, a serializer's output) fails
+            # strict validation; it is accepted when each part strict
+            # validation refused is what validating loosely stores there.
+            return _stored_form(model, given, err, converts)
+        # _pydantic_stored, inline: a call less on every write.
+        dumped = built.model_dump(mode="python")
+        if not converts[0]:
+            try:
+                return check_json_value(dumped)  # type: ignore[no-any-return]
+            except _Invalid:
+                pass
+        return _converted(model, built, dumped, converts)
 
     def defaults(value: Mapping[str, Any], missing: list[str]) -> dict[str, Any]:
         # Built as a write would store them: nested models dumped, serializers
-        # applied, factories given the other fields.
+        # applied, factories given the other fields, JSON forms where needed.
         built = model.model_construct(**value)
-        dumped: dict[str, Any] = built.model_dump(mode="python", include=set(missing))
-        return dumped
+        return _pydantic_stored(model, built, converts, set(missing), verify=False)
 
     def required(name: str) -> bool:
         return bool(model.model_fields[name].is_required())
@@ -894,15 +902,442 @@ def _compile_pydantic(model: Any) -> StateSchema:
     return StateSchema(model, names, check, stored=stored)
 
 
-def _stored_form(model: Any, given: dict[str, Any]) -> dict[str, Any] | None:
-    """``given`` dumped again if it is what some valid state dumps to, else None."""
+def _pydantic_stored(
+    model: Any,
+    built: Any,
+    converts: list[bool],
+    include: set[str] | None = None,
+    verify: bool = True,
+) -> ReadOnlyDict:
+    """The state stored for the validated model instance ``built``.
+
+    A field is stored as its Python-mode dump when that is JSON-compatible,
+    so states that need no conversion are stored as they always were (JSON
+    mode would turn an int default of a float field into a float, and apply
+    serializers meant only for JSON output); any other field in its JSON
+    form, see :func:`_converted`. ``include`` limits the state to those
+    fields.
+    """
+    dumped = built.model_dump(mode="python", include=include)
+    if not converts[0]:
+        try:
+            return check_json_value(dumped)  # type: ignore[no-any-return]
+        except _Invalid:
+            pass
+    return _converted(model, built, dumped, converts, verify)
+
+
+def _converted(
+    model: Any,
+    built: Any,
+    dumped: dict[str, Any],
+    converts: list[bool],
+    verify: bool = True,
+) -> ReadOnlyDict:
+    """The state with the fields whose ``dumped`` value is not JSON in JSON form.
+
+    A field's JSON form (a datetime's ISO string, a list for a tuple) is
+    refused (``_Invalid`` naming the part) when it would hide a value no
+    state may hold (NaN, which JSON mode makes null), when pydantic has
+    none (bytes that are not UTF-8), or, if ``verify``, when it would not
+    validate back to the same value (a tuple held by an ``Any`` field would
+    come back as a list). ``converts[0]`` is set once a field was converted:
+    from then on the model's states come here first, field by field, which
+    gives the same state as checking them whole but spares the refusal a
+    state with a datetime meets there (its message is built around the
+    value's repr).
+    """
+    out: dict[str, Any] = {}
+    failed: list[str] = []
+    for name, value in dumped.items():
+        if type(value) in _JSON_SCALARS or isinstance(value, str | dict | list):
+            try:
+                out[name] = check_json_value(value, name, 1)
+                continue
+            except _Invalid:
+                pass
+        # NaN and infinities become null in JSON mode; a 65-bit int or a lone
+        # surrogate would stay: refused with the reason a state that needs no
+        # JSON form gets.
+        _refuse_unstorable(value, name)
+        failed.append(name)
+    if not failed:
+        return ReadOnlyDict(out)
+
+    in_json = _json_dump(built, failed, dumped)
+    for name in failed:
+        form = _sorted_sets(dumped[name], in_json[name])
+        out[name] = check_json_value(form, name, 1)
+    state = ReadOnlyDict({name: out[name] for name in dumped})
+    if verify:
+        _refuse_changed(model, built, dumped, state, failed)
+    converts[0] = True
+    return state
+
+
+def _refuse_changed(
+    model: Any,
+    built: Any,
+    dumped: dict[str, Any],
+    state: ReadOnlyDict,
+    failed: list[str],
+) -> None:
+    """Raise ``_Invalid`` if a ``failed`` field of ``state`` validates back changed.
+
+    Validated loosely, as a state given back would be, each must give its
+    ``dumped`` value again.
+    """
     from pydantic import ValidationError
 
     try:
-        dumped: dict[str, Any] = model.model_validate(given).model_dump(mode="python")
-    except ValidationError:
+        back = _validated_again(model, built, state, failed)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        loc = first.get("loc", ())
+        reached = _reached(state, loc)
+        stored_as = "" if reached is _NOWHERE else f" as {_shown(reached, 60)}"
+        refused = _Invalid(
+            _field_of(loc),
+            f"would not validate back when stored{stored_as} "
+            f"({first.get('msg', str(err))})",
+        )
+        for key in reversed(loc[1:]):
+            refused.at(_step(key))
+        raise refused from None
+    for name in failed:
+        steps = _difference(dumped[name], back[name])
+        if steps is not None:
+            raise _changed(name, steps, dumped[name], back[name], state[name])
+
+
+def _validated_again(
+    model: Any, built: Any, state: ReadOnlyDict, failed: list[str]
+) -> dict[str, Any]:
+    """The Python dump of the ``failed`` fields validated from ``state``.
+
+    Each is assigned to a copy of ``built`` with validation, which runs that
+    field's validators and the model's, not every field's again (a long
+    list next to a datetime would double the cost of each write). A frozen
+    field cannot be assigned: the whole state is validated then.
+    """
+    from pydantic import ValidationError
+
+    again = built.model_copy()
+    validator = model.__pydantic_validator__
+    try:
+        for name in failed:
+            validator.validate_assignment(again, name, state[name], strict=False)
+    except ValidationError as err:
+        if err.errors()[0].get("type") != "frozen_field":
+            raise
+        again = model.model_validate(state, strict=False)
+    dumped: dict[str, Any] = again.model_dump(mode="python", include=set(failed))
+    return dumped
+
+
+_JSON_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _refuse_unstorable(value: Any, path: str) -> None:
+    """Raise ``_Invalid`` for a part of a dumped field that no form could store.
+
+    That is a non-finite float, an int beyond 64 bits, a string with a lone
+    surrogate, or nesting deeper than ``MAX_DEPTH``; other objects, tuples,
+    sets and non-string keys are left to the field's JSON form.
+    """
+    try:
+        _unstorable(value, 1)
+    except _Invalid as err:
+        err.base = path
+        raise
+
+
+def _unstorable(value: Any, depth: int) -> None:
+    kind = type(value)
+    if isinstance(value, str):
+        _check_str(_plain_str(value))
+    elif kind is int:
+        _check_int(value)
+    elif kind is float:
+        _check_float(value)
+    elif isinstance(value, _CONTAINERS):
+        if depth >= MAX_DEPTH:
+            raise _Invalid("", f"nests deeper than {MAX_DEPTH} levels (or is a cycle)")
+        for key, item in _parts(value):
+            if isinstance(key, str):
+                _check_str(key)
+            try:
+                _unstorable(item, depth + 1)
+            except _Invalid as err:
+                err.at(_step(key))
+                raise
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _parts(value: Any) -> Iterable[tuple[Any, Any]]:
+    """The keys (or positions) and items of a dumped container."""
+    return value.items() if isinstance(value, dict) else enumerate(value)
+
+
+def _step(key: Any) -> str | int:
+    """A key or position as a path names it: other keys than str or int by repr."""
+    return key if isinstance(key, str | int) else _shown(key, _LONGEST_SHOWN_KEY)
+
+
+def _json_dump(built: Any, failed: list[str], dumped: dict[str, Any]) -> Any:
+    """The JSON-mode dump of the ``failed`` fields of ``built``.
+
+    Raises ``_Invalid`` naming the part pydantic has no JSON form for.
+    """
+    try:
+        return built.model_dump(mode="json", include=set(failed))
+    except Exception:
+        pass
+
+    # Which field and part: dumped one field at a time, then part by part.
+    for name in failed:
+        try:
+            built.model_dump(mode="json", include={name})
+        except Exception as err:
+            found = _without_json_form(dumped[name])
+            if found is None:
+                raise _Invalid(name, f"has no JSON form ({_raised(err)})") from err
+            found.base = name
+            raise found from None
+    raise _Invalid("", "has no JSON form")
+
+
+def _without_json_form(value: Any) -> _Invalid | None:
+    """The error for the first part of ``value`` pydantic cannot turn into JSON."""
+    from pydantic_core import to_jsonable_python
+
+    if isinstance(value, _CONTAINERS):
+        for key, item in _parts(value):
+            found = _without_json_form(item)
+            if found is not None:
+                return found.at(_step(key))
         return None
-    return dumped if _same_stored(dumped, given) else None
+    try:
+        to_jsonable_python(value)
+    except Exception as err:
+        if isinstance(value, bytes | bytearray) and isinstance(err, UnicodeError):
+            return _Invalid(
+                "",
+                f"must be UTF-8 to be stored as text, got {_describe(value)} (a "
+                "model with ser_json_bytes='base64' and val_json_bytes='base64' "
+                "stores any bytes)",
+            )
+        return _Invalid(
+            "",
+            f"must be a JSON-compatible value, got {_describe(value)}, and has "
+            f"no JSON form ({_raised(err)})",
+        )
+    return None
+
+
+def _sorted_sets(dumped: Any, in_json: Any) -> Any:
+    """``in_json`` with the lists that hold sets in ``dumped`` sorted.
+
+    A set's JSON form lists its items in iteration order, which depends on
+    how the set was built (and on string hashes, which differ between
+    processes); sorted, the same set is always stored the same way, so a
+    stored form given back dumps to itself.
+    """
+    if isinstance(dumped, set | frozenset) and isinstance(in_json, list):
+        # pydantic lists a set's items in its iteration order.
+        items = [_sorted_sets(a, b) for a, b in zip(dumped, in_json, strict=False)]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=lambda item: (type(item).__name__, repr(item)))
+    if isinstance(dumped, dict) and isinstance(in_json, dict):
+        if len(dumped) != len(in_json):
+            return in_json
+        return {
+            key: _sorted_sets(a, b)
+            for a, (key, b) in zip(dumped.values(), in_json.items(), strict=True)
+        }
+    if isinstance(dumped, list | tuple) and isinstance(in_json, list):
+        if len(dumped) != len(in_json):
+            return in_json
+        return [_sorted_sets(a, b) for a, b in zip(dumped, in_json, strict=True)]
+    return in_json
+
+
+def _difference(given: Any, back: Any) -> list[Any] | None:
+    """The keys to the first part of ``back`` that is not ``given``, or None.
+
+    Types must match, except that an int may come back as the same float,
+    and times must keep their UTC offset.
+    """
+    if type(given) is not type(back):
+        if type(given) is int and type(back) is float and given == back:
+            return None
+        return []
+    if isinstance(given, dict | list | tuple):
+        try:
+            if len(given) != len(back) or (
+                isinstance(given, dict) and any(key not in back for key in given)
+            ):
+                return []
+        except Exception:
+            # A key's __eq__ or __hash__ raised.
+            return []
+        for key, item in _parts(given):
+            inner = _difference(item, back[key])
+            if inner is not None:
+                return [key, *inner]
+        return None
+    try:
+        same = bool(given == back)
+        if same and isinstance(given, datetime.datetime | datetime.time):
+            same = given.utcoffset() == back.utcoffset()
+    except Exception:
+        same = False
+    return None if same else []
+
+
+def _reached(value: Any, keys: Iterable[Any]) -> Any:
+    """The part of ``value`` the ``keys`` lead to, or ``_NOWHERE``."""
+    for key in keys:
+        if isinstance(value, Mapping):
+            found = key in value
+        else:
+            found = isinstance(value, list | tuple) and (
+                type(key) is int and -len(value) <= key < len(value)
+            )
+        if not found:
+            return _NOWHERE
+        value = value[key]
+    return value
+
+
+_NOWHERE = object()
+
+
+def _changed(
+    name: str, keys: list[Any], dumped: Any, back: Any, stored: Any
+) -> _Invalid:
+    """The error for a field whose JSON form validated back to another value.
+
+    ``keys`` lead to the part that changed in the field's ``dumped`` value,
+    ``back`` is the field validated again from its ``stored`` JSON form. A
+    container that changed (a tuple held by an ``Any`` field that came back
+    as a list, a mapping whose keys came back as strings) is refused as
+    not JSON-compatible, as in a state that needs no conversion.
+    """
+    given = _reached(dumped, keys)
+    err: _Invalid | None = None
+    if isinstance(given, _CONTAINERS):
+        try:
+            check_json_value(given)
+        except _Invalid as refused:
+            err = refused
+    if err is None:
+        shown = _reached(stored, keys)
+        stored_as = "" if shown is _NOWHERE else f"stored as {_shown(shown, 60)}, "
+        err = _Invalid(
+            "",
+            f"would change when stored in JSON form: {stored_as}it validates back "
+            f"as {_describe(_reached(back, keys))}, not {_describe(given)}",
+        )
+    for key in reversed(keys):
+        err.at(_step(key))
+    err.base = name
+    return err
+
+
+def _stored_form(
+    model: Any, given: dict[str, Any], refused: Any, converts: list[bool]
+) -> ReadOnlyDict:
+    """The state stored for ``given``, which strict validation ``refused``.
+
+    ``given`` is validated loosely and stored; each part strict validation
+    refused must be in the stored state as given (see :func:`_same_stored`),
+    or ``_Invalid`` names it. Loose validation turns ``"5"`` into ``5`` and
+    ``1`` into ``True``, so those stay refused, while a datetime's ISO
+    string, an enum's value or a nested dataclass as a mapping is what a
+    state read back holds. Parts strict validation accepted (a new datetime
+    next to a stored enum value) are stored like any valid value.
+    """
+    from pydantic import ValidationError
+
+    try:
+        built = model.model_validate(given, strict=False)
+    except ValidationError as err:
+        # Refused loosely too: its reason says more ("should be 'red' or
+        # 'blue'" rather than "should be an instance of Color").
+        raise _refusal(err.errors(include_url=False)[0]) from None
+    try:
+        stored = _pydantic_stored(model, built, converts)
+    except _Invalid as err:
+        # A part strict validation let through cannot be stored (a NaN, say):
+        # that is the state's fault, not its stored forms'.
+        for error in _errors(refused):
+            if err.base == _field_of(error.get("loc", ())):
+                raise _refusal(error) from None
+        raise
+    if _same_stored(stored, given):
+        # All of it as stored (a state read back and written back): then so
+        # is each part that strict validation refused, and they need not be
+        # listed.
+        return stored
+
+    for error in _errors(refused):
+        at_stored, at_given, whole = _both_reached(stored, given, error.get("loc", ()))
+        if not _same_stored(at_stored, at_given):
+            raise _refusal(error, at_stored if whole else _NOWHERE)
+    return stored
+
+
+def _errors(refused: Any) -> list[Any]:
+    """The errors of a ``ValidationError``, without what goes unused here."""
+    errors: list[Any] = refused.errors(
+        include_url=False, include_context=False, include_input=False
+    )
+    return errors
+
+
+def _refusal(error: Mapping[str, Any], stored: Any = _NOWHERE) -> _Invalid:
+    """The ``_Invalid`` for one of pydantic's validation errors.
+
+    ``stored`` is what the refused part would be stored as, if it was
+    valid loosely: the value that may be given in its place.
+    """
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    reason = error.get("msg", "is not valid")
+    if stored is not _NOWHERE:
+        reason = f"{reason}; as stored it would be {_shown(stored, 60)}"
+    return _Invalid(loc, reason)
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    return str(loc[0]) if loc else ""
+
+
+def _both_reached(
+    stored: Any, given: Any, loc: tuple[Any, ...]
+) -> tuple[Any, Any, bool]:
+    """The parts of ``stored`` and ``given`` at an error's ``loc``; all of it followed?
+
+    Where a step reaches nothing in either (a union member's name, a key
+    stored as a string), the parts where it starts are returned: comparing
+    more than the refused part can only refuse more. A refused key of a
+    mapping (the key, then ``"[key]"``) is compared as the whole mapping.
+    """
+    keys = list(loc)
+    whole = "[key]" not in keys
+    if not whole:
+        keys = keys[: max(keys.index("[key]") - 1, 0)]
+    for key in keys:
+        inner_stored = _reached(stored, [key])
+        inner_given = _reached(given, [key])
+        if inner_stored is _NOWHERE or inner_given is _NOWHERE:
+            return stored, given, False
+        stored, given = inner_stored, inner_given
+    return stored, given, whole
 
 
 def _same_stored(dumped: Any, given: Any) -> bool:
