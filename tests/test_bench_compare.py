@@ -158,28 +158,28 @@ def _baseline_from_a_run(tmp_path: Path, flagged: set[str]) -> tuple[Path, list[
     assert _bench("--json", first).returncode == 0
     report = json.loads(first.read_text())
 
-    measured = []
     for name, value in report["ratios"].items():
         if value is None:
+            # Not measured (eventsourcing is only in the bench extra).
             continue
-        measured.append(name)
         worse_past = (name in flagged) == (name in LOWER_IS_BETTER)
         report["ratios"][name] = value / 100 if worse_past else value * 100
-    return _write(tmp_path / "baseline.json", report), measured
+    return _write(tmp_path / "baseline.json", report), list(report["ratios"])
 
 
 def test_the_command_flags_exactly_the_ratios_that_moved_the_wrong_way(
     tmp_path: Path,
 ) -> None:
     flagged = {"pipelined_vs_limit", "bytes_per_row"}
-    baseline, measured = _baseline_from_a_run(tmp_path, flagged)
+    baseline, names = _baseline_from_a_run(tmp_path, flagged)
 
     done = _bench("--compare", baseline, "--tolerance", "0.5")
 
     assert done.returncode == 3, done.stderr
     lines = done.stdout.splitlines()
     shown = lines[lines.index("against the baseline (tolerance 50%):") + 1 :]
-    assert sorted(line.split()[0] for line in shown) == sorted(measured)
+    # Every ratio is listed, measured or not; only measured ones are judged.
+    assert sorted(line.split()[0] for line in shown) == sorted(names)
     assert {line.split()[0] for line in shown if "REGRESSED" in line} == flagged
 
 
