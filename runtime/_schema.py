@@ -643,7 +643,8 @@ def _flat_dataclass_check(
     return check
 
 
-_MSGSPEC_PATH = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
+_MSGSPEC_PATH = re.compile(r"(?:at|in) `\$\.([A-Za-z0-9_]+)")
+"""The field msgspec names: ``at `$.count```, or ``at `key` in `$.by_id```."""
 
 _MSGSPEC_KEY_AT = re.compile(r" - at `key` in `\$([^`]*)`")
 """Where msgspec refused a mapping's key: ``$.tags``, ``$.rows[2]``, ``$.m[...]``."""
@@ -710,7 +711,7 @@ def _msgspec_unbuilt(obj: Any, names: tuple[str, ...], err: Exception) -> _Inval
     reason = f"must be a JSON-compatible value ({_raised(err)})"
     for name in names:
         try:
-            msgspec.to_builtins(getattr(obj, name))
+            msgspec.to_builtins(getattr(obj, name), str_keys=True)
         except Exception:
             return _Invalid(name, reason)
     return _Invalid("", reason)
@@ -865,10 +866,12 @@ def _compile_pydantic(model: Any) -> StateSchema:
     # Set once a state of this model was stored with a JSON form; see
     # _converted.
     converts = [False]
+    in_order = _has_left_to_right_union(model)
 
     # Known limit: pydantic copies an Any field's value in model_dump before
     # MAX_VALUES is counted, so shared nested lists there (2**40 leaves from
-    # 40 levels) still take exponential time; msgspec's to_builtins likewise.
+    # 40 levels) still take exponential time. msgspec values are counted
+    # before to_builtins copies them.
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
         given = dict(value)
@@ -879,7 +882,7 @@ def _compile_pydantic(model: Any) -> StateSchema:
             # nested dataclass as a mapping, a serializer's output) fails
             # strict validation; it is accepted when each part strict
             # validation refused is what validating loosely stores there.
-            return _stored_form(model, given, err, converts)
+            return _stored_form(model, given, err, converts, in_order)
         # _pydantic_stored, inline: a call less on every write.
         dumped = built.model_dump(mode="python")
         if not converts[0]:
@@ -1024,15 +1027,34 @@ def _validated_again(
 
     again = built.model_copy()
     validator = model.__pydantic_validator__
+    name = failed[0]
     try:
         for name in failed:
             validator.validate_assignment(again, name, state[name], strict=False)
     except ValidationError as err:
         if err.errors()[0].get("type") != "frozen_field":
             raise
-        again = model.model_validate(state, strict=False)
+        try:
+            again = model.model_validate(state, strict=False)
+        except ValidationError:
+            raise
+        except Exception as raised:
+            where = failed[0] if len(failed) == 1 else ""
+            raise _not_checked_back(where, raised) from raised
+    except Exception as raised:
+        # A validator that takes only the Python value (a datetime) raised
+        # when given its JSON form.
+        raise _not_checked_back(name, raised) from raised
     dumped: dict[str, Any] = again.model_dump(mode="python", include=set(failed))
     return dumped
+
+
+def _not_checked_back(name: str, raised: Exception) -> _Invalid:
+    return _Invalid(
+        name,
+        "could not be checked to validate back from its JSON form when stored "
+        f"({_raised(raised)})",
+    )
 
 
 _JSON_SCALARS = frozenset((int, float, bool, type(None)))
@@ -1146,12 +1168,7 @@ def _sorted_sets(dumped: Any, in_json: Any) -> Any:
     stored form given back dumps to itself.
     """
     if isinstance(dumped, set | frozenset) and isinstance(in_json, list):
-        # pydantic lists a set's items in its iteration order.
-        items = [_sorted_sets(a, b) for a, b in zip(dumped, in_json, strict=False)]
-        try:
-            return sorted(items)
-        except TypeError:
-            return sorted(items, key=lambda item: (type(item).__name__, repr(item)))
+        return _shaped(_shape(dumped), in_json)
     if isinstance(dumped, dict) and isinstance(in_json, dict):
         if len(dumped) != len(in_json):
             return in_json
@@ -1164,6 +1181,83 @@ def _sorted_sets(dumped: Any, in_json: Any) -> Any:
             return in_json
         return [_sorted_sets(a, b) for a, b in zip(dumped, in_json, strict=True)]
     return in_json
+
+
+# Where a dumped value holds sets, as a tree of tuples: a set's items need
+# not iterate in the order its JSON form lists them (the dump builds a new
+# set), so its items cannot be paired with theirs; what is kept of them is
+# the distinct shapes of its items, matched to each listed item by form.
+# Shapes are ordered tuples (never sets) so that the choice among several
+# is the same in every process.
+_LEAF = ("leaf",)
+
+
+def _shape(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, set | frozenset):
+        return ("set", tuple(sorted({_shape(item) for item in value})))
+    if isinstance(value, list | tuple):
+        return ("seq", tuple(_shape(item) for item in value))
+    if isinstance(value, dict):
+        return ("map", tuple(_shape(item) for item in value.values()))
+    return _LEAF
+
+
+def _fits(shape: tuple[Any, ...], in_json: Any) -> bool:
+    kind = shape[0]
+    if kind == "set":
+        return isinstance(in_json, list)
+    if kind == "seq":
+        return isinstance(in_json, list) and len(in_json) == len(shape[1])
+    if kind == "map":
+        return isinstance(in_json, dict) and len(in_json) == len(shape[1])
+    return not isinstance(in_json, list | dict)
+
+
+def _shaped(shape: tuple[Any, ...], in_json: Any) -> Any:
+    """``in_json`` with the lists that ``shape`` marks as sets sorted."""
+    kind = shape[0]
+    if kind == "leaf" or not _fits(shape, in_json):
+        return in_json
+    if kind == "seq":
+        return [_shaped(a, b) for a, b in zip(shape[1], in_json, strict=True)]
+    if kind == "map":
+        return {
+            key: _shaped(a, b)
+            for a, (key, b) in zip(shape[1], in_json.items(), strict=True)
+        }
+    options = shape[1]
+    if options == (_LEAF,):
+        items = list(in_json)
+    else:
+        items = [_shaped(_first_fitting(options, item), item) for item in in_json]
+    kinds = {type(item) for item in items}
+    if kinds <= {int, float} or kinds == {str}:
+        return sorted(items)
+    return sorted(items, key=_json_order)
+
+
+def _first_fitting(options: tuple[Any, ...], in_json: Any) -> tuple[Any, ...]:
+    for shape in options:
+        if _fits(shape, in_json):
+            return shape  # type: ignore[no-any-return]
+    return _LEAF
+
+
+def _json_order(value: Any) -> tuple[Any, ...]:
+    """A sort key for JSON values of any types, the same in every process."""
+    if value is None:
+        return (0,)
+    if isinstance(value, bool):
+        return (1, value)
+    if isinstance(value, int | float):
+        return (2, value)
+    if isinstance(value, str):
+        return (3, value)
+    if isinstance(value, list):
+        return (4, tuple(_json_order(item) for item in value))
+    if isinstance(value, dict):
+        return (5, tuple((key, _json_order(item)) for key, item in value.items()))
+    return (6, type(value).__name__, repr(value))
 
 
 def _difference(given: Any, back: Any) -> list[Any] | None:
@@ -1192,11 +1286,32 @@ def _difference(given: Any, back: Any) -> list[Any] | None:
         return None
     try:
         same = bool(given == back)
-        if same and isinstance(given, datetime.datetime | datetime.time):
-            same = given.utcoffset() == back.utcoffset()
+        if isinstance(given, datetime.datetime | datetime.time):
+            # Equal instants at the same offset are the same wall time: only
+            # those ``==`` tells apart are compared by wall time (which
+            # builds two naive copies, a cost a long list would feel).
+            if same:
+                same = given.utcoffset() == back.utcoffset()
+            else:
+                same = _same_time(given, back)
     except Exception:
         same = False
     return None if same else []
+
+
+def _same_time(given: Any, back: Any) -> bool:
+    """Whether two datetimes (or times) have the same wall time and UTC offset.
+
+    Not ``==``: aware datetimes of different time zones compare by instant,
+    and are never equal when either is in a repeated or skipped hour (a
+    named zone's ``2:30`` on the night of a DST change against the offset
+    it is stored with), though the same wall time at the same offset is
+    the same instant. ``fold`` only picks the offset, so it is not compared.
+    """
+    return bool(
+        given.utcoffset() == back.utcoffset()
+        and given.replace(tzinfo=None, fold=0) == back.replace(tzinfo=None, fold=0)
+    )
 
 
 def _reached(value: Any, keys: Iterable[Any]) -> Any:
@@ -1229,19 +1344,28 @@ def _changed(
     not JSON-compatible, as in a state that needs no conversion.
     """
     given = _reached(dumped, keys)
+    shown = _reached(stored, keys)
     err: _Invalid | None = None
     if isinstance(given, _CONTAINERS):
         try:
             check_json_value(given)
         except _Invalid as refused:
             err = refused
+            if not refused.steps and shown is not _NOWHERE:
+                # The container itself is what changed (a tuple of an Any
+                # field or of ``tuple | list`` came back as a list): a JSON
+                # form is taken only when it validates back to the same value.
+                err = _Invalid(
+                    "",
+                    f"{refused.reason}, and its JSON form {_shown(shown, 60)} "
+                    f"would validate back as {_describe(_reached(back, keys))}",
+                )
     if err is None:
-        shown = _reached(stored, keys)
         stored_as = "" if shown is _NOWHERE else f"stored as {_shown(shown, 60)}, "
         err = _Invalid(
             "",
             f"would change when stored in JSON form: {stored_as}it validates back "
-            f"as {_describe(_reached(back, keys))}, not {_describe(given)}",
+            f"as {_describe_apart(_reached(back, keys), given)}",
         )
     for key in reversed(keys):
         err.at(_step(key))
@@ -1249,8 +1373,32 @@ def _changed(
     return err
 
 
+def _describe_apart(back: Any, given: Any) -> str:
+    """``"<back>, not <given>"``, described so that they differ.
+
+    Datetimes and times whose UTC offsets differ are shown in ISO form: their
+    reprs are cut before the time zone, where they differ.
+    """
+    if isinstance(back, datetime.datetime | datetime.time) and isinstance(
+        given, datetime.datetime | datetime.time
+    ):
+        try:
+            if back.utcoffset() != given.utcoffset():
+                return (
+                    f"{back.isoformat()} ({type(back).__name__}), "
+                    f"not {given.isoformat()} ({type(given).__name__})"
+                )
+        except Exception:
+            pass
+    return f"{_describe(back)}, not {_describe(given)}"
+
+
 def _stored_form(
-    model: Any, given: dict[str, Any], refused: Any, converts: list[bool]
+    model: Any,
+    given: dict[str, Any],
+    refused: Any,
+    converts: list[bool],
+    in_order: bool = False,
 ) -> ReadOnlyDict:
     """The state stored for ``given``, which strict validation ``refused``.
 
@@ -1260,7 +1408,10 @@ def _stored_form(
     ``1`` into ``True``, so those stay refused, while a datetime's ISO
     string, an enum's value or a nested dataclass as a mapping is what a
     state read back holds. Parts strict validation accepted (a new datetime
-    next to a stored enum value) are stored like any valid value.
+    next to a stored enum value) are stored like any valid value, as strict
+    validation gives them: if the model has a ``left_to_right`` union
+    (``in_order``), where loose validation may take ``"007"`` as ``7``, the
+    fields strict validation accepted are validated again strictly.
     """
     from pydantic import ValidationError
 
@@ -1270,6 +1421,8 @@ def _stored_form(
         # Refused loosely too: its reason says more ("should be 'red' or
         # 'blue'" rather than "should be an instance of Color").
         raise _refusal(err.errors(include_url=False)[0]) from None
+    if in_order:
+        built = _strict_where_accepted(model, built, given, refused)
     try:
         stored = _pydantic_stored(model, built, converts)
     except _Invalid as err:
@@ -1285,11 +1438,87 @@ def _stored_form(
         # listed.
         return stored
 
+    # Errors that lead to the same parts (each refused key of a mapping leads
+    # to the whole mapping) compare them once: a mapping of n keys given back
+    # in stored form would otherwise cost n * n.
+    compared: set[tuple[Any, ...]] = set()
     for error in _errors(refused):
-        at_stored, at_given, whole = _both_reached(stored, given, error.get("loc", ()))
+        loc = error.get("loc", ())
+        at_stored, at_given, whole, steps = _both_reached(stored, given, loc)
+        if steps in compared:
+            continue
         if not _same_stored(at_stored, at_given):
             raise _refusal(error, at_stored if whole else _NOWHERE)
+        compared.add(steps)
     return stored
+
+
+def _has_left_to_right_union(model: Any) -> bool:
+    """Whether any part of ``model`` (nested models too) is a ``left_to_right`` union.
+
+    Given input that strict validation accepts, only such a union can give
+    another value validated loosely (the first member that takes it loosely
+    wins: ``"007"`` becomes ``7`` in ``int | str``).
+    """
+    pending: list[Any] = [model.__pydantic_core_schema__]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "union" and node.get("mode") == "left_to_right":
+                return True
+            pending.extend(node.values())
+        elif isinstance(node, list | tuple):
+            pending.extend(node)
+    return False
+
+
+def _strict_where_accepted(
+    model: Any, built: Any, given: dict[str, Any], refused: Any
+) -> Any:
+    """``built`` (validated loosely) with the fields strict validation accepted
+    validated strictly again from ``given``.
+
+    Each is assigned to ``built``, which runs that field's validators (and
+    the model's) once, as validating ``given`` strictly would have; a field
+    whose loose value is already what was given is left as it is. A frozen
+    model cannot be assigned to: it is validated whole then, the refused
+    fields given as validated loosely.
+    """
+    from pydantic import ValidationError
+
+    # Known limit: only whole top-level fields are validated strictly again,
+    # so a left-to-right union nested in a field that strict validation
+    # refused (a list of models holding a datetime's ISO string) keeps the
+    # loose result there ("007" stored as 7).
+    failed = {_field_of(error.get("loc", ())) for error in _errors(refused)}
+    accepted = [
+        name
+        for name, value in given.items()
+        if name not in failed and not _same_value(getattr(built, name), value)
+    ]
+    validator = model.__pydantic_validator__
+    try:
+        for name in accepted:
+            validator.validate_assignment(built, name, given[name], strict=True)
+    except ValidationError as err:
+        if err.errors()[0].get("type") != "frozen_field":
+            raise _refusal(err.errors(include_url=False)[0]) from None
+        mixed = {
+            name: getattr(built, name) if name in failed else value
+            for name, value in given.items()
+        }
+        try:
+            built = model.model_validate(mixed, strict=True)
+        except ValidationError as again:
+            raise _refusal(again.errors(include_url=False)[0]) from None
+    return built
+
+
+def _same_value(validated: Any, given: Any) -> bool:
+    try:
+        return type(validated) is type(given) and bool(validated == given)
+    except Exception:
+        return False
 
 
 def _errors(refused: Any) -> list[Any]:
@@ -1319,25 +1548,26 @@ def _field_of(loc: tuple[Any, ...]) -> str:
 
 def _both_reached(
     stored: Any, given: Any, loc: tuple[Any, ...]
-) -> tuple[Any, Any, bool]:
-    """The parts of ``stored`` and ``given`` at an error's ``loc``; all of it followed?
+) -> tuple[Any, Any, bool, tuple[Any, ...]]:
+    """The parts of ``stored`` and ``given`` at an error's ``loc``.
 
-    Where a step reaches nothing in either (a union member's name, a key
-    stored as a string), the parts where it starts are returned: comparing
-    more than the refused part can only refuse more. A refused key of a
-    mapping (the key, then ``"[key]"``) is compared as the whole mapping.
+    Also returned: whether all of ``loc`` was followed, and the steps that
+    were. Where a step reaches nothing in either (a union member's name, a
+    key stored as a string), the parts where it starts are returned:
+    comparing more than the refused part can only refuse more. A refused key
+    of a mapping (the key, then ``"[key]"``) is compared as the whole mapping.
     """
     keys = list(loc)
     whole = "[key]" not in keys
     if not whole:
         keys = keys[: max(keys.index("[key]") - 1, 0)]
-    for key in keys:
+    for at, key in enumerate(keys):
         inner_stored = _reached(stored, [key])
         inner_given = _reached(given, [key])
         if inner_stored is _NOWHERE or inner_given is _NOWHERE:
-            return stored, given, False
+            return stored, given, False, tuple(keys[:at])
         stored, given = inner_stored, inner_given
-    return stored, given, whole
+    return stored, given, whole, tuple(keys)
 
 
 def _same_stored(dumped: Any, given: Any) -> bool:
@@ -1439,6 +1669,641 @@ def _refuse_nested_renames(struct: Any) -> None:
                     pending.append((path, part))
 
 
+_FormCheck = Callable[[Any], object]
+"""Raises ``_Invalid`` where a converted value's free-form parts are not JSON;
+what it returns is used only where it is a stored form (see
+:meth:`_MsgspecForms.stored_check`)."""
+
+_FormFix = Callable[[Any, Any], Any]
+"""``(converted, built)``: the stored form of a converted value, from the
+form ``built`` that ``msgspec.to_builtins`` gave for it."""
+
+
+class _MsgspecForms:
+    """What a Struct's values need beyond ``msgspec.to_builtins``, by type.
+
+    ``to_builtins`` silently turns what a free-form slot (``Any``,
+    ``object``, a bare ``list`` or ``dict``) holds into another value: a
+    datetime into a string, a set into a list, an enum member into its
+    value, so the state would read back as something else than was written.
+    :meth:`check` gives the check that refuses such parts, as the other
+    schema kinds do. ``to_builtins`` also lists a set's items in iteration
+    order, which differs between equal sets (and between processes: string
+    hashes are randomised), and keeps tuples as tuples; :meth:`fix` gives
+    the step that sorts the one and lists the other. Both are ``None`` for a
+    type that holds no such part, so Structs without them pay nothing.
+    """
+
+    def __init__(self) -> None:
+        import msgspec
+
+        self._types = msgspec.inspect
+        # By id: inspect's nodes are not hashable; the Struct's type info
+        # keeps them alive while the checks are built.
+        self._checks: dict[int, _FormCheck | None] = {}
+        self._fixes: dict[int, _FormFix | None] = {}
+
+    def check(self, node: Any) -> _FormCheck | None:
+        """The check of the free-form parts of a value of ``node``'s type."""
+        node = self._unwrapped(node)
+        key = id(node)
+        if key in self._checks:
+            return self._checks[key]
+        if not self._reaches(node, self.is_free_form):
+            self._checks[key] = None
+            return None
+
+        # A record may hold itself: its fields reach it through this.
+        built: list[_FormCheck] = []
+        self._checks[key] = lambda value: built[0](value)
+        check = self._build_check(node)
+        built.append(check)
+        self._checks[key] = check
+        return check
+
+    def stored_check(self, node: Any) -> _Check | None:
+        """A check that returns the stored form of a value of ``node``'s type.
+
+        Only for types that hold nothing but free-form values (``Any``,
+        ``list[Any]``, ``dict[str, Any]``, a bare ``list`` or ``dict``, or one
+        of those or ``None``): the copy their free-form check makes is what
+        is stored, so it need not be made again from ``to_builtins``'s form.
+        """
+        node = self._unwrapped(node)
+        t = self._types
+        if self.is_free_form(node):
+            return _check_any
+        if isinstance(node, t.ListType) and self.is_free_form(node.item_type):
+            return _list_check(_check_any)
+        if isinstance(node, t.DictType) and self.is_free_form(node.value_type):
+            key = self._unwrapped(node.key_type)
+            if self.is_free_form(key):
+                return _dict_check(_check_any)
+            if isinstance(key, t.StrType):
+                return _str_keyed_check
+        if isinstance(node, t.UnionType) and len(node.types) == 2:
+            value, other = (self._unwrapped(m) for m in node.types)
+            if isinstance(value, t.NoneType):
+                value, other = other, value
+            inner = self.stored_check(value)
+            if inner is not None and isinstance(other, t.NoneType):
+                return _optional_check(inner)
+        return None
+
+    def has_keys_stored_as_strings(self, node: Any) -> bool:
+        """Whether a value of ``node``'s type may hold keys that are not str."""
+        return self._reaches(
+            node, lambda part: self._is_mapping(part) and not self._str_keyed(part)
+        )
+
+    def fix(self, node: Any) -> _FormFix | None:
+        """The fix of the builtin form of a value of ``node``'s type."""
+        node = self._unwrapped(node)
+        key = id(node)
+        if key in self._fixes:
+            return self._fixes[key]
+        if not self._reaches(node, self._needs_fix):
+            self._fixes[key] = None
+            return None
+
+        built: list[_FormFix] = []
+        self._fixes[key] = lambda conv, out: built[0](conv, out)
+        fix = self._build_fix(node)
+        built.append(fix)
+        self._fixes[key] = fix
+        return fix
+
+    def _unwrapped(self, node: Any) -> Any:
+        while isinstance(node, self._types.Metadata):
+            node = node.type
+        return node
+
+    def is_free_form(self, node: Any) -> bool:
+        """Whether ``node`` is a free-form type (``Any``, ``object``)."""
+        node = self._unwrapped(node)
+        t = self._types
+        return isinstance(node, t.AnyType) or (
+            isinstance(node, t.CustomType) and node.cls is object
+        )
+
+    def _is_mapping(self, node: Any) -> bool:
+        # FrozenDictType (Python 3.15) has the same attributes as DictType.
+        return isinstance(node, self._types.DictType) or (
+            type(node).__name__ == "FrozenDictType"
+        )
+
+    def _needs_fix(self, node: Any) -> bool:
+        t = self._types
+        if self._is_mapping(node):
+            return not self._str_keyed(node)
+        return isinstance(
+            node,
+            t.SetType
+            | t.FrozenSetType
+            | t.VarTupleType
+            | t.TupleType
+            | t.NamedTupleType,
+        )
+
+    def _str_keyed(self, node: Any) -> bool:
+        """Whether a mapping's keys are strings, so no two are stored as one."""
+        key = self._unwrapped(node.key_type)
+        return isinstance(key, self._types.StrType) or self.is_free_form(key)
+
+    def _reaches(self, node: Any, found: Callable[[Any], bool]) -> bool:
+        """Whether ``node`` or a type inside it is ``found``."""
+        t = self._types
+        seen: set[int] = set()
+        pending = [node]
+        while pending:
+            part = self._unwrapped(pending.pop())
+            if id(part) in seen:
+                continue
+            seen.add(id(part))
+            if found(part):
+                return True
+            for name in part.__struct_fields__:
+                member = getattr(part, name)
+                for inner in member if isinstance(member, tuple) else (member,):
+                    if isinstance(inner, t.Field):
+                        pending.append(inner.type)
+                    elif isinstance(inner, t.Type):
+                        pending.append(inner)
+        return False
+
+    def _build_check(self, node: Any) -> _FormCheck:
+        t = self._types
+        if self.is_free_form(node):
+            # A dataclass's Any field check, with its MAX_VALUES limit per
+            # free-form value; the copy it returns is not needed.
+            return _check_any
+        if isinstance(node, t.ListType | t.VarTupleType):
+            return _items_form_check(self.check(node.item_type))
+        if isinstance(node, t.SetType | t.FrozenSetType):
+            return _set_form_check(self.check(node.item_type))
+        if isinstance(node, t.TupleType):
+            return _positions_form_check([self.check(i) for i in node.item_types])
+        if self._is_mapping(node):
+            free_keys = self.is_free_form(self._unwrapped(node.key_type))
+            return _mapping_form_check(free_keys, self.check(node.value_type))
+        if isinstance(node, t.StructType | t.DataclassType | t.NamedTupleType):
+            return _record_form_check(self._field_checks(node), getattr)
+        if isinstance(node, t.TypedDictType):
+            return _record_form_check(self._field_checks(node), _dict_get)
+        if isinstance(node, t.UnionType):
+            members = [self._unwrapped(m) for m in node.types]
+            free = any(self.is_free_form(m) for m in members)
+            # With a free-form member, a value no other member made is
+            # free-form: the others are listed even where they hold none.
+            options = [
+                (self._matcher(m), self.check(m))
+                for m in members
+                if not self.is_free_form(m) and (free or self.check(m) is not None)
+            ]
+            return _union_form_check(options, free)
+        raise DefinitionError(f"cannot check the free-form parts of {node!r}")
+
+    def _field_checks(self, node: Any) -> list[tuple[str, _FormCheck]]:
+        return [
+            (f.name, check)
+            for f in node.fields
+            if (check := self.check(f.type)) is not None
+        ]
+
+    def _build_fix(self, node: Any) -> _FormFix:
+        t = self._types
+        if isinstance(node, t.ListType | t.VarTupleType):
+            return _items_form_fix(self.fix(node.item_type))
+        if isinstance(node, t.SetType | t.FrozenSetType):
+            plainly = self._sorts_plainly(node.item_type)
+            return _set_form_fix(self.fix(node.item_type), plainly)
+        if isinstance(node, t.TupleType):
+            return _positions_form_fix([self.fix(i) for i in node.item_types])
+        if isinstance(node, t.NamedTupleType):
+            return _positions_form_fix([self.fix(f.type) for f in node.fields])
+        if self._is_mapping(node):
+            keyed = not self._str_keyed(node)
+            return _mapping_form_fix(keyed, self.fix(node.value_type))
+        if isinstance(node, t.StructType | t.DataclassType | t.TypedDictType):
+            fixes = [
+                (f.name, fix)
+                for f in node.fields
+                if (fix := self.fix(f.type)) is not None
+            ]
+            if isinstance(node, t.StructType) and node.array_like:
+                # Listed in field order, after the tag if there is one.
+                first = 0 if node.tag is None else 1
+                at = {f.name: first + i for i, f in enumerate(node.fields)}
+                return _listed_record_form_fix([(at[n], n, f) for n, f in fixes])
+            read = _dict_get if isinstance(node, t.TypedDictType) else getattr
+            return _record_form_fix(fixes, read)
+        if isinstance(node, t.UnionType):
+            options = [
+                (self._matcher(m), fix)
+                for m in map(self._unwrapped, node.types)
+                if not self.is_free_form(m) and (fix := self.fix(m)) is not None
+            ]
+            return _union_form_fix(options)
+        raise DefinitionError(f"cannot store the builtin form of {node!r}")
+
+    def _sorts_plainly(self, node: Any) -> bool:
+        """Whether the stored forms of ``node``'s values are all strings or
+        all numbers, which ``sorted`` orders as :func:`_stored_order` does."""
+        node = self._unwrapped(node)
+        t = self._types
+        if isinstance(node, t.LiteralType):
+            kinds = {type(v) for v in node.values}
+            return kinds == {str} or kinds == {int}
+        # Scalars, and the types stored as strings (or, an enum, as values of
+        # one type).
+        return isinstance(
+            node,
+            t.StrType
+            | t.IntType
+            | t.FloatType
+            | t.EnumType
+            | t.DateTimeType
+            | t.DateType
+            | t.TimeType
+            | t.TimeDeltaType
+            | t.UUIDType
+            | t.DecimalType
+            | t.BytesType,
+        )
+
+    def _matcher(self, node: Any) -> Callable[[Any], bool]:
+        """Whether a converted value was made for the union member ``node``.
+
+        msgspec allows one member of each kind (one array-like, one
+        mapping-like, ...) in a union, so the value's type tells which.
+        """
+        import decimal
+        import uuid
+
+        import msgspec
+
+        t = self._types
+        exact: dict[type, tuple[type, ...]] = {
+            t.NoneType: (type(None),),
+            t.BoolType: (bool,),
+            t.IntType: (int,),
+            t.FloatType: (float,),
+            t.StrType: (str,),
+            t.BytesType: (bytes,),
+            t.ByteArrayType: (bytearray,),
+            t.MemoryViewType: (memoryview,),
+            t.DateTimeType: (datetime.datetime,),
+            t.DateType: (datetime.date,),
+            t.TimeType: (datetime.time,),
+            t.TimeDeltaType: (datetime.timedelta,),
+            t.UUIDType: (uuid.UUID,),
+            t.DecimalType: (decimal.Decimal,),
+            t.RawType: (msgspec.Raw,),
+            t.ExtType: (msgspec.msgpack.Ext,),
+            t.ListType: (list,),
+            t.SetType: (set,),
+            t.FrozenSetType: (frozenset,),
+            t.VarTupleType: (tuple,),
+            t.TupleType: (tuple,),
+            t.DictType: (dict,),
+            # Not isinstance: a TypedDict class refuses it.
+            t.TypedDictType: (dict,),
+        }
+        kinds = exact.get(type(node))
+        if kinds is None and isinstance(node, t.LiteralType):
+            kinds = tuple({type(v) for v in node.values})
+        if kinds is not None:
+            return lambda value: type(value) in kinds
+        cls = getattr(node, "cls", None)
+        if isinstance(cls, type):
+            # Records, enums and custom types.
+            return lambda value: isinstance(value, cls)
+        return lambda value: False
+
+
+def _str_keyed_check(value: Any) -> ReadOnlyDict:
+    """The stored form of a ``dict[str, Any]`` value msgspec has converted.
+
+    Its keys are strings: a str subclass (a StrEnum member) is stored as
+    its characters, as ``to_builtins`` stores it.
+    """
+    out = {}
+    for key, item in value.items():
+        name = key if type(key) is str else _plain_str(key)
+        _check_str(name)
+        try:
+            out[name] = _check_any(item)
+        except _Invalid as err:
+            err.at(name)
+            raise
+    return ReadOnlyDict(out)
+
+
+def _dict_get(value: Any, name: str) -> Any:
+    return value.get(name, _NOWHERE)
+
+
+def _items_form_check(item: _FormCheck | None) -> _FormCheck:
+    def check(value: Any) -> None:
+        if item is None:
+            return
+        for i, part in enumerate(value):
+            try:
+                item(part)
+            except _Invalid as err:
+                err.at(i)
+                raise
+
+    return check
+
+
+def _set_form_check(item: _FormCheck | None) -> _FormCheck:
+    # A set's items have no position to name: the set is named.
+    def check(value: Any) -> None:
+        if item is None:
+            return
+        for part in value:
+            item(part)
+
+    return check
+
+
+def _positions_form_check(items: list[_FormCheck | None]) -> _FormCheck:
+    def check(value: Any) -> None:
+        for i, (item, part) in enumerate(zip(items, value, strict=False)):
+            if item is not None:
+                try:
+                    item(part)
+                except _Invalid as err:
+                    err.at(i)
+                    raise
+
+    return check
+
+
+def _mapping_form_check(free_keys: bool, item: _FormCheck | None) -> _FormCheck:
+    def check(value: Any) -> None:
+        for key, part in value.items():
+            if free_keys:
+                if type(key) is not str:
+                    raise _Invalid(
+                        "", f"has a key that is not a string: {_describe(key)}"
+                    )
+                _check_str(key)
+            if item is not None:
+                try:
+                    item(part)
+                except _Invalid as err:
+                    err.at(_step(key))
+                    raise
+
+    return check
+
+
+def _record_form_check(
+    fields: list[tuple[str, _FormCheck]], read: Callable[[Any, str], Any]
+) -> _FormCheck:
+    def check(value: Any) -> None:
+        for name, field_check in fields:
+            part = read(value, name)
+            if part is _NOWHERE:
+                continue
+            try:
+                field_check(part)
+            except _Invalid as err:
+                err.at(name)
+                raise
+
+    return check
+
+
+def _union_form_check(
+    options: list[tuple[Callable[[Any], bool], _FormCheck | None]], free: bool
+) -> _FormCheck:
+    def check(value: Any) -> None:
+        for matches, option in options:
+            if matches(value):
+                if option is not None:
+                    option(value)
+                return
+        if free:
+            _check_any(value)
+
+    return check
+
+
+def _items_form_fix(item: _FormFix | None) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        if item is None:
+            # A tuple's items, listed.
+            return list(out)
+        items: list[Any] = []
+        try:
+            for part, built in zip(conv, out, strict=True):
+                items.append(item(part, built))
+        except _Invalid as err:
+            err.at(len(items))
+            raise
+        return items
+
+    return fix
+
+
+def _set_form_fix(item: _FormFix | None, plainly: bool) -> _FormFix:
+    """Sort a set's stored items: their order then depends only on the items.
+
+    ``plainly`` when they are all strings or all numbers: a key function
+    would cost more than the sort.
+    """
+
+    def fix(conv: Any, out: Any) -> Any:
+        if item is not None:
+            # ``to_builtins`` lists the set in its iteration order, as zip does.
+            out = [item(part, built) for part, built in zip(conv, out, strict=True)]
+        return sorted(out) if plainly else sorted(out, key=_stored_order)
+
+    return fix
+
+
+def _stored_order(value: Any) -> tuple[Any, ...]:
+    """A sort key for stored values of any types, the same in every process.
+
+    None, then booleans, numbers, strings, lists and mappings (frozen
+    records), each by value.
+    """
+    if value is None:
+        return (0,)
+    if isinstance(value, bool):
+        return (1, value)
+    if isinstance(value, int | float):
+        return (2, value)
+    if isinstance(value, str):
+        return (3, value)
+    if isinstance(value, list | tuple):
+        return (4, tuple(_stored_order(item) for item in value))
+    if isinstance(value, dict):
+        return (5, tuple((k, _stored_order(item)) for k, item in value.items()))
+    return (6, type(value).__name__, repr(value))
+
+
+def _positions_form_fix(items: list[_FormFix | None]) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        fixed = list(out)
+        for i, item in enumerate(items):
+            if item is not None and i < len(fixed):
+                try:
+                    fixed[i] = item(conv[i], fixed[i])
+                except _Invalid as err:
+                    err.at(i)
+                    raise
+        return fixed
+
+    return fix
+
+
+def _mapping_form_fix(keyed: bool, item: _FormFix | None) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        if keyed and len(out) != len(conv):
+            # Keys stored as strings: 1 and "1", or two NaNs, become one.
+            raise _Invalid(
+                "",
+                "has keys that would be stored as the same string: "
+                f"{_shown(list(conv), 60)}",
+            )
+        if item is not None:
+            for part, (key, built) in zip(conv.values(), out.items(), strict=True):
+                try:
+                    out[key] = item(part, built)
+                except _Invalid as err:
+                    err.at(key)
+                    raise
+        return out
+
+    return fix
+
+
+def _record_form_fix(
+    fields: list[tuple[str, _FormFix]], read: Callable[[Any, str], Any]
+) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        for name, field_fix in fields:
+            # A default left out (omit_defaults) is not in ``out``.
+            if name in out:
+                try:
+                    out[name] = field_fix(read(conv, name), out[name])
+                except _Invalid as err:
+                    err.at(name)
+                    raise
+        return out
+
+    return fix
+
+
+def _listed_record_form_fix(fields: list[tuple[int, str, _FormFix]]) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        for i, name, field_fix in fields:
+            if i < len(out):
+                try:
+                    out[i] = field_fix(getattr(conv, name), out[i])
+                except _Invalid as err:
+                    err.at(name)
+                    raise
+        return out
+
+    return fix
+
+
+def _union_form_fix(options: list[tuple[Callable[[Any], bool], _FormFix]]) -> _FormFix:
+    def fix(conv: Any, out: Any) -> Any:
+        for matches, option in options:
+            if matches(conv):
+                return option(conv, out)
+        return out
+
+    return fix
+
+
+def _check_forms(
+    obj: Any, checks: tuple[tuple[str, _FormCheck], ...]
+) -> dict[str, Any]:
+    """Refuse a converted Struct whose free-form parts are not JSON.
+
+    Returns what each check returned, by field: for a field checked by a
+    stored check, the read-only copy to store.
+    """
+    results = {}
+    try:
+        for name, check in checks:
+            results[name] = check(getattr(obj, name))
+    except _Invalid as err:
+        # ``name`` is the field being checked when it failed.
+        err.at(name)
+        unencodable = _unencodable(obj, err)
+        if unencodable is not None:
+            raise unencodable from None
+        raise
+    return results
+
+
+def _fix_forms(
+    obj: Any, plain: dict[str, Any], fixes: tuple[tuple[str, _FormFix], ...]
+) -> None:
+    """Put the stored form of the fields that need a fix into ``plain``."""
+    try:
+        for name, fix in fixes:
+            plain[name] = fix(getattr(obj, name), plain[name])
+    except _Invalid as err:
+        err.at(name)
+        raise
+
+
+def _unencodable(obj: Any, err: _Invalid) -> _Invalid | None:
+    """msgspec's reason for refusing the part of ``obj`` a free-form check refused.
+
+    An object ``to_builtins`` has no form for (rather than one it would turn
+    into another value) is refused with msgspec's reason and named by its
+    field, as it was before free-form parts were checked. ``None`` when the
+    part is not such an object.
+    """
+    import msgspec
+
+    steps = list(reversed(err.steps))
+    part = _msgspec_part(obj, steps)
+    if (
+        part is _NOWHERE
+        or isinstance(part, _CONTAINERS)
+        or hasattr(part, "__struct_fields__")
+        or dataclasses.is_dataclass(part)
+    ):
+        # Not tried: to_builtins would copy all of it, however large.
+        return None
+    try:
+        msgspec.to_builtins(part)
+    except Exception as raised:
+        reason = f"must be a JSON-compatible value ({_raised(raised)})"
+        return _Invalid(str(steps[0]), reason)
+    return None
+
+
+def _msgspec_part(value: Any, steps: list[str | int]) -> Any:
+    """The part of a converted value that ``steps`` lead to, or ``_NOWHERE``."""
+    for step in steps:
+        try:
+            if isinstance(value, Mapping):
+                value = value.get(step, _NOWHERE)
+            elif isinstance(value, list | tuple) and type(step) is int:
+                value = value[step] if 0 <= step < len(value) else _NOWHERE
+            elif isinstance(step, str):
+                value = getattr(value, step, _NOWHERE)
+            else:
+                value = _NOWHERE
+        except Exception:
+            value = _NOWHERE
+        if value is _NOWHERE:
+            break
+    return value
+
+
 def _compile_msgspec(struct: Any) -> StateSchema:
     import msgspec
 
@@ -1467,36 +2332,113 @@ def _compile_msgspec(struct: Any) -> StateSchema:
         )
     _refuse_nested_renames(struct)
 
+    info: Any = msgspec.inspect.type_info(struct)
+    forms = _MsgspecForms()
+    # Fields whose check returns their stored form, and the other checks.
+    whole = {f.name: c for f in info.fields if (c := forms.stored_check(f.type))}
+    checks = tuple(
+        (f.name, part)
+        for f in info.fields
+        if (part := whole.get(f.name) or forms.check(f.type))
+    )
+    fixes = tuple((f.name, fix) for f in info.fields if (fix := forms.fix(f.type)))
+
+    # Keys of other types than str (int, float, UUID, ...) are stored as
+    # strings and taken back from them, as in JSON. Only Structs with such
+    # keys ask for it: str_keys makes a convert call about twice as dear.
+    str_keys = forms.has_keys_stored_as_strings(info)
+    set_field = msgspec.structs.force_setattr
+
     def check(value: Any) -> ReadOnlyDict:
         _check_fields(value, names)
         try:
-            obj = msgspec.convert(dict(value), type=struct, strict=True)
+            # strict=True is convert's default; passing any keyword argument
+            # makes the call half as dear again.
+            obj = msgspec.convert(dict(value), struct)
         except msgspec.ValidationError as err:
             raise _msgspec_refusal(value, str(err)) from None
         try:
             plain = msgspec.to_builtins(obj)
         except (TypeError, ValueError) as err:
-            # An Any field holding an object msgspec has no plain form for.
+            # An object msgspec has no plain form for.
             raise _msgspec_unbuilt(obj, names, err) from None
         return check_json_value(plain)  # type: ignore[no-any-return]
 
-    fields = {info.name: info for info in msgspec.structs.fields(struct)}
+    # A check of its own for Structs with free-form, set, tuple or non-str
+    # key parts: the others do not pay for them on every write.
+    def check_forms(value: Any) -> ReadOnlyDict:
+        _check_fields(value, names)
+        try:
+            obj = (
+                msgspec.convert(dict(value), struct, str_keys=True)
+                if str_keys
+                else msgspec.convert(dict(value), struct)
+            )
+        except msgspec.ValidationError as err:
+            raise _msgspec_refusal(value, str(err)) from None
+        # Before to_builtins, which would copy a free-form value of any size.
+        results = _check_forms(obj, checks)
+        # Their stored form is in ``results``: to_builtins need not copy
+        # them. The converted Struct is this check's own.
+        for name in whole:
+            set_field(obj, name, None)
+        try:
+            plain = (
+                msgspec.to_builtins(obj, str_keys=True)
+                if str_keys
+                else msgspec.to_builtins(obj)
+            )
+        except (TypeError, ValueError) as err:
+            raise _msgspec_unbuilt(obj, names, err) from None
+        _fix_forms(obj, plain, fixes)
+        if not whole:
+            return check_json_value(plain)  # type: ignore[no-any-return]
+
+        # The check of a field holding only free-form values made the copy
+        # to store; the other fields are checked one by one, as the whole
+        # state would be, so that copy is not made twice.
+        out = {}
+        for name, part in plain.items():
+            if name in whole:
+                out[name] = results[name]
+            else:
+                out[name] = check_json_value(part, name, 1)
+        return ReadOnlyDict(out)
+
+    fields = {f.name: f for f in info.fields}
+    checked = dict(checks)
+    fixed = dict(fixes)
+
+    def stored_default(name: str, given: Any) -> Any:
+        # As a write would store it.
+        try:
+            if name in checked:
+                checked[name](given)
+            built = msgspec.to_builtins(given, str_keys=True)
+            if name in fixed:
+                built = fixed[name](given, built)
+        except _Invalid as err:
+            err.at(name)
+            raise
+        return built
 
     def defaults(value: Mapping[str, Any], missing: list[str]) -> dict[str, Any]:
         found = {}
         for name in missing:
             info = fields[name]
             if info.default is not msgspec.NODEFAULT:
-                found[name] = msgspec.to_builtins(info.default)
+                found[name] = stored_default(name, info.default)
             else:
-                found[name] = msgspec.to_builtins(info.default_factory())
+                found[name] = stored_default(name, info.default_factory())
         return found
 
     def required(name: str) -> bool:
         return bool(fields[name].required)
 
     stored = _stored_check(names, required, defaults)
-    return StateSchema(struct, names, check, stored=stored)
+    return StateSchema(
+        struct, names, check_forms if checks or fixes else check, stored=stored
+    )
 
 
 def compile_schema(spec: Any) -> StateSchema:

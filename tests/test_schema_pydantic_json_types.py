@@ -14,8 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -30,7 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_persistence_runtime import crash_image, make_runtime
 
-from runtime import Runtime, SchemaError, compile_schema, thaw
+from runtime import Runtime, SchemaError, _schema, compile_schema, thaw
 from runtime._schema import _Invalid, _same_stored, check_json_value
 from runtime.testing import FakeClock
 
@@ -781,3 +785,259 @@ def test_guard_msgspec_structs_store_and_take_back_json_forms(rt: Runtime) -> No
     assert _typed(first) == _typed(stored)
     assert _typed(again) == _typed({**stored, "count": 1})
     assert _refused(rt, "stamped", {**again, "at": "yesterday"}).field == "at"
+
+
+# --- sets of sets, many keys, unions, time zones ---------------------------------
+
+
+class _Edges(pydantic.BaseModel):
+    edges: set[frozenset[int]] = set()
+    members: set[frozenset[int] | int] = set()
+    count: int = 0
+
+
+# Sets whose items a new set built from them (as the Python dump is) lists in
+# another order than they do.
+_EDGES = [
+    {
+        frozenset({8, -6, 13}),
+        frozenset({5, 11, -19, 14, -9}),
+        frozenset({0, -15}),
+        frozenset({1, 3, 16, -15, -10}),
+        frozenset(),
+    },
+    {
+        frozenset({10, 2, -3}),
+        frozenset({5, 6, 9, 12, -18}),
+        frozenset({2, 5, 12, 14, -15}),
+        frozenset({-16}),
+        frozenset({-7}),
+        frozenset(),
+    },
+]
+
+
+@pytest.mark.parametrize("edges", _EDGES)
+def test_a_set_of_sets_is_stored_sorted_and_written_back_unchanged(
+    rt: Runtime, edges: set[frozenset[int]]
+) -> None:
+    handle = rt.define_entity("edges", _Edges)
+    rt.start()
+
+    first = handle.mutate("e-1", lambda prev: {"edges": edges})
+    again = handle.mutate("e-1", lambda prev: {**prev, "count": 1})
+
+    expected = sorted(sorted(items) for items in edges)
+    assert _typed(first["edges"]) == _typed(expected)
+    assert _typed(again) == _typed({"edges": expected, "members": [], "count": 1})
+    assert [row.field for row in handle.history("e-1")] == [
+        "edges",
+        "members",
+        "count",
+        "count",
+    ]
+
+
+def _built_backwards(items: set[Any]) -> set[Any]:
+    """The same set, its items added in the reverse order."""
+    rebuilt: set[Any] = set()
+    for item in reversed(list(items)):
+        rebuilt.add(item)
+    return rebuilt
+
+
+@given(
+    st.sets(st.frozensets(st.integers(-20, 20), max_size=5), max_size=10),
+    st.sets(st.frozensets(st.integers(-3, 3), max_size=3) | st.integers(-5, 5)),
+)
+def test_sets_of_sets_are_stored_the_same_however_built(
+    edges: set[frozenset[int]], members: set[frozenset[int] | int]
+) -> None:
+    schema = compile_schema(_Edges)
+    state = {"edges": edges, "members": members}
+    rebuilt = {name: _built_backwards(items) for name, items in state.items()}
+
+    stored = thaw(schema.validate(state, "edges", "e-1"))
+    again = thaw(schema.validate({**stored, "count": 1}, "edges", "e-1"))
+
+    assert _typed(thaw(schema.validate(rebuilt, "edges", "e-1"))) == _typed(stored)
+    assert _typed(again) == _typed({**stored, "count": 1})
+    assert stored["edges"] == sorted(sorted(items) for items in edges)
+
+
+def test_a_set_of_strings_is_stored_the_same_in_every_process(
+    tmp_path: Path,
+) -> None:
+    # String hashes, and so a set's iteration order, differ between processes.
+    script = tmp_path / "store.py"
+    script.write_text(
+        "import json, pydantic\n"
+        "from runtime import compile_schema, thaw\n"
+        "class M(pydantic.BaseModel):\n"
+        "    v: set[frozenset[str]] = set()\n"
+        "value = {frozenset(w) for w in ('ab', 'cd', 'ef', 'abc', 'x', 'yz')}\n"
+        "print(json.dumps(thaw(compile_schema(M).validate({'v': value}, 'k', 'e'))))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)},
+        )
+        outputs.add(done.stdout)
+
+    assert len(outputs) == 1
+    assert json.loads(outputs.pop())["v"][0] == ["a", "b"]
+
+
+class _Counts(pydantic.BaseModel):
+    by_id: dict[int, int] = {}
+    updated: dt.datetime | None = None
+
+
+def test_int_keys_given_back_next_to_a_new_value_are_compared_once(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each key given back as a string is refused by strict validation; the
+    # mapping they lead to is compared once, not once per key.
+    schema = compile_schema(_Counts)
+    stored = thaw(schema.validate({"by_id": {i: i for i in range(300)}}, "c", "e"))
+    compared = [0]
+    same_stored = _schema._same_stored
+
+    def counted(dumped: Any, given: Any) -> bool:
+        compared[0] += 1
+        return same_stored(dumped, given)
+
+    monkeypatch.setattr(_schema, "_same_stored", counted)
+
+    state = schema.validate({**stored, "updated": dt.datetime(2024, 1, 1)}, "c", "e")
+
+    assert thaw(state)["by_id"] == stored["by_id"]
+    assert compared[0] < 5 * 300
+
+
+class _InOrder(pydantic.BaseModel):
+    at: dt.datetime
+    color: _Color = _Color.RED
+    code: int | str = pydantic.Field(0, union_mode="left_to_right")
+
+
+@pytest.mark.parametrize(
+    "stored_form", [{"at": "2024-01-01T00:00:00"}, {"color": "red"}]
+)
+def test_a_left_to_right_union_keeps_what_strict_validation_gives(
+    rt: Runtime, stored_form: dict[str, Any]
+) -> None:
+    # Validated loosely (as the stored forms need), "007" would become 7.
+    handle = rt.define_entity("in-order", _InOrder)
+    rt.start()
+    handle.mutate("e-1", lambda prev: {"at": dt.datetime(2024, 1, 1), "code": "7"})
+
+    state = handle.mutate("e-1", lambda prev: {**prev, **stored_form, "code": "007"})
+
+    assert _typed(state["code"]) == _typed("007")
+    assert [(row.before, row.after) for row in handle.history("e-1", field="code")] == [
+        (None, "7"),
+        ("7", "007"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("at", "stored"),
+    [
+        # The repeated hour of a DST change, either time, and the skipped hour.
+        (dt.datetime(2021, 10, 31, 2, 30, tzinfo=_PARIS), "2021-10-31T02:30:00+02:00"),
+        (
+            dt.datetime(2021, 10, 31, 2, 30, fold=1, tzinfo=_PARIS),
+            "2021-10-31T02:30:00+01:00",
+        ),
+        (dt.datetime(2021, 3, 28, 2, 30, tzinfo=_PARIS), "2021-03-28T02:30:00+01:00"),
+    ],
+)
+def test_a_zoned_time_around_a_dst_change_is_stored_with_its_offset(
+    rt: Runtime, at: dt.datetime, stored: str
+) -> None:
+    handle = rt.define_entity("point", _Point)
+    rt.start()
+
+    first = handle.mutate("e-1", lambda prev: {"at": at})
+    again = handle.mutate("e-1", lambda prev: {**prev, "level": 2})
+
+    assert first["at"] == stored
+    assert again["at"] == stored
+
+
+def test_a_time_whose_offset_would_change_shows_both_offsets(rt: Runtime) -> None:
+    # Before 1911 Paris was 9 minutes 21 seconds ahead of UTC: the ISO form
+    # keeps only the minutes.
+    rt.define_entity("point", _Point)
+    rt.start()
+
+    error = _refused(rt, "point", {"at": dt.datetime(1900, 1, 1, tzinfo=_PARIS)})
+
+    assert error.field == "at"
+    assert error.reason.endswith(
+        "it validates back as 1900-01-01T00:00:00+00:09 (datetime), "
+        "not 1900-01-01T00:00:00+00:09:21 (datetime)"
+    )
+
+
+class _Sequences(pydantic.BaseModel):
+    pair: tuple[int, ...] | list[int] = []
+    numbers: set[int] | list[int] = []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"pair": (1, 2)},
+            "must be a JSON-compatible value, got (1, 2) (tuple), and its JSON "
+            "form [1, 2] would validate back as [1, 2] (list)",
+        ),
+        (
+            {"numbers": {2, 1}},
+            "must be a JSON-compatible value, got {1, 2} (set), and its JSON "
+            "form [1, 2] would validate back as [1, 2] (list)",
+        ),
+    ],
+)
+def test_a_container_whose_json_form_comes_back_as_another_says_so(
+    rt: Runtime, change: dict[str, Any], reason: str
+) -> None:
+    rt.define_entity("sequences", _Sequences)
+    rt.start()
+
+    error = _refused(rt, "sequences", change)
+
+    assert (error.field, error.reason) == (next(iter(change)), reason)
+
+
+class _NeedsDatetime(pydantic.BaseModel):
+    at: dt.datetime
+
+    @pydantic.field_validator("at", mode="before")
+    @classmethod
+    def _only_datetimes(cls, at: Any) -> Any:
+        if not isinstance(at, dt.datetime):
+            raise TypeError("give a datetime")
+        return at
+
+
+def test_a_validator_raising_on_the_json_form_names_the_field(rt: Runtime) -> None:
+    rt.define_entity("needs", _NeedsDatetime)
+    rt.start()
+
+    error = _refused(rt, "needs", {"at": dt.datetime(2024, 1, 1)})
+
+    assert error.field == "at"
+    assert error.reason == (
+        "could not be checked to validate back from its JSON form when stored "
+        "(TypeError: give a datetime)"
+    )
