@@ -1678,6 +1678,8 @@ _FormFix = Callable[[Any, Any], Any]
 """``(converted, built)``: the stored form of a converted value, from the
 form ``built`` that ``msgspec.to_builtins`` gave for it."""
 
+_Built = typing.TypeVar("_Built", bound=Callable[..., Any])
+
 
 class _MsgspecForms:
     """What a Struct's values need beyond ``msgspec.to_builtins``, by type.
@@ -1705,21 +1707,7 @@ class _MsgspecForms:
 
     def check(self, node: Any) -> _FormCheck | None:
         """The check of the free-form parts of a value of ``node``'s type."""
-        node = self._unwrapped(node)
-        key = id(node)
-        if key in self._checks:
-            return self._checks[key]
-        if not self._reaches(node, self.is_free_form):
-            self._checks[key] = None
-            return None
-
-        # A record may hold itself: its fields reach it through this.
-        built: list[_FormCheck] = []
-        self._checks[key] = lambda value: built[0](value)
-        check = self._build_check(node)
-        built.append(check)
-        self._checks[key] = check
-        return check
+        return self._built(self._checks, node, self.is_free_form, self._build_check)
 
     def stored_check(self, node: Any) -> _Check | None:
         """A check that returns the stored form of a value of ``node``'s type.
@@ -1758,20 +1746,31 @@ class _MsgspecForms:
 
     def fix(self, node: Any) -> _FormFix | None:
         """The fix of the builtin form of a value of ``node``'s type."""
+        return self._built(self._fixes, node, self._needs_fix, self._build_fix)
+
+    def _built(
+        self,
+        cache: dict[int, _Built | None],
+        node: Any,
+        needed: Callable[[Any], bool],
+        build: Callable[[Any], _Built],
+    ) -> _Built | None:
+        """``build(node)``, once per type node, or None where no part is ``needed``."""
         node = self._unwrapped(node)
         key = id(node)
-        if key in self._fixes:
-            return self._fixes[key]
-        if not self._reaches(node, self._needs_fix):
-            self._fixes[key] = None
+        if key in cache:
+            return cache[key]
+        if not self._reaches(node, needed):
+            cache[key] = None
             return None
 
-        built: list[_FormFix] = []
-        self._fixes[key] = lambda conv, out: built[0](conv, out)
-        fix = self._build_fix(node)
-        built.append(fix)
-        self._fixes[key] = fix
-        return fix
+        # A record may hold itself: its fields reach it through this.
+        made: list[_Built] = []
+        cache[key] = typing.cast("_Built", lambda *args: made[0](*args))
+        function = build(node)
+        made.append(function)
+        cache[key] = function
+        return function
 
     def _unwrapped(self, node: Any) -> Any:
         while isinstance(node, self._types.Metadata):

@@ -8,7 +8,7 @@ import pykka
 import pytest
 from hypothesis import HealthCheck, settings
 
-from runtime import Runtime
+from runtime import Runtime, thaw
 from runtime.testing import FakeClock
 
 # Deadlines make property tests flaky on shared, busy machines; speed is
@@ -57,3 +57,13 @@ def _no_leftover_actors() -> Iterator[None]:
 def ticket(status: str = "open", severity: str = "low", **more: Any) -> dict[str, Any]:
     """Build a Ticket state."""
     return {"status": status, "severity": severity, "tags": [], "extra": None, **more}
+
+
+def typed(value: Any) -> Any:
+    """``value`` thawed, each scalar paired with its type: equal means same types."""
+    value = thaw(value)
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return (type(value), value)

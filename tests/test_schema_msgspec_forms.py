@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 import pytest
+from conftest import typed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_persistence_runtime import make_runtime
@@ -33,16 +34,6 @@ from runtime.testing import FakeClock
 # --- helpers -------------------------------------------------------------------
 
 
-def _typed(value: Any) -> Any:
-    """``value`` thawed, each scalar paired with its type: equal means same types."""
-    value = thaw(value)
-    if isinstance(value, dict):
-        return {key: _typed(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_typed(item) for item in value]
-    return (type(value), value)
-
-
 def _seen(rt: Runtime, kind: str, entity_id: str = "e-1") -> Any:
     """What a refused write must leave as it was: state, history and log."""
     handle = rt.handle(kind)
@@ -50,7 +41,7 @@ def _seen(rt: Runtime, kind: str, entity_id: str = "e-1") -> Any:
         (r.seq, r.field, thaw(r.before), thaw(r.after))
         for r in handle.history(entity_id)
     ]
-    return _typed(handle.get(entity_id)), rows, rt.log.last_seq, len(rt.log)
+    return typed(handle.get(entity_id)), rows, rt.log.last_seq, len(rt.log)
 
 
 def _refused(rt: Runtime, kind: str, state: dict[str, Any]) -> SchemaError:
@@ -224,11 +215,11 @@ def test_guard_json_values_in_free_form_slots_are_stored_as_given(
 
     expected = {**state, "inner": {"note": {"n": 1}, "tags": []}}
     expected["inners"] = [{"note": [1], "tags": []}]
-    assert _typed(written) == _typed(expected)
+    assert typed(written) == typed(expected)
     # The user's key order is kept, not sorted.
     assert list(written["anything"]) == ["b", "a"]
     assert list(written["labels"]) == ["z", "a"]
-    assert _typed(again) == _typed(written)
+    assert typed(again) == typed(written)
 
 
 def test_guard_a_str_enum_member_in_a_free_form_slot_is_stored_as_its_string(
@@ -282,8 +273,8 @@ def test_guard_typed_fields_keep_their_builtin_forms(rt: Runtime) -> None:
     )
     again = _written_back(rt, "stamped")
 
-    assert _typed(written) == _typed(_STAMPED_STORED)
-    assert _typed(again) == _typed(_STAMPED_STORED)
+    assert typed(written) == typed(_STAMPED_STORED)
+    assert typed(again) == typed(_STAMPED_STORED)
 
 
 # --- the value limit ---------------------------------------------------------------
@@ -400,7 +391,7 @@ def test_sets_whose_items_cannot_be_compared_are_stored_in_a_fixed_order(
 
     assert first["mixed"] == [1, 2, 3, "a", "b", "c", "d"]
     assert thaw(first["points"]) == [{"x": 1}, {"x": 2}]
-    assert _typed(second) == _typed(first)
+    assert typed(second) == typed(first)
 
 
 def test_a_set_written_back_unchanged_records_no_change(rt: Runtime) -> None:
@@ -418,7 +409,7 @@ def test_a_set_written_back_unchanged_records_no_change(rt: Runtime) -> None:
 
     assert written["ids"] == [7, 15]
     assert thaw(written["mixed"]) == [7, 15, "a"]
-    assert _typed(again) == _typed(once_more) == _typed(written)
+    assert typed(again) == typed(once_more) == typed(written)
 
 
 @settings(
@@ -499,9 +490,9 @@ def test_tuples_are_stored_as_lists_and_keys_as_strings(rt: Runtime) -> None:
     # The stored form, given as a new state, is stored as it is.
     given_stored = shaped.mutate("e-2", lambda prev: _SHAPED_STORED)
 
-    assert _typed(written) == _typed(_SHAPED_STORED)
-    assert _typed(again) == _typed(_SHAPED_STORED)
-    assert _typed(given_stored) == _typed(_SHAPED_STORED)
+    assert typed(written) == typed(_SHAPED_STORED)
+    assert typed(again) == typed(_SHAPED_STORED)
+    assert typed(given_stored) == typed(_SHAPED_STORED)
 
 
 @pytest.mark.parametrize(
@@ -581,11 +572,10 @@ def _everything_stored(n: int) -> dict[str, Any]:
 def _observed(rt: Runtime) -> Any:
     handle = rt.handle("all")
     ids = sorted(handle.ids())
-    states = {i: _typed(handle.get(i)) for i in ids}
+    states = {i: typed(handle.get(i)) for i in ids}
     rows = {
         i: [
-            (r.seq, r.field, _typed(r.before), _typed(r.after))
-            for r in handle.history(i)
+            (r.seq, r.field, typed(r.before), typed(r.after)) for r in handle.history(i)
         ]
         for i in ids
     }
@@ -615,8 +605,8 @@ def test_states_restore_from_a_data_dir_as_they_were_stored(
 
     assert after == before
     assert rewritten == before
-    assert before[0]["e-2"] == _typed(_everything_stored(2))
-    assert before[0]["e-1"] == _typed({**_everything_stored(1), "count": 10})
+    assert before[0]["e-2"] == typed(_everything_stored(2))
+    assert before[0]["e-1"] == typed({**_everything_stored(1), "count": 10})
 
 
 def test_defaults_filled_into_restored_states_are_stored_forms(
@@ -644,8 +634,8 @@ def test_defaults_filled_into_restored_states_are_stored_forms(
         written = grown.mutate("e-1", lambda prev: {**prev, "count": 2})
 
     filled = {"count": 1, "tags": _NAMES, "pair": [1, 2], "by_id": {"3": "c"}}
-    assert _typed(state) == _typed(filled)
-    assert _typed(written) == _typed({**filled, "count": 2})
+    assert typed(state) == typed(filled)
+    assert typed(written) == typed({**filled, "count": 2})
 
 
 # --- the compiled checks -------------------------------------------------------------
@@ -692,6 +682,6 @@ def test_guard_a_struct_without_free_form_set_or_tuple_fields_stores_as_before(
     written = plain.mutate("e-1", lambda prev: state)
     _written_back(rt, "plain")
 
-    assert _typed(written) == _typed({**state, "ratio": 0.0})
+    assert typed(written) == typed({**state, "ratio": 0.0})
     assert list(written["scores"]) == ["z", "a"]
     assert _refused(rt, "plain", {**state, "count": "1"}).field == "count"

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import msgspec
 import pydantic
 import pytest
+from conftest import typed
 from hypothesis import given
 from hypothesis import strategies as st
 from test_persistence_runtime import crash_image, make_runtime
@@ -39,16 +40,6 @@ from runtime._schema import _Invalid, _same_stored, check_json_value
 from runtime.testing import FakeClock
 
 # --- helpers -------------------------------------------------------------------
-
-
-def _typed(value: Any) -> Any:
-    """``value`` thawed, each scalar paired with its type: equal means same types."""
-    value = thaw(value)
-    if isinstance(value, dict):
-        return {key: _typed(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_typed(item) for item in value]
-    return (type(value), value)
 
 
 def _refused(rt: Runtime, kind: str, state: dict[str, Any]) -> SchemaError:
@@ -146,9 +137,9 @@ def test_a_field_is_stored_in_its_json_form_and_written_back(
     first = holders.mutate("e-1", lambda prev: {"value": value})
     again = holders.mutate("e-1", lambda prev: {**prev, "count": prev["count"] + 1})
 
-    assert _typed(first) == _typed({"value": stored, "count": 0})
-    assert _typed(again) == _typed({"value": stored, "count": 1})
-    assert _typed(holders.get("e-1")) == _typed(again)
+    assert typed(first) == typed({"value": stored, "count": 0})
+    assert typed(again) == typed({"value": stored, "count": 1})
+    assert typed(holders.get("e-1")) == typed(again)
     assert [row.field for row in holders.history("e-1")] == ["value", "count", "count"]
 
 
@@ -195,7 +186,7 @@ def test_python_values_may_be_mixed_with_stored_forms(rt: Runtime) -> None:
         },
     )
 
-    assert _typed(state) == _typed(
+    assert typed(state) == typed(
         {
             **_STAMPED_STORED,
             "at": "2024-06-01T00:00:00Z",
@@ -521,11 +512,11 @@ def test_json_forms_restore_from_a_snapshot_and_a_journal(
         states = [restored.get("e-1"), restored.get("e-2")]
         written = restored.mutate("e-2", lambda prev: {**prev, "count": 3})
 
-    assert [_typed(s) for s in states] == [
-        _typed(_STAMPED_STORED),
-        _typed({**_STAMPED_STORED, "count": 2}),
+    assert [typed(s) for s in states] == [
+        typed(_STAMPED_STORED),
+        typed({**_STAMPED_STORED, "count": 2}),
     ]
-    assert _typed(written) == _typed({**_STAMPED_STORED, "count": 3})
+    assert typed(written) == typed({**_STAMPED_STORED, "count": 3})
 
 
 class _Plain(pydantic.BaseModel):
@@ -565,8 +556,8 @@ def test_defaults_filled_into_restored_states_are_in_json_form(
         "first": {"at": "2023-01-01T00:00:00", "level": 1},
         "seen": ["2024-01-01"],
     }
-    assert _typed(state) == _typed(filled)
-    assert _typed(written) == _typed({**filled, "count": 2})
+    assert typed(state) == typed(filled)
+    assert typed(written) == typed({**filled, "count": 2})
 
 
 def test_guard_a_state_written_without_json_forms_restores_as_recorded(
@@ -583,10 +574,10 @@ def test_guard_a_state_written_without_json_forms_restores_as_recorded(
     with again:
         state = restored.get("e-1")
 
-    assert _typed(written) == _typed(
+    assert typed(written) == typed(
         {"at": None, "count": 1, "flag": False, "level": 0.0}
     )
-    assert _typed(state) == _typed(written)
+    assert typed(state) == typed(written)
 
 
 # --- states that needed no JSON form are stored as before ----------------------------
@@ -711,9 +702,9 @@ def test_guard_states_storable_before_are_stored_exactly_as_before(
 
     if before is not None:
         assert now is not None
-        assert _typed(now) == _typed(before)
+        assert typed(now) == typed(before)
         # A state read back is written back as before too.
-        assert _typed(_now(model, dict(now))) == _typed(_as_before(model, dict(now)))
+        assert typed(_now(model, dict(now))) == typed(_as_before(model, dict(now)))
 
 
 class _SometimesStamped(_Flat):
@@ -736,8 +727,8 @@ def test_a_model_that_stored_a_json_form_stores_other_states_as_before(
 
     written = [stamped.mutate(f"e-{i}", _setting(s)) for i, s in enumerate(states, 1)]
 
-    assert [_typed(w) for w in written] == [
-        _typed(_as_before(_SometimesStamped, s)) for s in states
+    assert [typed(w) for w in written] == [
+        typed(_as_before(_SometimesStamped, s)) for s in states
     ]
     assert written[0]["level"] == 2
     assert type(written[0]["level"]) is float
@@ -782,8 +773,8 @@ def test_guard_msgspec_structs_store_and_take_back_json_forms(rt: Runtime) -> No
         "data": "/w==",
         "count": 0,
     }
-    assert _typed(first) == _typed(stored)
-    assert _typed(again) == _typed({**stored, "count": 1})
+    assert typed(first) == typed(stored)
+    assert typed(again) == typed({**stored, "count": 1})
     assert _refused(rt, "stamped", {**again, "at": "yesterday"}).field == "at"
 
 
@@ -828,8 +819,8 @@ def test_a_set_of_sets_is_stored_sorted_and_written_back_unchanged(
     again = handle.mutate("e-1", lambda prev: {**prev, "count": 1})
 
     expected = sorted(sorted(items) for items in edges)
-    assert _typed(first["edges"]) == _typed(expected)
-    assert _typed(again) == _typed({"edges": expected, "members": [], "count": 1})
+    assert typed(first["edges"]) == typed(expected)
+    assert typed(again) == typed({"edges": expected, "members": [], "count": 1})
     assert [row.field for row in handle.history("e-1")] == [
         "edges",
         "members",
@@ -860,8 +851,8 @@ def test_sets_of_sets_are_stored_the_same_however_built(
     stored = thaw(schema.validate(state, "edges", "e-1"))
     again = thaw(schema.validate({**stored, "count": 1}, "edges", "e-1"))
 
-    assert _typed(thaw(schema.validate(rebuilt, "edges", "e-1"))) == _typed(stored)
-    assert _typed(again) == _typed({**stored, "count": 1})
+    assert typed(thaw(schema.validate(rebuilt, "edges", "e-1"))) == typed(stored)
+    assert typed(again) == typed({**stored, "count": 1})
     assert stored["edges"] == sorted(sorted(items) for items in edges)
 
 
@@ -941,7 +932,7 @@ def test_a_left_to_right_union_keeps_what_strict_validation_gives(
 
     state = handle.mutate("e-1", lambda prev: {**prev, **stored_form, "code": "007"})
 
-    assert _typed(state["code"]) == _typed("007")
+    assert typed(state["code"]) == typed("007")
     assert [(row.before, row.after) for row in handle.history("e-1", field="code")] == [
         (None, "7"),
         ("7", "007"),
