@@ -2162,6 +2162,9 @@ def _positions_form_fix(items: list[_FormFix | None]) -> _FormFix:
 
 def _mapping_form_fix(keyed: bool, item: _FormFix | None) -> _FormFix:
     def fix(conv: Any, out: Any) -> Any:
+        # Known limit: this sees keys after convert, which already merged a
+        # given {"1": 1, 1: 2} for dict[int, int] into one key (one value is
+        # dropped silently); collisions made by to_builtins are caught here.
         if keyed and len(out) != len(conv):
             # Keys stored as strings: 1 and "1", or two NaNs, become one.
             raise _Invalid(
