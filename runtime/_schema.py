@@ -1233,7 +1233,7 @@ def _shaped(shape: tuple[Any, ...], in_json: Any) -> Any:
     kinds = {type(item) for item in items}
     if kinds <= {int, float} or kinds == {str}:
         return sorted(items)
-    return sorted(items, key=_json_order)
+    return sorted(items, key=_stored_order)
 
 
 def _first_fitting(options: tuple[Any, ...], in_json: Any) -> tuple[Any, ...]:
@@ -1241,23 +1241,6 @@ def _first_fitting(options: tuple[Any, ...], in_json: Any) -> tuple[Any, ...]:
         if _fits(shape, in_json):
             return shape  # type: ignore[no-any-return]
     return _LEAF
-
-
-def _json_order(value: Any) -> tuple[Any, ...]:
-    """A sort key for JSON values of any types, the same in every process."""
-    if value is None:
-        return (0,)
-    if isinstance(value, bool):
-        return (1, value)
-    if isinstance(value, int | float):
-        return (2, value)
-    if isinstance(value, str):
-        return (3, value)
-    if isinstance(value, list):
-        return (4, tuple(_json_order(item) for item in value))
-    if isinstance(value, dict):
-        return (5, tuple((key, _json_order(item)) for key, item in value.items()))
-    return (6, type(value).__name__, repr(value))
 
 
 def _difference(given: Any, back: Any) -> list[Any] | None:
