@@ -10,6 +10,7 @@ more bytes per row is worse.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -142,6 +143,23 @@ def format_comparison(changes: list[RatioChange], tolerance: float) -> str:
             f"({better} is better) {verdict}".rstrip()
         )
     return "\n".join(lines)
+
+
+def parse_fraction(text: str) -> float:
+    """A ``--tolerance`` argument: a number in [0, 1).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or outside [0, 1) (NaN too).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a fraction in [0, 1) (0.2 allows 20 %)"
+        )
+    return value
 
 
 def _union(*mappings: Mapping[str, Any]) -> Iterable[str]:

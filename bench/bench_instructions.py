@@ -30,7 +30,6 @@ import argparse
 import concurrent.futures
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -39,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from bench._compare import parse_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -248,13 +249,6 @@ def _format(report: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and 0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Count, print, and compare; exit 0, 2 on an unusable setup, 3 on regression."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_instructions")
@@ -262,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the report")
     parser.add_argument("--compare", metavar="BASELINE.json")
     parser.add_argument(
-        "--tolerance", type=_fraction, default=DEFAULT_TOLERANCE, metavar="FRACTION"
+        "--tolerance",
+        type=parse_fraction,
+        default=DEFAULT_TOLERANCE,
+        metavar="FRACTION",
     )
     parser.add_argument("--child", choices=SUBJECTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

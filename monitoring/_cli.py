@@ -164,15 +164,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text} is not a fraction in [0, 1) (0.2 allows 20 %)"
-        )
-    return value
+    from bench._compare import parse_fraction
+
+    return parse_fraction(text)
 
 
 def _bench(args: argparse.Namespace) -> int:
