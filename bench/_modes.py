@@ -8,6 +8,8 @@ import gc
 import importlib.metadata
 import logging
 import math
+import queue
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -213,6 +215,129 @@ def run_pykka_batched(plan: Plan, window: int, size: int) -> ModeResult:
     """Raw pykka: one blocking ``ask`` carrying ``size`` mutations at a time."""
     name = f"pykka_batched_{size}"
     return _with_model_actor(name, plan, window, _batched_driver(size))
+
+
+_END = None
+"""What a stage of the plain-thread pipeline passes on after its last item."""
+
+
+def _stage(
+    inbox: queue.SimpleQueue[Any], work: Callable[[Any], Any]
+) -> threading.Thread:
+    # A thread that calls work(item) on everything its inbox receives until _END.
+    def loop() -> None:
+        get = inbox.get
+        while (item := get()) is not _END:
+            work(item)
+        work(_END)
+
+    thread = threading.Thread(target=loop, name="bench-stage", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_python_stages(plan: Plan, window: int, size: int | None) -> ModeResult:
+    """The runtime's shape with none of its work: plain threads and queues.
+
+    A writer thread runs the bare loop's write (apply, check, diff, rows,
+    store), a deriver thread derives each change and a subscriber thread
+    counts it, as in the runtime, joined by ``queue.SimpleQueue`` hand-offs
+    (one put per mutation and per change, or per batch of ``size``). There
+    are no futures, events, indexes, metrics or back-pressure: its
+    throughput is what this shape allows in Python, the floor any actor
+    runtime built like this one stands on.
+
+    Without ``size`` it is pipelined: every mutation submitted, then one wait
+    for the last. With ``size``, each call hands over ``size`` mutations and
+    waits until they are written, as ``mutate_many`` does; deriving and
+    delivery go on behind it.
+    """
+    deriver, subscriber = CountingDeriver(), CountingSubscriber(window)
+    to_writer: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    to_deriver: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    to_subscriber: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    written: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    events = deriver.events
+
+    if size is None:
+        model = LimitModel(None, to_deriver.put)
+        step = model.step
+
+        def write(item: Any) -> None:
+            if item is _END:
+                to_deriver.put(_END)
+                written.put(_END)
+            else:
+                step(item[0], item[1])
+
+        def derive(item: Any) -> None:
+            if item is not _END:
+                events(item[2], item[3])
+            to_subscriber.put(item)
+
+        def deliver(item: Any) -> None:
+            if item is not _END:
+                subscriber(item)
+
+    else:
+        changes: list[Any] = []
+        model = LimitModel(None, changes.append)
+        step = model.step
+
+        def write(item: Any) -> None:
+            if item is _END:
+                to_deriver.put(_END)
+                return
+            for entity_id, apply in item:
+                step(entity_id, apply)
+            to_deriver.put(changes.copy())
+            changes.clear()
+            written.put(item)
+
+        def derive(item: Any) -> None:
+            if item is not _END:
+                for change in item:
+                    events(change[2], change[3])
+            to_subscriber.put(item)
+
+        def deliver(item: Any) -> None:
+            if item is not _END:
+                for change in item:
+                    subscriber(change)
+
+    threads = [
+        _stage(to_subscriber, deliver),
+        _stage(to_deriver, derive),
+        _stage(to_writer, write),
+    ]
+    samples: list[float] = []
+    started = time.perf_counter()
+    if size is None:
+        put = to_writer.put
+        for item in plan:
+            put(item)
+        to_writer.put(_END)
+        written.get()
+    else:
+        clock = time.perf_counter
+        for batch in _chunks(plan, size):
+            t0 = clock()
+            to_writer.put(batch)
+            written.get()
+            samples.append((clock() - t0) * 1e6 / len(batch))
+        to_writer.put(_END)
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+
+    if size is None:
+        name = "python_stages_pipelined"
+        samples = subscriber.amortised_us(started)
+    else:
+        name = f"python_stages_batched_{size}"
+    return ModeResult(
+        name, len(plan), seconds, samples, AMORTISED, subscriber.count, deriver.fired
+    )
 
 
 class _RuntimeRun:

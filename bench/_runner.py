@@ -37,6 +37,7 @@ from bench._modes import (
     run_pykka_ask,
     run_pykka_batched,
     run_pykka_pipelined,
+    run_python_stages,
     run_runtime_batched,
     run_runtime_mutate,
     run_runtime_pipelined,
@@ -137,6 +138,14 @@ def run_side_by_side(
             f"pykka_batched_{config.batch}",
             best(lambda: run_pykka_batched(plan, config.window, config.batch)),
         ),
+        (
+            "python_stages_pipelined",
+            best(lambda: run_python_stages(plan, config.window, None)),
+        ),
+        (
+            f"python_stages_batched_{config.batch}",
+            best(lambda: run_python_stages(plan, config.window, config.batch)),
+        ),
         ("runtime_mutate", lambda: run_runtime_mutate(plan, config.window)),
         (
             "runtime_mutate_async",
@@ -229,6 +238,8 @@ def _report(
     limit_ops = by_name["limit"].ops_per_s
     pipelined_ops = by_name["runtime_mutate_async"].ops_per_s
     batched = by_name.get(f"runtime_mutate_many_{config.batch}")
+    stages_pipelined = by_name["python_stages_pipelined"].ops_per_s
+    stages_batched = by_name[f"python_stages_batched_{config.batch}"].ops_per_s
     eventsourcing = by_name.get("eventsourcing")
     blocking_p50 = by_name["runtime_mutate"].percentile(0.5)
     ask_p50 = by_name["pykka_ask"].percentile(0.5)
@@ -243,6 +254,10 @@ def _report(
         ),
         "pipelined_vs_home_assistant": (
             pipelined_ops / limit_ops / HOME_ASSISTANT_VS_LIMIT
+        ),
+        "pipelined_vs_python_stages": pipelined_ops / stages_pipelined,
+        "batched_vs_python_stages": (
+            None if batched is None else batched.ops_per_s / stages_batched
         ),
     }
     problems = _check(results, references)
@@ -333,7 +348,10 @@ def _workload(
             "runtime_vs_eventsourcing: runtime_mutate_async ops/s over "
             "eventsourcing ops/s (target >= 10); pipelined_vs_home_assistant: "
             f"pipelined_vs_limit over Home Assistant's {HOME_ASSISTANT_VS_LIMIT:.2f} "
-            "(target >= 2)"
+            "(target >= 2); pipelined/batched_vs_python_stages: the runtime's "
+            "ops/s over the python_stages mode of the same kind (the runtime's "
+            "threads and hand-offs as plain threads and SimpleQueues doing only "
+            "the bare loop's work: what that shape allows in Python)"
         ),
         "ratio_targets": TARGETS,
         "eventsourcing": _eventsourcing_workload(config, results, references),

@@ -161,6 +161,10 @@ def check_item(state: Any) -> None:
         raise ValueError(f"not an item state: {state!r}")
 
 
+def _derive_elsewhere(prev: dict[str, Any] | None, nxt: dict[str, Any]) -> None:
+    """The derive step of a :class:`LimitModel` whose changes a later stage derives."""
+
+
 class LimitModel:
     """The whole write path as a bare, single-threaded loop body.
 
@@ -168,13 +172,21 @@ class LimitModel:
     appends one row per changed field to a list, derives and calls the
     subscriber: what the runtime does, without actors, locks, events or
     indexes. Its throughput is *the limit* the other modes are compared to.
+
+    Without a deriver, :meth:`step` only writes and hands each change, as a
+    ``(kind, id, prev, next, delta, seq)`` tuple, to ``subscriber``: the
+    first stage of a pipeline whose later stages derive and deliver.
     """
 
-    def __init__(self, deriver: CountingDeriver, subscriber: CountingSubscriber):
+    def __init__(
+        self,
+        deriver: CountingDeriver | None,
+        subscriber: Callable[[tuple[Any, ...]], Any],
+    ):
         self.store: dict[str, dict[str, Any]] = {}
         self.log: list[tuple[Any, ...]] = []
         self.seq = 0
-        self._derive = deriver.events
+        self._derive = _derive_elsewhere if deriver is None else deriver.events
         self._subscriber = subscriber
 
     def step(self, entity_id: str, apply: Apply) -> dict[str, Any]:

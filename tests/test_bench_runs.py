@@ -28,6 +28,8 @@ MODES = {
     "pykka_ask",
     "pykka_pipelined",
     "pykka_batched_100",
+    "python_stages_pipelined",
+    "python_stages_batched_100",
     "runtime_mutate",
     "runtime_mutate_async",
 }
@@ -39,6 +41,8 @@ RATIOS = {
     "bytes_per_row",
     "runtime_vs_eventsourcing",
     "pipelined_vs_home_assistant",
+    "pipelined_vs_python_stages",
+    "batched_vs_python_stages",
 }
 
 HAS_EVENTSOURCING = importlib.util.find_spec("eventsourcing") is not None
@@ -113,8 +117,16 @@ def test_smoke_bench_ratios_are_positive_or_null_without_their_mode(
         ratios["pipelined_vs_limit"] / 0.20, rel=1e-3
     )
     assert any("Home Assistant" in n and "0.20" in n for n in notes)
+    ops = {r["name"]: r["ops_per_s"] for r in report["results"]}
+    assert ratios["pipelined_vs_python_stages"] == pytest.approx(
+        ops["runtime_mutate_async"] / ops["python_stages_pipelined"], rel=1e-3
+    )
     if hasattr(EntityHandle, "mutate_many"):
         assert ratios["batched_vs_limit"] > 0
+        assert ratios["batched_vs_python_stages"] == pytest.approx(
+            ops["runtime_mutate_many_100"] / ops["python_stages_batched_100"],
+            rel=1e-3,
+        )
     else:
         assert ratios["batched_vs_limit"] is None
         assert any("mutate_many" in n for n in notes)
@@ -335,3 +347,21 @@ def test_thread_cpu_reads_the_cpu_time_of_each_running_thread() -> None:
 
     # /proc counts in clock ticks (usually 10 ms): well under the 0.3 s spun.
     assert used[busy_id[0]] >= 0.2
+
+
+@pytest.mark.parametrize("size", [None, 7])
+def test_python_stages_hand_every_change_through_all_three_threads(
+    size: int | None,
+) -> None:
+    from bench._modes import run_limit, run_python_stages
+    from bench._workload import build_plan
+
+    plan = build_plan(503, 41)
+    limit = run_limit(plan, 10)
+
+    staged = run_python_stages(plan, 10, size)
+
+    assert staged.ops == staged.changes_seen == len(plan)
+    assert staged.events == limit.events
+    assert staged.ops_per_s > 0
+    assert len(staged.samples_us) == (len(plan) // 10 if size is None else 72)
