@@ -57,6 +57,7 @@ from runtime._durability import (
     RestoredData,
     RestoreError,
     check_restored_ids,
+    check_restored_names,
     restore_into_log,
     restore_refusal,
     validated_states,
@@ -1514,6 +1515,7 @@ class Runtime:
         data = data_dir.open()
         try:
             try:
+                check_restored_names(data, data_dir.directory)
                 restore_into_log(self.log, data.changes)
                 self.log.advance_to(data.seq)
                 for kind, states in data.states.items():

@@ -439,6 +439,42 @@ def check_restored_ids(log: TransitionLog) -> None:
         check_entity_id(kind, entity_id)
 
 
+def check_restored_names(data: RestoredData, directory: Path) -> None:
+    """Raise :class:`RestoreError` for a kind, actor or run id the write path refuses.
+
+    The write path records only non-empty printable names, so any other name
+    comes from an edited file (its checksum still holds). Each distinct name
+    is checked once; the message names the first change that holds a bad one.
+    """
+    changes = data.changes
+    names = {c.kind for c in changes} | {c.actor for c in changes}
+    names |= {c.run_id for c in changes if c.run_id is not None}
+    bad = {name for name in names if not name or not name.isprintable()}
+    if not bad:
+        return
+
+    change = next(
+        c for c in changes if c.kind in bad or c.actor in bad or c.run_id in bad
+    )
+    what, name = next(
+        (what, name)
+        for what, name in (
+            ("kind", change.kind),
+            ("actor", change.actor),
+            ("run id", change.run_id),
+        )
+        if name in bad
+    )
+    path = data._file_holding(change.seq) or directory
+    raise RestoreError(
+        f"{path} (seq {change.seq}): {change.kind}/{change.id}: {what} {name!r:.60} "
+        "is not a non-empty printable string; nothing was changed on disk. The "
+        "write path never records such a name, so the file was edited or comes "
+        "from elsewhere: put back a good copy, or move the snapshot and journal "
+        "files aside to start without them"
+    )
+
+
 def restore_refusal(
     data: RestoredData, directory: Path, err: SchemaError | InvalidIdError
 ) -> RestoreError:

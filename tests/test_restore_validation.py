@@ -88,6 +88,8 @@ def _append_change(
     next_state: dict[str, Any] | None,
     *,
     kind: str = "ticket",
+    actor: str = "system",
+    run_id: str | None = None,
 ) -> None:
     """Journal one checksummed change after the snapshot, as a runtime would."""
     seq = load_data_dir(data_dir).seq + 1
@@ -95,7 +97,7 @@ def _append_change(
     rows += [[name, None, value] for name, value in (next_state or {}).items()]
     backed = next_state is not None
     change = ChangeRecord(
-        seq, kind, entity_id, _AT, "system", None, backed, next_state, rows
+        seq, kind, entity_id, _AT, actor, run_id, backed, next_state, rows
     )
     with JournalWriter(data_dir, fsync="never") as journal:
         journal.append(change.encode())
@@ -298,6 +300,66 @@ def test_a_plugin_backed_kind_has_only_its_ids_checked(
 
     assert "(seq 5): plugged: id 'p\\x00' contains control" in str(err)
     assert _files(data_dir) == before
+
+
+BAD_NAMES = [
+    ({"actor": "sys\ntem"}, "ticket/t-2: actor 'sys\\ntem'"),
+    ({"actor": "\u200b"}, "ticket/t-2: actor '\\u200b'"),
+    ({"run_id": ""}, "ticket/t-2: run id ''"),
+    ({"run_id": "r\x00"}, "ticket/t-2: run id 'r\\x00'"),
+    ({"kind": "tick\x07et"}, "tick\x07et/t-2: kind 'tick\\x07et'"),
+]
+
+
+@pytest.mark.parametrize(("names", "shown"), BAD_NAMES)
+def test_a_journalled_name_the_write_path_refuses_is_refused_naming_it(
+    tmp_path: Path, clock: FakeClock, names: dict[str, str], shown: str
+) -> None:
+    data_dir = _written(tmp_path, clock)
+    _append_change(data_dir, "t-2", ticket(status="working"), **names)
+
+    message = _refused(data_dir, clock)
+
+    assert (
+        f"{data_dir / JOURNAL} (seq 3): {shown} is not a non-empty printable string;"
+        in message
+    )
+    assert "so the file was edited or comes from elsewhere" in message
+    assert "nothing was changed on disk" in message
+
+
+def test_a_snapshot_actor_the_write_path_refuses_is_refused_naming_it(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written(tmp_path, clock)
+
+    def spoil(payload: dict[str, Any]) -> None:
+        payload["changes"][0][4] = "ops\x1b[31m"
+
+    _edit_snapshot(data_dir, spoil)
+
+    message = _refused(data_dir, clock)
+
+    assert (
+        f"{data_dir / SNAPSHOT} (seq 1): ticket/t-1: actor 'ops\\x1b[31m' is not"
+        in message
+    )
+
+
+def test_guard_printable_names_of_every_script_restore(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    data_dir = _written(tmp_path, clock)
+    _append_change(data_dir, "t-2", ticket(status="working"), actor="Ölçer-東京")
+    _append_change(data_dir, "t-1", ticket(status="closed"), run_id="r 1/β")
+
+    rt, tickets = _ticket_runtime(data_dir, clock)
+    with rt:
+        actors = [t.actor for t in tickets.history("t-2")]
+        runs = [t.run_id for t in tickets.history("t-1")]
+
+    assert "Ölçer-東京" in actors
+    assert "r 1/β" in runs
 
 
 # --- how the refusal behaves -----------------------------------------------------
