@@ -35,8 +35,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_persistence_runtime import crash_image, make_runtime
 
-from runtime import Runtime, SchemaError, _schema, compile_schema, thaw
-from runtime._schema import _Invalid, _same_stored, check_json_value
+from runtime import Runtime, SchemaError, _schema_pydantic, compile_schema, thaw
+from runtime._schema import _Invalid, check_json_value
+from runtime._schema_pydantic import _same_stored
 from runtime.testing import FakeClock
 
 # --- helpers -------------------------------------------------------------------
@@ -899,13 +900,13 @@ def test_int_keys_given_back_next_to_a_new_value_are_compared_once(
     schema = compile_schema(_Counts)
     stored = thaw(schema.validate({"by_id": {i: i for i in range(300)}}, "c", "e"))
     compared = [0]
-    same_stored = _schema._same_stored
+    same_stored = _schema_pydantic._same_stored
 
     def counted(dumped: Any, given: Any) -> bool:
         compared[0] += 1
         return same_stored(dumped, given)
 
-    monkeypatch.setattr(_schema, "_same_stored", counted)
+    monkeypatch.setattr(_schema_pydantic, "_same_stored", counted)
 
     state = schema.validate({**stored, "updated": dt.datetime(2024, 1, 1)}, "c", "e")
 
