@@ -807,9 +807,16 @@ def _compile_msgspec(struct: Any) -> StateSchema:
             f"{struct.__name__}: {', '.join(shaping)} would store states that are "
             "not a mapping of exactly its fields; remove them"
         )
+    try:
+        info: Any = msgspec.inspect.type_info(struct)
+    except (TypeError, NameError) as err:
+        # msgspec refuses some annotations only here (an Enum mixing str and
+        # int values, a name that does not resolve).
+        raise DefinitionError(
+            f"{struct.__name__}: msgspec cannot use this Struct: {err}"
+        ) from err
     _refuse_nested_renames(struct)
 
-    info: Any = msgspec.inspect.type_info(struct)
     forms = _MsgspecForms()
     # Fields whose check returns their stored form, and the other checks.
     whole = {f.name: c for f in info.fields if (c := forms.stored_check(f.type))}

@@ -222,6 +222,41 @@ def test_records_that_hold_themselves_without_renames_still_compile(
     assert state["children"][0]["value"] == 2
 
 
+class _StrAndIntValues(enum.Enum):
+    NAMED = "named"
+    NUMBERED = 1
+
+
+class _MixedEnumField(msgspec.Struct):
+    level: _StrAndIntValues
+
+
+class _UnresolvedName(msgspec.Struct):
+    level: Missing  # type: ignore[name-defined]  # noqa: F821
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (_MixedEnumField, "Enums must contain either all str or all int values"),
+        (_UnresolvedName, "name 'Missing' is not defined"),
+    ],
+)
+def test_a_struct_msgspec_cannot_inspect_is_refused_at_definition(
+    spec: Any, reason: str
+) -> None:
+    rt = Runtime()
+
+    with pytest.raises(DefinitionError) as caught:
+        rt.define_entity("k", spec)
+
+    assert str(caught.value).startswith(
+        f"{spec.__name__}: msgspec cannot use this Struct: "
+    )
+    assert reason in str(caught.value)
+    assert rt.kinds() == []
+
+
 # --- keys msgspec refuses --------------------------------------------------------
 
 
