@@ -63,6 +63,7 @@ from runtime._durability import (
     validated_states,
 )
 from runtime._engine import (
+    MAX_ID_LENGTH,
     KindDefinition,
     KindEngine,
     check_entity_id,
@@ -77,6 +78,7 @@ from runtime._errors import (
     ReentrantCallError,
     RuntimeStoppedError,
     SchemaError,
+    UnknownFieldError,
     UnknownKindError,
 )
 from runtime._events import SYSTEM_ACTOR, EntityChanged, ReadOnlyDict, Transition
@@ -102,6 +104,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
+
+MAX_SHARDS = 256
+"""The most shards (each an actor thread) one kind may have."""
 
 NON_REACTIVE_REASONS = ("raw-sample", "sensitive", "externally-owned", "bookkeeping")
 """The reasons ``declare_non_reactive_state`` accepts."""
@@ -285,6 +290,38 @@ class _BusWorkGroup:
             return
         # Raised outside the handler, so the unmasked error is not its context.
         raise MaskedHandlerError(shown)
+
+
+def _takes_positional(handler: Callable[..., Any], count: int) -> bool:
+    # Whether handler(*count arguments) binds; True when the signature is
+    # unknown (some builtins), where only the call can tell.
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
+
+
+def _consumer_label(where: str, name: Any, handler: Callable[..., Any]) -> str:
+    # The name a subscription is known by in logs and metric labels (which
+    # escape any character); without one, the handler's own name.
+    if name is None or name == "":
+        return handler_name(handler)
+    if type(name) is not str:
+        raise DefinitionError(
+            f"{where}: name must be a string or None, got {name!r:.80}; nothing "
+            "subscribed"
+        )
+    if len(name) > MAX_ID_LENGTH:
+        raise DefinitionError(
+            f"{where}: name {name[:40]!r}... is longer than {MAX_ID_LENGTH} "
+            "characters; nothing subscribed"
+        )
+    return name
 
 
 def _wants_delivery(handler: Callable[..., Any]) -> bool:
@@ -494,7 +531,18 @@ class EntityHandle(Generic[S]):
         return self._rt._engine(self.kind).read_states([entity_id]).get(entity_id)
 
     def get_many(self, entity_ids: Iterable[str]) -> dict[str, ReadOnlyDict]:
-        """Return the current states of the ids that exist, in one batched read."""
+        """Return the current states of the ids that exist, in one batched read.
+
+        Raises:
+            TypeError: ``entity_ids`` is a single string or not iterable.
+            InvalidIdError: one of the ids is not a usable id.
+        """
+        if isinstance(entity_ids, str | bytes) or not isinstance(entity_ids, Iterable):
+            raise TypeError(
+                f"{self.kind}: get_many takes an iterable of ids, got "
+                f"{entity_ids!r:.80}; use get() for a single id"
+            )
+
         ids = [check_entity_id(self.kind, i) for i in entity_ids]
         return self._rt._engine(self.kind).read_states(ids)
 
@@ -522,7 +570,15 @@ class EntityHandle(Generic[S]):
         """Return the entity's transition rows in commit order.
 
         ``since`` is inclusive and ``until`` exclusive. Cost: O(log n + k).
+
+        Raises:
+            InvalidIdError: ``entity_id`` is not a usable id.
+            UnknownFieldError: ``field`` is not in the schema and was never
+                recorded for this entity.
         """
+        check_entity_id(self.kind, entity_id)
+        if field is not None:
+            self._check_field(entity_id, field, "history()")
         return self._rt.log.history(
             self.kind,
             entity_id,
@@ -532,9 +588,16 @@ class EntityHandle(Generic[S]):
         )
 
     def in_state_since(self, entity_id: str, field: str) -> datetime | None:
-        """When ``field`` last changed, or ``None`` if the entity does not exist."""
+        """When ``field`` last changed, or ``None`` if the entity does not exist.
+
+        Raises:
+            InvalidIdError: ``entity_id`` is not a usable id.
+            UnknownFieldError: ``field`` is not in the schema and was never
+                recorded for this entity.
+        """
         if self.get(entity_id) is None:
             return None
+        self._check_field(entity_id, field, "in_state_since()")
         row = self._rt.log.last_change(self.kind, entity_id, field)
         return None if row is None else row.at
 
@@ -556,8 +619,23 @@ class EntityHandle(Generic[S]):
             timedelta_ok=True,
             outcome="nothing counted",
         )
+        check_entity_id(self.kind, entity_id)
+        self._check_field(entity_id, field, "transition_count()")
         since = self._rt.clock() - seconds
         return self._rt.log.count_since(self.kind, entity_id, field, since)
+
+    def _check_field(self, entity_id: str, field: Any, call: str) -> None:
+        # A field a query may name: one of the schema's, or one that rows of
+        # this entity hold (a field since removed from the schema).
+        if type(field) is not str:
+            raise TypeError(
+                f"{self.kind}: {call}'s field must be a field name (a string), "
+                f"got {field!r:.80}"
+            )
+        fields = self._rt._engine(self.kind).definition.schema.fields
+        if field in fields or self._rt.log.has_field(self.kind, entity_id, field):
+            return
+        raise UnknownFieldError(self.kind, field, fields)
 
     def wait_until(
         self,
@@ -575,6 +653,11 @@ class EntityHandle(Generic[S]):
             ReentrantCallError: called from inside an ``apply`` (on a kind's
                 actor thread, which would hold up the writes it waits for).
         """
+        if not callable(predicate):
+            raise TypeError(
+                f"{self.kind}: wait_until()'s predicate must be callable (state -> "
+                f"bool), got {predicate!r:.80}; nothing waited for"
+            )
         timeout = _check_seconds(
             "wait_until()'s timeout", timeout, zero=True, outcome="nothing waited for"
         )
@@ -859,13 +942,20 @@ class Runtime:
             raise DefinitionError(
                 f"kind must be a non-empty printable string, got {kind!r}"
             )
+        if len(kind) > MAX_ID_LENGTH:
+            raise DefinitionError(
+                f"kind {kind[:40]!r}... is longer than {MAX_ID_LENGTH} characters"
+            )
         if read is not None and not callable(read):
             raise DefinitionError(
                 f"{kind}: read must be callable (ids -> {{id: state}}) or None, "
                 f"got {read!r}"
             )
-        if not isinstance(shards, int) or shards < 1:
-            raise DefinitionError(f"{kind}: shards must be 1 or more, got {shards!r}")
+        if type(shards) is not int or not 1 <= shards <= MAX_SHARDS:
+            raise DefinitionError(
+                f"{kind}: shards must be a whole number from 1 to {MAX_SHARDS} (each "
+                f"shard is a thread), got {shards!r}"
+            )
         schema = compile_schema(state)
         if not schema.fields:
             raise DefinitionError(
@@ -1032,7 +1122,7 @@ class Runtime:
                 "subscribed"
             )
         seconds = self._handler_timeout if given is None else given
-        label = name or handler_name(handler)
+        label = _consumer_label(kind, name, handler)
 
         with self._lock:
             self._check_usable("subscribe")
@@ -1082,11 +1172,17 @@ class Runtime:
             raise DefinitionError(f"event must be a non-empty string, got {event!r}")
         if not callable(handler):
             raise DefinitionError(f"{event}: handler must be callable, got {handler!r}")
+        if not _takes_positional(handler, 3):
+            raise DefinitionError(
+                f"{event}: handler must take (event, payload, change), got "
+                f"{handler_name(handler)} with the parameters "
+                f"{inspect.signature(handler)}"
+            )
         given = _check_seconds(
             f"{event}: timeout", timeout, none=True, outcome="nothing subscribed"
         )
         seconds = self._handler_timeout if given is None else given
-        label = name or handler_name(handler)
+        label = _consumer_label(event, name, handler)
 
         with self._lock:
             self._check_usable("subscribe")

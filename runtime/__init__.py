@@ -22,6 +22,7 @@ from runtime._errors import (
     ReentrantCallError,
     RuntimeStoppedError,
     SchemaError,
+    UnknownFieldError,
     UnknownKindError,
 )
 from runtime._events import (
@@ -119,6 +120,7 @@ __all__ = [
     "StateSchema",
     "StopReport",
     "Transition",
+    "UnknownFieldError",
     "UnknownKindError",
     "Unsubscribe",
     "WorkQueue",

@@ -24,6 +24,21 @@ class UnknownKindError(EntityRuntimeError, LookupError):
         )
 
 
+class UnknownFieldError(EntityRuntimeError, LookupError):
+    """A query named a field that its kind's schema lacks and no row ever held."""
+
+    def __init__(self, kind: str, field: str, known: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.field = field
+        self.known = known
+        listed = ", ".join(repr(f) for f in known) or "none"
+        super().__init__(
+            f"{kind}: unknown field {field!r}; the schema's fields: {listed} (a "
+            "field removed from the schema can still be asked for where rows of it "
+            "were recorded)"
+        )
+
+
 class SchemaError(EntityRuntimeError, ValueError):
     """A state did not validate against its kind's schema; nothing was recorded."""
 

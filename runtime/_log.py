@@ -579,6 +579,12 @@ class TransitionLog:
             self._field_rows(entity, index[-1], field, out)
             return out[-1]
 
+    def has_field(self, kind: str, entity_id: str, field: str) -> bool:
+        """Whether the log holds a row of ``field`` for one entity."""
+        with self.lock:
+            entity = self._entities.get((kind, entity_id))
+            return entity is not None and bool(entity.by_field.get(field))
+
     def count_since(self, kind: str, entity_id: str, field: str, since: float) -> int:
         """Count the rows of one field at or after ``since`` (POSIX time)."""
         with self.lock:

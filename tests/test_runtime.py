@@ -25,6 +25,7 @@ from runtime import (
     Runtime,
     RuntimeStoppedError,
     SchemaError,
+    UnknownFieldError,
     UnknownKindError,
 )
 from runtime.testing import FakeClock
@@ -592,6 +593,137 @@ def test_non_callable_read_or_apply_is_refused(busy: Runtime) -> None:
 
     assert busy.kinds() == ["ticket"]
     assert _snapshot(busy) == before
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [("t-1", "'t-1'"), (b"t-1", "b't-1'"), (None, "None"), (7, "7")],
+)
+def test_get_many_refuses_one_string_or_a_non_iterable(
+    busy: Runtime, given: Any, shown: str
+) -> None:
+    # A string is iterable: its characters would be read as ids ('t', '-', '1').
+    tickets = busy.handle("ticket")
+    tickets.mutate("1", lambda prev: ticket())
+    before = _snapshot(busy)
+
+    with pytest.raises(TypeError) as caught:
+        tickets.get_many(given)
+
+    assert str(caught.value) == (
+        f"ticket: get_many takes an iterable of ids, got {shown}; use get() for a "
+        "single id"
+    )
+    assert _snapshot(busy) == before
+
+
+def test_field_queries_refuse_a_bad_id_and_a_field_never_known(busy: Runtime) -> None:
+    tickets = busy.handle("ticket")
+    before = _snapshot(busy)
+    calls: list[Callable[[], Any]] = [
+        lambda: tickets.history("t-1", field="staus"),
+        lambda: tickets.in_state_since("t-1", "staus"),
+        lambda: tickets.in_state_for("t-1", "staus"),
+        lambda: tickets.transition_count("t-1", "staus", 60),
+    ]
+
+    for call in calls:
+        with pytest.raises(UnknownFieldError) as caught:
+            call()
+        assert str(caught.value).startswith(
+            "ticket: unknown field 'staus'; the schema's fields: 'status', "
+            "'severity', 'tags', 'extra'"
+        )
+    with pytest.raises(InvalidIdError, match="ticket: id 5 must be a string"):
+        tickets.history(5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidIdError, match="ticket: id 5 must be a string"):
+        tickets.transition_count(5, "status", 60)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"history\(\)'s field must be a field name"):
+        tickets.history("t-1", field=1)  # type: ignore[arg-type]
+
+    assert _snapshot(busy) == before
+
+
+def test_fields_of_the_schema_or_with_rows_are_queried_and_others_refused(
+    busy: Runtime,
+) -> None:
+    tickets = busy.handle("ticket")
+    # Rows of a field the schema does not have (dropped from it since).
+    busy.log.append_change(
+        "ticket", "t-1", None, {"owner": "ann"}, ["owner"], busy.clock()
+    )
+
+    owned = tickets.history("t-1", field="owner")
+    never_written = tickets.history("t-3", field="tags")
+
+    assert [(r.field, r.after) for r in owned] == [("owner", "ann")]
+    assert never_written == []
+    with pytest.raises(UnknownFieldError):
+        tickets.history("t-2", field="owner")
+
+
+def test_wait_until_refuses_a_predicate_that_is_not_callable(busy: Runtime) -> None:
+    tickets = busy.handle("ticket")
+
+    with pytest.raises(TypeError) as caught:
+        tickets.wait_until("t-1", "closed", timeout=0)  # type: ignore[arg-type]
+
+    assert str(caught.value) == (
+        "ticket: wait_until()'s predicate must be callable (state -> bool), got "
+        "'closed'; nothing waited for"
+    )
+
+
+@pytest.mark.parametrize(
+    ("shards", "shown"), [(True, "True"), (0, "0"), (257, "257"), (2.0, "2.0")]
+)
+def test_shards_outside_one_to_the_limit_are_refused(
+    busy: Runtime, shards: Any, shown: str
+) -> None:
+    before = _snapshot(busy)
+
+    with pytest.raises(DefinitionError) as caught:
+        busy.define_entity("other", Ticket, shards=shards)
+
+    assert str(caught.value) == (
+        "other: shards must be a whole number from 1 to 256 (each shard is a "
+        f"thread), got {shown}"
+    )
+    assert busy.kinds() == ["ticket"]
+    assert _snapshot(busy) == before
+
+
+def test_overlong_kind_and_subscription_names_are_refused(busy: Runtime) -> None:
+    before = _snapshot(busy)
+
+    with pytest.raises(DefinitionError, match="is longer than 1024 characters"):
+        busy.define_entity("k" * 1025, Ticket)
+    with pytest.raises(DefinitionError, match=r"ticket: name 'ss.*longer than 1024"):
+        busy.on_entity_changed("ticket", print, name="s" * 1025)
+    with pytest.raises(DefinitionError, match="ticket: name must be a string or None"):
+        busy.on_entity_changed("ticket", print, name=5)  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError, match="ev: name must be a string or None"):
+        busy.on_trigger("ev", lambda e, p, c: None, name=5)  # type: ignore[arg-type]
+
+    assert busy.kinds() == ["ticket"]
+    assert _snapshot(busy) == before
+
+
+def test_a_trigger_handler_that_cannot_take_event_payload_change_is_refused(
+    busy: Runtime,
+) -> None:
+    def one(change: Any) -> None:
+        pass
+
+    with pytest.raises(DefinitionError) as caught:
+        busy.on_trigger("ev", one)
+
+    assert str(caught.value).startswith(
+        "ev: handler must take (event, payload, change), got "
+    )
+    assert "(change: 'Any')" in str(caught.value)
+    busy.on_trigger("ev", lambda *args: None)
+    busy.on_trigger("ev", lambda e, p, c, extra=None: None)
 
 
 @pytest.mark.parametrize(
