@@ -21,6 +21,18 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+RATIO_NAMES = (
+    "pipelined_vs_limit",
+    "batched_vs_limit",
+    "blocking_vs_pykka_ask",
+    "bytes_per_row",
+    "runtime_vs_eventsourcing",
+    "pipelined_vs_home_assistant",
+    "pipelined_vs_python_stages",
+    "batched_vs_python_stages",
+)
+"""The ratios a report holds, in the order they are printed."""
+
 LOWER_IS_BETTER = frozenset({"blocking_vs_pykka_ask", "bytes_per_row"})
 """Ratios that get worse as they grow; every other ratio gets worse as it falls."""
 
@@ -67,8 +79,10 @@ def load_baseline(path: str | Path, size: str) -> dict[str, Any]:
 
     Raises:
         BaselineError: the file cannot be read, is not such a report, holds a
-            ratio that is not a finite number, or was run at another size than
-            ``size`` (ratios of scaled-down runs differ from full ones).
+            ratio that is not a positive finite number, was run at another
+            size than ``size`` (ratios of scaled-down runs differ from full
+            ones), holds none of the ratios measured now, or failed its own
+            harness checks.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -77,7 +91,7 @@ def load_baseline(path: str | Path, size: str) -> dict[str, Any]:
 
     try:
         report = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
         raise BaselineError(f"the baseline {path} is not JSON: {err}") from err
 
     if not isinstance(report, dict) or not isinstance(report.get("ratios"), dict):
@@ -86,10 +100,10 @@ def load_baseline(path: str | Path, size: str) -> dict[str, Any]:
             "(write one with entity-runtime bench --json FILE)"
         )
     for name, value in report["ratios"].items():
-        if value is not None and not _is_finite_number(value):
+        if value is not None and not (_is_finite_number(value) and value > 0):
             raise BaselineError(
-                f"the baseline {path} has ratio {name!r} = {value!r}; ratios are "
-                "finite numbers or null"
+                f"the baseline {path} has ratio {name!r} = {value!r:.40}; ratios are "
+                "positive finite numbers or null"
             )
 
     workload = report.get("workload")
@@ -98,6 +112,18 @@ def load_baseline(path: str | Path, size: str) -> dict[str, Any]:
         raise BaselineError(
             f"the baseline {path} was run at size {ran_at!r}, this run is {size!r}; "
             "ratios are only comparable between runs of the same size"
+        )
+    if not any(report["ratios"].get(name) is not None for name in RATIO_NAMES):
+        raise BaselineError(
+            f"the baseline {path} holds none of the ratios this version measures "
+            f"({', '.join(RATIO_NAMES)}), so it would compare nothing"
+        )
+    checks = report.get("checks")
+    if isinstance(checks, dict) and checks.get("ok") is False:
+        raise BaselineError(
+            f"the baseline {path} comes from a run whose harness checks failed "
+            f"({'; '.join(map(str, checks.get('problems') or [])) or 'no detail'}); "
+            "its ratios mean nothing"
         )
     return report
 
@@ -170,8 +196,9 @@ def _union(*mappings: Mapping[str, Any]) -> Iterable[str]:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -11,9 +12,10 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -486,36 +488,50 @@ def _figure_class() -> Any:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``entity-runtime bench``; return its exit code.
 
-    Exit codes: 0 done, 1 a harness check failed, 2 ``--plot`` without
-    matplotlib or an unusable ``--compare`` baseline (both checked before
-    anything runs), 3 a ratio regressed against the baseline by more than
-    ``--tolerance``.
+    Exit codes: 0 done, 1 a harness check failed, 2 an unusable ``--json`` or
+    ``--plot`` path, ``--plot`` without matplotlib or an unusable
+    ``--compare`` baseline (all checked before anything runs) or a report
+    that could not be written, 3 a ratio regressed against the baseline by
+    more than ``--tolerance``, 128 + the signal's number when SIGINT or
+    SIGTERM stopped the run (nothing is written then).
     """
-    if args.plot:
-        try:
-            _figure_class()
-        except MissingExtraError as err:
-            print(f"entity-runtime bench: {err}", file=sys.stderr)
-            return 2
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
+    try:
+        if args.json:
+            _check_output(args.json, "--json")
+        if args.plot:
+            _check_output(args.plot, "--plot", suffix=".png")
+            _figure_class()
+        baseline = load_baseline(args.compare, config.size) if args.compare else None
+    except (BaselineError, MissingExtraError, _UnusableOutputError) as err:
+        print(f"entity-runtime bench: {err}", file=sys.stderr)
+        return 2
 
-    baseline = None
-    if args.compare:
-        try:
-            baseline = load_baseline(args.compare, config.size)
-        except BaselineError as err:
-            print(f"entity-runtime bench: {err}", file=sys.stderr)
-            return 2
-
-    started = time.perf_counter()
-    report = run_side_by_side(config, _progress)
-    _progress(f"done in {time.perf_counter() - started:.1f} s")
+    try:
+        with _signals_interrupt():
+            started = time.perf_counter()
+            report = run_side_by_side(config, _progress)
+            _progress(f"done in {time.perf_counter() - started:.1f} s")
+    except _Interrupted as stop:
+        print(
+            f"entity-runtime bench: stopped by {signal.Signals(stop.signum).name}; "
+            "no report written",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
 
     print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    if args.plot:
-        write_plot(report, args.plot)
+    try:
+        if args.json:
+            text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+            Path(args.json).write_text(text)
+        if args.plot:
+            write_plot(report, args.plot)
+    except OSError as err:
+        print(
+            f"entity-runtime bench: could not write the report: {err}", file=sys.stderr
+        )
+        return 2
     if not report["checks"]["ok"]:
         return 1
 
@@ -528,6 +544,56 @@ def run_cli(args: argparse.Namespace) -> int:
             logger.warning("ratios regressed against %s: %s", args.compare, regressed)
             return 3
     return 0
+
+
+class _UnusableOutputError(ValueError):
+    """An output path the command could not write its report to."""
+
+
+def _check_output(path: str, option: str, suffix: str | None = None) -> None:
+    # Found out before a run of minutes rather than after it.
+    target = Path(path)
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise _UnusableOutputError(
+            f"{option} {path}: the file name must end in {suffix}"
+        )
+    if target.is_dir():
+        raise _UnusableOutputError(f"{option} {path}: is a directory")
+    if target.exists() and not target.is_file():
+        raise _UnusableOutputError(f"{option} {path}: exists and is not a file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise _UnusableOutputError(f"{option} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        raise _UnusableOutputError(f"{option} {path}: not writable")
+
+
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while the benchmark ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    # A stopped run is a failed run (a CI job's timeout must not pass): each
+    # signal raises in the main thread, whose with-blocks stop what they
+    # started, and the previous handlers come back afterwards.
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted(signum)
+
+    previous = {
+        sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress(message: str) -> None:

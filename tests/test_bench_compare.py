@@ -106,6 +106,22 @@ def test_the_command_defaults_to_the_comparison_s_tolerance() -> None:
         (_report(pipelined_vs_limit=True), "finite numbers"),
         (_report("full", pipelined_vs_limit=0.1), "run at size 'full'"),
         ({"ratios": {}}, "run at size None"),
+        (_report(pipelined_vs_limit=0), "positive finite numbers"),
+        (_report(bytes_per_row=-60.0), "positive finite numbers"),
+        (
+            '{"workload": {"size": "smoke"}, "ratios": {"x": 1' + "0" * 400 + "}}",
+            "positive finite numbers",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "is not JSON"),
+        (_report(), "holds none of the ratios this version measures"),
+        (_report(renamed_ratio=0.5), "holds none of the ratios this version measures"),
+        (
+            {
+                **_report(pipelined_vs_limit=0.1),
+                "checks": {"ok": False, "problems": ["x"]},
+            },
+            "whose harness checks failed \\(x\\)",
+        ),
     ],
 )
 def test_an_unusable_baseline_is_refused_saying_what_is_wrong(
@@ -275,3 +291,25 @@ def test_callgrind_counts_grow_with_the_updates_run() -> None:
     # A thousand bare-loop steps cost thousands of instructions each, and
     # nowhere near a million each.
     assert 1_000 * 5_000 < many - few < 1_000 * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--json", "missing/report.json", "missing is not a directory"),
+        ("--json", ".", "is a directory"),
+        ("--plot", "chart.txt", "the file name must end in .png"),
+        ("--plot", "missing/chart.png", "missing is not a directory"),
+    ],
+)
+def test_an_unusable_output_path_is_refused_before_running_anything(
+    tmp_path: Path, option: str, name: str, message: str
+) -> None:
+    target = tmp_path / name
+
+    done = _bench(option, target)
+
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "bench: limit" not in done.stderr
+    assert not target.is_file()

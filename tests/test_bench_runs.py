@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -365,3 +366,29 @@ def test_python_stages_hand_every_change_through_all_three_threads(
     assert staged.events == limit.events
     assert staged.ops_per_s > 0
     assert len(staged.samples_us) == (len(plan) // 10 if size is None else 72)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_as_a_failure_and_writes_nothing(
+    tmp_path: Path, signum: int
+) -> None:
+    out = tmp_path / "bench.json"
+    with subprocess.Popen(
+        [sys.executable, "-m", "monitoring._cli", "bench", "--smoke", "--json", out],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    ) as child:
+        assert child.stderr is not None
+        for line in child.stderr:
+            if line.startswith("bench: limit"):
+                break
+
+        child.send_signal(signum)
+        rest = child.stderr.read()
+        code = child.wait(timeout=60)
+
+    assert code == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}; no report written" in rest
+    assert not out.exists()
