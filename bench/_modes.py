@@ -201,11 +201,6 @@ def _batched_driver(size: int) -> Callable[..., tuple[list[float], str]]:
     return drive
 
 
-def run_pykka_ask(plan: Plan, window: int) -> ModeResult:
-    """Raw pykka: one blocking ``ask`` per mutation, each call timed."""
-    return _with_model_actor("pykka_ask", plan, window, _drive_ask)
-
-
 def run_pykka_pipelined(plan: Plan, window: int) -> ModeResult:
     """Raw pykka: ``ask(block=False)`` for every mutation, then wait for all."""
     return _with_model_actor("pykka_pipelined", plan, window, _drive_pipelined)
@@ -378,21 +373,66 @@ class _RuntimeRun:
         )
 
 
-def run_runtime_mutate(plan: Plan, window: int) -> ModeResult:
-    """The runtime's blocking ``mutate``, each call timed, then ``drain()``."""
-    with _RuntimeRun(plan, window) as run:
-        mutate, clock = run.handle.mutate, time.perf_counter
-        samples = []
+BLOCKING_ROUNDS = 10
+"""Alternating rounds of :func:`run_blocking_pair`."""
 
-        started = clock()
-        for entity_id, apply in plan:
-            t0 = clock()
-            mutate(entity_id, apply)
-            samples.append((clock() - t0) * 1e6)
-        run.rt.drain(timeout=DRAIN_TIMEOUT)
-        seconds = clock() - started
 
-    return run.result("runtime_mutate", len(plan), seconds, samples, PER_CALL)
+def run_blocking_pair(
+    plan: Plan, window: int, rounds: int = BLOCKING_ROUNDS
+) -> tuple[ModeResult, ModeResult]:
+    """Raw pykka's blocking ``ask`` and the runtime's blocking ``mutate``.
+
+    Each call is timed. The plan is split into ``rounds`` parts, and each
+    part goes first through one ``ask`` per mutation to a pykka actor running
+    the bare loop's step, then through the runtime's ``mutate``: the two
+    alternate, so a change in the machine's load (which moves a thread's
+    wake-up time, and with it every per-call time) reaches both alike. The
+    runtime's ``drain()`` at the end counts in its time.
+
+    Returns:
+        The ``pykka_ask`` and ``runtime_mutate`` results.
+    """
+    deriver, subscriber = CountingDeriver(), CountingSubscriber(window)
+    ref = _ModelActor.start(LimitModel(deriver, subscriber))
+    ask_samples: list[float] = []
+    mutate_samples: list[float] = []
+    ask_seconds = mutate_seconds = 0.0
+    clock = time.perf_counter
+
+    try:
+        with _RuntimeRun(plan, window) as run:
+            mutate = run.handle.mutate
+            for part in _chunks(plan, max(1, -(-len(plan) // rounds))):
+                started = clock()
+                ask_samples += _drive_ask(ref, part)[0]
+                ask_seconds += clock() - started
+
+                started = clock()
+                for entity_id, apply in part:
+                    t0 = clock()
+                    mutate(entity_id, apply)
+                    mutate_samples.append((clock() - t0) * 1e6)
+                mutate_seconds += clock() - started
+
+            started = clock()
+            run.rt.drain(timeout=DRAIN_TIMEOUT)
+            mutate_seconds += clock() - started
+    finally:
+        ref.stop()
+
+    ask = ModeResult(
+        "pykka_ask",
+        len(plan),
+        ask_seconds,
+        ask_samples,
+        PER_CALL,
+        subscriber.count,
+        deriver.fired,
+    )
+    blocking = run.result(
+        "runtime_mutate", len(plan), mutate_seconds, mutate_samples, PER_CALL
+    )
+    return ask, blocking
 
 
 def run_runtime_pipelined(plan: Plan, window: int) -> ModeResult:
