@@ -32,6 +32,9 @@ FIRST_TIME = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 LAST_TIME = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 """The record times the runtime accepts (POSIX seconds, years 1 to 9999)."""
 
+DEFAULT_SCRAPE_PATH = "/metrics"
+"""The path whose targets' check ids carry only ``host:port``, not the path."""
+
 MAX_SCRAPE_BYTES = 32 * 1024 * 1024
 """The largest scrape response read; a larger one counts as a failed scrape."""
 
@@ -420,6 +423,7 @@ def parse_exposition(
     at: float,
     selectors: Sequence[Selector] = (),
     config: AgentConfig | None = None,
+    path: str = DEFAULT_SCRAPE_PATH,
 ) -> list[Sample]:
     """Turn a Prometheus text payload into samples, with ``prometheus_client``.
 
@@ -428,9 +432,17 @@ def parse_exposition(
     Samples without a timestamp (the usual case) are stamped ``at``. The
     check's system is the ``instance`` label when present, else ``system``.
 
+    ``path`` is the path (and query) the payload was read from. The check id
+    of a series without an ``instance`` label is ``system/series`` for the
+    default path ``/metrics`` and ``system<path>/series`` for any other
+    (``host:9100/probe?target=x/up``), so targets on one ``host:port``
+    never feed one check. A series with an ``instance`` label is that
+    instance's, whichever target it came from: ``instance/series``.
+
     Raises:
         ValueError: the payload is not valid text exposition format.
     """
+    target = system if path == DEFAULT_SCRAPE_PATH else f"{system}{path}"
     samples = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -440,12 +452,13 @@ def parse_exposition(
                     continue
             elif config is None or not config.has_family(name):
                 continue
-            owner = labels.get("instance") or system
+            instance = labels.get("instance")
+            owner, prefix = (instance, instance) if instance else (system, target)
             metric = series_name(name, labels)
             stamp = at if sample.timestamp is None else float(sample.timestamp)
             samples.append(
                 Sample(
-                    make_check_id(owner, metric),
+                    make_check_id(prefix, metric),
                     owner,
                     metric,
                     name,
@@ -459,14 +472,19 @@ def parse_exposition(
 def check_scrape_url(url: str) -> tuple[str, str]:
     """Validate a ``--scrape`` URL; return its system and its ``up`` series.
 
-    The system is the URL's ``host:port`` (without any user name or
-    password); the ``up`` series carries the path (and query), so two URLs of
-    one ``host:port`` have an ``up`` check each.
+    The system is the URL's ``host:port``; the ``up`` series carries the path
+    (and query), so two URLs of one ``host:port`` have an ``up`` check each.
 
     Raises:
         ValueError: not an http(s) URL with a host, a port outside 1 to 65535,
             or spaces or control characters in it; the message quotes the URL.
     """
+    system, path = _scrape_target(url)
+    return system, series_name("up", {"path": path})
+
+
+def _scrape_target(url: str) -> tuple[str, str]:
+    # The (host:port, path and query) pair that tells two targets apart.
     quoted = shown(url, 200)
     if not url.isprintable() or any(c.isspace() for c in url):
         raise ValueError(
@@ -492,7 +510,24 @@ def check_scrape_url(url: str) -> tuple[str, str]:
     path = parts.path or "/"
     if parts.query:
         path = f"{path}?{parts.query}"
-    return system, series_name("up", {"path": path})
+    return system, path
+
+
+def _scrape_targets(urls: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    # {url: (system, path and query, up series)}, in the order given.
+    targets: dict[str, tuple[str, str, str]] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for url in urls:
+        system, path = _scrape_target(url)
+        first = seen.setdefault((system, path), url)
+        if url in targets or first != url:
+            raise ValueError(
+                f"--scrape {shown(url, 200)} is the same target as "
+                f"{shown(first, 200)} (same host, port, path and query): its "
+                "checks would be fed twice; give each target once"
+            )
+        targets[url] = (system, path, series_name("up", {"path": path}))
+    return targets
 
 
 class ScrapeTooLargeError(ValueError):
@@ -512,11 +547,14 @@ class ScrapeSource:
     """Prometheus text endpoints, scraped every ``interval`` seconds.
 
     Each scrape's samples that match the selectors become checks (see
-    :func:`parse_exposition`). Each URL also yields a synthetic ``up``
+    :func:`parse_exposition`; a target whose path is not ``/metrics`` has
+    that path in its check ids). Each URL also yields a synthetic ``up``
     sample (``up{path="/metrics"}`` in the system ``host:port``), 1 when the
     scrape worked and 0 when it failed, so an unreachable target becomes an
     unhealthy check rather than silence. Only ``http`` and ``https`` URLs are
-    accepted; proxies from the environment are not used.
+    accepted; proxies from the environment are not used. Two URLs of one
+    ``host:port``, path and query (the same URL twice, or one in ``http``
+    and ``https``) are refused: they would feed the same checks.
 
     The targets are scraped at the same time, each on a thread of its own,
     and each has ``min(timeout, interval)`` seconds to answer in full: a
@@ -545,7 +583,7 @@ class ScrapeSource:
                 f"interval and timeout must be more than 0, got {interval!r} "
                 f"and {timeout!r}"
             )
-        self._targets = {url: check_scrape_url(url) for url in urls}
+        self._targets = _scrape_targets(urls)
         self.urls = list(self._targets)
         self.interval = interval
         self.selectors = list(selectors)
@@ -642,7 +680,7 @@ class ScrapeSource:
 
     def _read(self, url: str, now: float, timeout: float, deadline: float) -> _Scraped:
         # Runs on a scrape thread: touches nothing shared, never raises.
-        system, _ = self._targets[url]
+        system, path, _ = self._targets[url]
         try:
             text = _fetch(url, timeout, deadline)
             samples = parse_exposition(
@@ -651,6 +689,7 @@ class ScrapeSource:
                 at=now,
                 selectors=self.selectors,
                 config=self.config,
+                path=path,
             )
         except (OSError, http.client.HTTPException, ValueError) as err:
             return _Scraped(error=_describe_error(err))
@@ -663,7 +702,7 @@ class ScrapeSource:
         return _Scraped(samples=kept, invalid=len(samples) - len(kept))
 
     def _settle(self, url: str, scraped: _Scraped, now: float) -> list[Sample]:
-        system, up = self._targets[url]
+        system, _, up = self._targets[url]
         if scraped.error is not None:
             self.errors += 1
             if url not in self._failing:

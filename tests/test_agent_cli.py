@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from path_server import serve_paths
 from raw_server import raw_server
 
 from monitoring import (
@@ -168,6 +169,10 @@ def test_a_bad_config_exits_2_naming_file_line_and_key(
         (
             ["--scrape", "http://127.0.0.1:99999/m"],
             "--scrape 'http://127.0.0.1:99999/m': the port must be a number from 1",
+        ),
+        (
+            ["--scrape", "http://127.0.0.1:1/m", "--scrape", "http://127.0.0.1:1/m"],
+            "--scrape 'http://127.0.0.1:1/m' is the same target as",
         ),
         (["--report", "no/such/dir/r.json"], "--report no/such/dir/r.json: no such"),
         (["--report", "{tmp}"], "is a directory"),
@@ -444,6 +449,41 @@ def test_an_unreachable_target_opens_a_critical_incident(tmp_path: Path) -> None
     assert incident["system"] == url.split("/")[2]
     assert incident["max_severity"] == "critical"
     assert incident["checks"] == [f'{url.split("/")[2]}/up{{path="/metrics"}}']
+
+
+def test_two_paths_of_one_port_are_judged_apart(tmp_path: Path) -> None:
+    """/hot opens an incident of its own check; /cold stays healthy, no flapping."""
+    config = tmp_path / "cpu.toml"
+    config.write_text(
+        '[families.cpu]\nmatch = ["cpu_used_percent"]\nfor = "0s"\n'
+        'recover_for = "0s"\n',
+        encoding="utf-8",
+    )
+    payloads = {"/hot": b"cpu_used_percent 99\n", "/cold": b"cpu_used_percent 1\n"}
+
+    with serve_paths(payloads) as base:
+        code, data = _run_reporting(
+            tmp_path / "state",
+            "--scrape",
+            f"{base}/hot",
+            "--scrape",
+            f"{base}/cold",
+            "--config",
+            str(config),
+            "--interval",
+            "0.2s",
+            "--duration",
+            "1.2s",
+        )
+
+    target = base.split("/")[2]
+    assert code == 0
+    assert data["checks"] == 4
+    assert data["changes"] == 1
+    assert data["incidents_opened"] == 1
+    (incident,) = data["incidents"]
+    assert incident["checks"] == [f"{target}/hot/cpu_used_percent"]
+    assert incident["max_severity"] == "critical"
 
 
 # -- bad input and a hostile environment ------------------------------------------

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from path_server import serve_paths
 from raw_server import raw_server
 
 import monitoring._agent_sources as sources_module
@@ -476,6 +477,64 @@ def test_two_urls_of_one_host_and_port_have_an_up_check_each() -> None:
         f'{target}/up{{path="/probe?target=x"}}',
     ]
     assert {s.system for s in samples} == {target}
+
+
+def test_targets_on_one_host_and_port_feed_checks_of_their_own() -> None:
+    """Every check id of a target carries its path, unless the path is /metrics."""
+    payloads = {
+        "/hot": b"cpu_used_percent 99\n",
+        "/cold": b"cpu_used_percent 1\n",
+        "/probe?target=x": b"cpu_used_percent 7\n",
+        "/metrics": b"cpu_used_percent 50\n",
+    }
+    with serve_paths(payloads) as base:
+        urls = [base + path for path in payloads]
+        source = ScrapeSource(urls, 1.0, config=load_agent_config(), timeout=2.0)
+
+        samples = source.scrape_all(10.0)
+
+    target = base.split("/")[2]
+    assert {s.check_id: s.value for s in samples if s.name != "up"} == {
+        f"{target}/hot/cpu_used_percent": 99.0,
+        f"{target}/cold/cpu_used_percent": 1.0,
+        f"{target}/probe?target=x/cpu_used_percent": 7.0,
+        f"{target}/cpu_used_percent": 50.0,
+    }
+    assert {s.system for s in samples} == {target}
+    assert {s.metric for s in samples if s.name != "up"} == {"cpu_used_percent"}
+
+
+def test_a_series_with_an_instance_label_is_named_after_the_instance() -> None:
+    """The instance label names the system, whichever path the series came from."""
+    text = 'x{instance="db:9100"} 7\ny 1\n'
+
+    samples = parse_exposition(
+        text, system="h:1", path="/federate", at=5.0, selectors=EVERYTHING
+    )
+
+    assert [s.check_id for s in samples] == [
+        'db:9100/x{instance="db:9100"}',
+        "h:1/federate/y",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("http://127.0.0.1:9100/metrics", "http://127.0.0.1:9100/metrics"),
+        ("http://127.0.0.1:9100/metrics", "https://127.0.0.1:9100/metrics"),
+        ("http://127.0.0.1:9100", "http://127.0.0.1:9100/"),
+        ("http://127.0.0.1:9100/m?a=1", "http://127.0.0.1:9100/m?a=1#part"),
+    ],
+)
+def test_one_scrape_target_given_twice_is_refused(first: str, second: str) -> None:
+    """Two URLs of one host:port, path and query would feed the same checks."""
+    with pytest.raises(ValueError, match="is the same target as") as caught:
+        ScrapeSource([first, "http://127.0.0.1:9100/other", second], 1.0)
+
+    message = str(caught.value)
+    assert message.startswith(f"--scrape {second!r} is the same target as {first!r}")
+    assert "give each target once" in message
 
 
 @pytest.mark.parametrize(
