@@ -477,7 +477,9 @@ def check_scrape_url(url: str) -> tuple[str, str]:
 
     Raises:
         ValueError: not an http(s) URL with a host, a port outside 1 to 65535,
-            or spaces or control characters in it; the message quotes the URL.
+            a user name or password in it, or spaces or control characters in
+            it; the message quotes the URL with any user name and password
+            replaced by ``***``.
     """
     system, path = _scrape_target(url)
     return system, series_name("up", {"path": path})
@@ -485,19 +487,27 @@ def check_scrape_url(url: str) -> tuple[str, str]:
 
 def _scrape_target(url: str) -> tuple[str, str]:
     # The (host:port, path and query) pair that tells two targets apart.
-    quoted = shown(url, 200)
+    quoted = shown(_without_userinfo(url), 200)
     if not url.isprintable() or any(c.isspace() for c in url):
         raise ValueError(
             f"--scrape {quoted}: a URL cannot contain spaces or control characters"
         )
     try:
         parts = urllib.parse.urlsplit(url)
-        hostname, port = parts.hostname, parts.port
     except ValueError as err:
-        reason = str(err)
-        if "port" in reason.lower():
-            reason = "the port must be a number from 1 to 65535"
-        raise ValueError(f"--scrape {quoted}: {reason}") from None
+        raise ValueError(f"--scrape {quoted}: {err}") from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"--scrape {quoted}: a user name or password in the URL is not "
+            "supported (the agent does not log in to targets); scrape an "
+            "endpoint that needs no login"
+        )
+    try:
+        hostname, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(
+            f"--scrape {quoted}: the port must be a number from 1 to 65535"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"--scrape {quoted}: expected an http:// or https:// URL")
     if not hostname:
@@ -506,11 +516,26 @@ def _scrape_target(url: str) -> tuple[str, str]:
         raise ValueError(
             f"--scrape {quoted}: the port must be a number from 1 to 65535, got {port}"
         )
-    system = parts.netloc.rpartition("@")[2]
+    system = parts.netloc
     path = parts.path or "/"
     if parts.query:
         path = f"{path}?{parts.query}"
     return system, path
+
+
+def _without_userinfo(url: str) -> str:
+    # The URL as it may be shown: a user name and password become "***". In
+    # a URL without "//" no authority can be told apart, so every part that
+    # ends in "@" is hidden.
+    head, slashes, rest = url.partition("//")
+    if not slashes:
+        return re.sub(r"[^/?#]*@", "***@", url)
+    ends = [found for found in (rest.find(c) for c in "/?#") if found >= 0]
+    end = min(ends, default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{head}//***@{authority.rpartition('@')[2]}{rest[end:]}"
 
 
 def _scrape_targets(urls: Sequence[str]) -> dict[str, tuple[str, str, str]]:
@@ -551,8 +576,9 @@ class ScrapeSource:
     that path in its check ids). Each URL also yields a synthetic ``up``
     sample (``up{path="/metrics"}`` in the system ``host:port``), 1 when the
     scrape worked and 0 when it failed, so an unreachable target becomes an
-    unhealthy check rather than silence. Only ``http`` and ``https`` URLs are
-    accepted; proxies from the environment are not used. Two URLs of one
+    unhealthy check rather than silence. Only ``http`` and ``https`` URLs
+    without a user name or password are accepted; proxies from the
+    environment are not used. Two URLs of one
     ``host:port``, path and query (the same URL twice, or one in ``http``
     and ``https``) are refused: they would feed the same checks.
 

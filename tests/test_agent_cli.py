@@ -195,6 +195,43 @@ def test_bad_arguments_exit_2_with_a_message(
     assert not (tmp_path / "d").exists()
 
 
+def test_a_scrape_url_with_a_password_exits_2_without_showing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials in a --scrape URL are refused before anything runs."""
+    url = "http://alice:s3cretpw@127.0.0.1:1/metrics"
+    looked_up: list[object] = []
+    lookup = socket.getaddrinfo
+
+    def loopback_only(host: object, *args: Any, **kwargs: Any) -> Any:
+        if host != "127.0.0.1":
+            looked_up.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "no name lookups in this test")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+
+    code = agent_cli(
+        "--scrape",
+        url,
+        "--duration",
+        "0.5s",
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--scrape 'http://***@127.0.0.1:1/metrics': a user name or password" in (
+        captured.err
+    )
+    assert "s3cretpw" not in captured.err + captured.out
+    assert looked_up == []
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_locked_data_dir_exits_1(tmp_path: Path) -> None:
     """A second agent on the same data directory is a runtime failure."""
     data_dir = tmp_path / "state"

@@ -37,7 +37,7 @@ from monitoring import (
     parse_timestamp,
     read_series_file,
 )
-from monitoring._agent_sources import NoUsableRowsError
+from monitoring._agent_sources import NoUsableRowsError, check_scrape_url
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS = REPO.parent / "shared" / "data" / "prometheus"
@@ -557,6 +557,53 @@ def test_a_scrape_url_that_cannot_be_opened_is_refused_up_front(
         ScrapeSource([url], 1.0)
 
     assert str(caught.value).isprintable()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown_as"),
+    [
+        (
+            "http://alice:s3cretpw@127.0.0.1:9100/metrics",
+            "'http://***@127.0.0.1:9100/metrics'",
+        ),
+        ("https://s3cretpw@127.0.0.1:9100/m", "'https://***@127.0.0.1:9100/m'"),
+        ("http://a:s3cretpw@b@127.0.0.1:9100/m", "'http://***@127.0.0.1:9100/m'"),
+        ("http://alice:s3cretpw@127.0.0.1:abc/m", "'http://***@127.0.0.1:abc/m'"),
+        ("http://alice:s3cretpw@/m", "'http://***@/m'"),
+        ("http:/alice:s3cretpw@127.0.0.1/m", "'http:/***@127.0.0.1/m'"),
+        ("alice:s3cretpw@127.0.0.1:9100/m", "'***@127.0.0.1:9100/m'"),
+    ],
+)
+def test_a_scrape_url_with_a_user_or_password_is_refused_without_showing_them(
+    url: str, shown_as: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials in a URL are refused up front; no name is looked up."""
+    looked_up: list[object] = []
+
+    def no_lookups(host: object, *args: object, **kwargs: object) -> None:
+        looked_up.append(host)
+        raise OSError("no name lookups in this test")
+
+    monkeypatch.setattr(sources_module.socket, "getaddrinfo", no_lookups)
+
+    with pytest.raises(ValueError, match=re.escape(f"--scrape {shown_as}: ")) as caught:
+        ScrapeSource([url], 1.0)
+
+    assert "s3cretpw" not in str(caught.value)
+    assert "alice" not in str(caught.value)
+    assert looked_up == []
+
+
+def test_user_info_in_a_scrape_url_is_named_as_the_reason() -> None:
+    """The message says what is wrong with the URL and what to do instead."""
+    with pytest.raises(ValueError) as caught:
+        check_scrape_url("http://alice:s3cretpw@127.0.0.1:9100/metrics")
+
+    assert str(caught.value) == (
+        "--scrape 'http://***@127.0.0.1:9100/metrics': a user name or password "
+        "in the URL is not supported (the agent does not log in to targets); "
+        "scrape an endpoint that needs no login"
+    )
 
 
 def test_scrape_samples_with_times_past_year_9999_are_dropped_and_counted(
