@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -279,8 +280,12 @@ def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
 def _check_report_path(path: str) -> None:
     """Make sure the report can be written, before anything runs."""
     target = Path(path)
-    if target.is_dir():
-        raise _UsageError(f"--report {path}: is a directory")
+    kind = _special_kind(target)
+    if kind is not None:
+        raise _UsageError(
+            f"--report {path}: is {kind}, not a regular file; give the path of a "
+            "regular file (it is replaced) or of one that does not exist yet"
+        )
     folder = target.parent
     if not folder.is_dir():
         raise _UsageError(f"--report {path}: no such directory {folder}")
@@ -292,6 +297,28 @@ def _check_report_path(path: str) -> None:
         ) from None
     os.close(handle)
     os.unlink(probe)
+
+
+def _special_kind(path: Path) -> str | None:
+    # What is at ``path`` when it exists and is not a regular file. A symbolic
+    # link counts as one whatever it points to: the report replaces the link.
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 def _duration(option: str, text: str, parse: Any) -> float:
@@ -399,9 +426,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
     """Write the JSON report atomically (a temporary file renamed into place).
 
+    Only a regular file at ``path`` is replaced: a symbolic link, a
+    directory, a named pipe, a device or a socket there is left as it is.
+
     Raises:
-        OSError: the report cannot be written; its ``filename`` is ``path``
-            (never the temporary file) and nothing is left behind.
+        OSError: the report cannot be written, or ``path`` exists and is not
+            a regular file; its ``filename`` is ``path`` (never the
+            temporary file) and nothing is left behind.
     """
     target = Path(path)
     try:
@@ -414,6 +445,16 @@ def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=2)
             file.write("\n")
+
+        # NOTE: checked as late as possible, since the path may have changed
+        # during the run; the rename itself cannot be told to refuse.
+        kind = _special_kind(target)
+        if kind is not None:
+            raise OSError(
+                errno.EEXIST,
+                f"is {kind}, not a regular file; not replaced",
+                str(target),
+            )
         os.replace(temporary, target)
     except BaseException as err:
         with contextlib.suppress(OSError):

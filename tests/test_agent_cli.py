@@ -638,6 +638,102 @@ def test_report_write_errors_name_the_report_not_a_temporary_file(
     assert list(taken.iterdir()) == []
 
 
+def _special_file(kind: str, folder: Path) -> Path:
+    """Make a path in ``folder`` that exists and is not a regular file."""
+    path = folder / f"{kind}.json"
+    if kind == "symlink":
+        (folder / "real.json").write_text('{"keep": "me"}\n', encoding="utf-8")
+        path.symlink_to("real.json")
+    elif kind == "dangling-symlink":
+        path.symlink_to("missing.json")
+    elif kind == "symlink-to-folder":
+        (folder / "sub").mkdir()
+        path.symlink_to("sub")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    return path
+
+
+SPECIAL_FILES = {
+    "symlink": "is a symbolic link",
+    "dangling-symlink": "is a symbolic link",
+    "symlink-to-folder": "is a symbolic link",
+    "fifo": "is a named pipe (FIFO)",
+    "socket": "is a socket",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SPECIAL_FILES))
+def test_a_report_path_that_is_not_a_regular_file_exits_2_untouched(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--report replaces a regular file only; anything else is refused up front."""
+    target = _special_file(kind, tmp_path)
+    before = os.lstat(target)
+    csv = write_series(tmp_path / "sys" / "m.csv", 3)
+
+    code = agent_cli(
+        "--replay",
+        str(csv),
+        "--report",
+        str(target),
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--report {target}: {SPECIAL_FILES[kind]}, not a regular file" in err
+    assert os.lstat(target).st_mode == before.st_mode
+    assert os.lstat(target).st_ino == before.st_ino
+    if kind == "symlink":
+        assert (tmp_path / "real.json").read_text() == '{"keep": "me"}\n'
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_report_replaces_an_existing_regular_file(tmp_path: Path) -> None:
+    """An earlier report at the path is replaced as a whole."""
+    target = tmp_path / "r.json"
+    target.write_text("old and longer than the new report\n", encoding="utf-8")
+    csv = write_series(tmp_path / "sys" / "m.csv", 3)
+
+    code = agent_cli(
+        "--replay",
+        str(csv),
+        "--report",
+        str(target),
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+
+    assert code == 0
+    assert json.loads(target.read_text(encoding="utf-8"))["samples"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "r.json", "sys"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_report_is_not_written_over_a_special_file_made_during_the_run(
+    kind: str, tmp_path: Path
+) -> None:
+    """write_report itself refuses to replace anything but a regular file."""
+    target = _special_file(kind, tmp_path)
+    before = os.lstat(target)
+
+    with pytest.raises(OSError, match="not a regular file") as caught:
+        write_report(target, {"samples": 1})
+
+    assert caught.value.filename == str(target)
+    assert os.lstat(target).st_ino == before.st_ino
+    assert not list(tmp_path.glob(f".{target.name}.*"))
+
+
 def test_a_metrics_port_in_use_names_it_and_suggests_another(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
