@@ -268,7 +268,7 @@ def load_agent_config(
     """
     layers: list[_Layer] = []
     if defaults:
-        layers.append(_Layer.parse(DEFAULT_CONFIG_NAME, DEFAULT_CONFIG_TOML))
+        layers.append(_Layer.parse(DEFAULT_CONFIG_NAME, DEFAULT_CONFIG_TOML, 0))
     if path is not None:
         name = os.fspath(path)
         try:
@@ -277,7 +277,7 @@ def load_agent_config(
             raise AgentConfigError(
                 name, 1, None, f"cannot read the file: {err}"
             ) from err
-        layers.append(_Layer.parse(name, text))
+        layers.append(_Layer.parse(name, text, len(layers)))
 
     for layer in layers:
         layer.check_shape()
@@ -295,9 +295,11 @@ class _Layer:
     name: str
     text: str
     data: dict[str, Any]
+    rank: int
+    """Its place in the merge order: a later layer overrides an earlier one."""
 
     @classmethod
-    def parse(cls, name: str, text: str) -> _Layer:
+    def parse(cls, name: str, text: str, rank: int) -> _Layer:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
@@ -305,7 +307,7 @@ class _Layer:
             line = int(found.group(1)) if found else 1
             reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))
             raise AgentConfigError(name, line, None, f"TOML syntax: {reason}") from None
-        return cls(name, text, data)
+        return cls(name, text, data, rank)
 
     def error(self, key: str, reason: str) -> AgentConfigError:
         return AgentConfigError(self.name, locate_key(self.text, key), key, reason)
@@ -466,9 +468,6 @@ def _thresholds(
             )
         found[key] = float(value)
 
-    def bad(key: str, reason: str) -> AgentConfigError:
-        return table[key][1].error(f"families.{name}.{key}", reason)
-
     degraded_above, unhealthy_above = found["degraded_above"], found["unhealthy_above"]
     degraded_below, unhealthy_below = found["degraded_below"], found["unhealthy_below"]
     if (
@@ -476,25 +475,65 @@ def _thresholds(
         and unhealthy_above is not None
         and degraded_above > unhealthy_above
     ):
-        raise bad(
-            "degraded_above",
-            f"{degraded_above:g} is above unhealthy_above ({unhealthy_above:g})",
+        raise _at_odds(
+            table,
+            name,
+            ("degraded_above", "is above", "unhealthy_above"),
+            ("unhealthy_above", "is below", "degraded_above"),
         )
     if (
         degraded_below is not None
         and unhealthy_below is not None
         and degraded_below < unhealthy_below
     ):
-        raise bad(
-            "degraded_below",
-            f"{degraded_below:g} is below unhealthy_below ({unhealthy_below:g})",
+        raise _at_odds(
+            table,
+            name,
+            ("degraded_below", "is below", "unhealthy_below"),
+            ("unhealthy_below", "is above", "degraded_below"),
         )
-    lows = [v for v in (degraded_below, unhealthy_below) if v is not None]
-    highs = [v for v in (degraded_above, unhealthy_above) if v is not None]
-    if lows and highs and max(lows) >= min(highs):
-        key = "degraded_below" if degraded_below is not None else "unhealthy_below"
-        raise bad(key, "the *_below thresholds must lie under the *_above ones")
+    given = {key: value for key, value in found.items() if value is not None}
+    lows = [key for key in ("degraded_below", "unhealthy_below") if key in given]
+    highs = [key for key in ("degraded_above", "unhealthy_above") if key in given]
+    if lows and highs:
+        # The highest *_below and the lowest *_above: the pair that clashes
+        # if any does (ties keep the degraded_* key).
+        low = max(lows, key=given.__getitem__)
+        high = min(highs, key=given.__getitem__)
+        if given[low] >= given[high]:
+            raise _at_odds(
+                table,
+                name,
+                (low, "is not below", high),
+                (high, "is not above", low),
+                "; the *_below thresholds must lie under the *_above ones",
+            )
     return found
+
+
+def _at_odds(
+    table: Mapping[str, tuple[Any, _Layer]],
+    name: str,
+    first: tuple[str, str, str],
+    second: tuple[str, str, str],
+    note: str = "",
+) -> AgentConfigError:
+    # Two thresholds of one family clash. The error goes to the key set in
+    # the later file (the user's file rather than the built-in defaults),
+    # worded from that key's side: ``first`` when both come from one file.
+    key, verb, other = first
+    if table[second[0]][1].rank > table[first[0]][1].rank:
+        key, verb, other = second
+    value, layer = table[key]
+    other_value, other_layer = table[other]
+    where = ""
+    if other_layer is not layer:
+        line = locate_key(other_layer.text, f"families.{name}.{other}")
+        where = f" in {other_layer.name}:{line}"
+    return layer.error(
+        f"families.{name}.{key}",
+        f"{value:g} {verb} {other} ({other_value:g}{where}){note}",
+    )
 
 
 _TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")

@@ -184,6 +184,79 @@ def test_inverted_thresholds_are_refused(tmp_path: Path) -> None:
         load_agent_config(path)
 
 
+def _default_line(family: str, key: str) -> int:
+    """The line of ``key`` in the built-in ``[families.<family>]`` table."""
+    lines = DEFAULT_CONFIG_TOML.split("\n")
+    table = lines.index(f"[families.{family}]")
+    return next(
+        number
+        for number, line in enumerate(lines[table:], start=table + 1)
+        if line.startswith(f"{key} =")
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "key", "reason"),
+    [
+        (
+            "cpu",
+            "unhealthy_above = 50",
+            "unhealthy_above",
+            "50 is below degraded_above (85 in <built-in defaults>:{line})",
+        ),
+        (
+            "cpu",
+            "degraded_above = 99",
+            "degraded_above",
+            "99 is above unhealthy_above (95 in <built-in defaults>:{line})",
+        ),
+        (
+            "node_filesystem",
+            "degraded_below = 5e8",
+            "degraded_below",
+            "5e+08 is below unhealthy_below (1e+09 in <built-in defaults>:{line})",
+        ),
+        (
+            "node_filesystem",
+            "unhealthy_above = 5e8",
+            "unhealthy_above",
+            "5e+08 is not above unhealthy_below (1e+09 in <built-in defaults>:{line})"
+            "; the *_below thresholds must lie under the *_above ones",
+        ),
+    ],
+)
+def test_a_threshold_at_odds_with_a_default_is_blamed_on_the_user_file(
+    family: str, text: str, key: str, reason: str, tmp_path: Path
+) -> None:
+    """The error names the user's file, line and key, and the default it meets."""
+    path = write(tmp_path, f"# my thresholds\n[families.{family}]\n{text}\n")
+    other = reason.split(" (")[0].split()[-1]
+    reason = reason.format(line=_default_line(family, other))
+
+    with pytest.raises(AgentConfigError) as caught:
+        load_agent_config(path)
+
+    err = caught.value
+    assert (err.path, err.line, err.key) == (str(path), 3, f"families.{family}.{key}")
+    assert str(err) == f"{path}:3: families.{family}.{key}: {reason}"
+
+
+def test_thresholds_at_odds_in_one_file_name_no_other_file(tmp_path: Path) -> None:
+    """When one file sets both, the message has the values and no location."""
+    path = write(
+        tmp_path,
+        "[families.x]\nmatch = ['x']\nunhealthy_below = 5\ndegraded_above = 4\n",
+    )
+
+    with pytest.raises(AgentConfigError) as caught:
+        load_agent_config(path)
+
+    assert str(caught.value) == (
+        f"{path}:3: families.x.unhealthy_below: 5 is not below degraded_above (4); "
+        "the *_below thresholds must lie under the *_above ones"
+    )
+
+
 def test_a_family_without_match_is_refused(tmp_path: Path) -> None:
     """A new family needs its patterns; the error points at its table."""
     path = write(tmp_path, "[agent]\n\n[families.orphan]\nunhealthy_above = 1\n")
