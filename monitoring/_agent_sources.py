@@ -838,12 +838,20 @@ def parse_timestamp(text: str) -> float:
     zone, so their daylight-saving quirks show up as repeated or backward
     times rather than being "corrected".
 
+    Eight digits that form a calendar date (``20140101``) are refused as
+    ambiguous: a date without dashes, or POSIX seconds in 1970 to 1973.
+    Digits grouped with ``_`` (which Python's ``float`` reads) are refused.
+
     Raises:
-        ValueError: not a time, or not one between the years 1 and 9999 (such
-            as POSIX milliseconds); the message quotes the text, escaped and
-            shortened.
+        ValueError: not a time, an ambiguous one, or not one between the
+            years 1 and 9999 (such as POSIX milliseconds); the message quotes
+            the text, escaped and shortened.
     """
     stamp = text.strip()
+    if "_" in stamp:
+        raise ValueError(f"not a time: {shown(text)} (digits grouped with _)")
+    if _COMPACT_DATE.fullmatch(stamp):
+        _refuse_compact_date(stamp, text)
     try:
         if stamp and (stamp[0].isdigit() and "-" not in stamp and ":" not in stamp):
             seconds = float(stamp)
@@ -862,13 +870,31 @@ def parse_timestamp(text: str) -> float:
     return seconds
 
 
+_COMPACT_DATE = re.compile(r"[0-9]{8}")
+
+
+def _refuse_compact_date(stamp: str, text: str) -> None:
+    # Eight digits that are no calendar date can only be POSIX seconds.
+    try:
+        day = datetime.strptime(stamp, "%Y%m%d")
+    except ValueError:
+        return
+    seconds = datetime.fromtimestamp(float(stamp), UTC)
+    raise ValueError(
+        f"{shown(text)} is ambiguous: a date written without dashes "
+        f"({day:%Y-%m-%d}) or POSIX seconds ({seconds:%Y-%m-%d %H:%M:%S}); "
+        "write the date as YYYY-MM-DD"
+    )
+
+
 def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
     """Read one ``timestamp,value`` CSV file.
 
     Handles a UTF-8 byte order mark, CRLF line endings, a missing final
     newline and blank lines. The first line is a header when its value column
     is not a number. A line that cannot be read (wrong number of columns, a
-    bad time or value, a time outside the years 1 to 9999) is skipped, logged
+    bad or ambiguous time as :func:`parse_timestamp` reads it, a value that
+    is not a number or has digits grouped with ``_``) is skipped, logged
     with its line number and listed in ``invalid``; rows are kept in file
     order, repeats and all. Messages quote the file's text escaped and
     shortened, never raw.
@@ -898,6 +924,11 @@ def read_series_file(path: str | os.PathLike[str]) -> SeriesFile:
             if number == 1:
                 continue
             invalid.append((number, f"not a number: {shown(raw)}"))
+            continue
+        if "_" in raw:
+            invalid.append(
+                (number, f"not a number: {shown(raw)} (digits grouped with _)")
+            )
             continue
         try:
             at = parse_timestamp(stamp)

@@ -633,6 +633,55 @@ def test_times_outside_the_years_1_to_9999_are_not_times(text: str) -> None:
         parse_timestamp(text)
 
 
+@pytest.mark.parametrize("text", ["20140101", "19991231"])
+def test_a_date_without_dashes_is_refused_as_ambiguous(text: str) -> None:
+    """Eight digits are a compact date or POSIX seconds of 1970: neither is guessed."""
+    with pytest.raises(ValueError) as caught:
+        parse_timestamp(text)
+
+    message = str(caught.value)
+    assert message.startswith(f"{text!r} is ambiguous: a date written without dashes")
+    assert f"({text[:4]}-{text[4:6]}-{text[6:]})" in message
+    assert "POSIX seconds (197" in message
+
+
+def test_an_eight_digit_number_that_is_no_date_is_posix_seconds() -> None:
+    """Only a number that reads as a real calendar date is ambiguous."""
+    assert parse_timestamp("12345678") == 12_345_678.0
+
+
+def test_csv_numbers_with_digits_grouped_by_underscores_are_invalid_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python reads 1_000 as 1000; a CSV file does not mean that, so it is refused."""
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "timestamp,value\n2014-01-01 00:00:00,1_000\n1_388_534_700,2\n"
+        "20140101,3\n2014-01-01 00:15:00,4\n",
+        encoding="utf-8",
+    )
+
+    series = read_series_file(path)
+
+    assert series.values == [4.0]
+    reasons = dict(series.invalid)
+    assert reasons[2] == "not a number: '1_000' (digits grouped with _)"
+    assert reasons[3] == "not a time: '1_388_534_700' (digits grouped with _)"
+    assert reasons[4].startswith("'20140101' is ambiguous")
+    assert f"{path}:2: skipped: not a number: '1_000'" in caplog.text
+    assert f"{path}:4: skipped: '20140101' is ambiguous" in caplog.text
+
+
+def test_a_header_with_an_underscore_is_still_a_header(tmp_path: Path) -> None:
+    """A first line whose value column is no number at all is the header."""
+    path = tmp_path / "m.csv"
+    path.write_text("time_stamp,cpu_value\n1700000000,1\n", encoding="utf-8")
+
+    series = read_series_file(path)
+
+    assert (series.values, series.invalid) == ([1.0], [])
+
+
 def test_csv_rows_with_times_past_year_9999_are_invalid_lines(tmp_path: Path) -> None:
     """A millisecond epoch row is skipped like any unreadable line."""
     path = tmp_path / "m.csv"
