@@ -1089,8 +1089,8 @@ def load_label_windows(
     """Read anomaly windows in NAB's ``combined_windows.json`` format.
 
     The format is ``{"<folder>/<file>.csv": [["start", "end"], ...]}``, times
-    like ``2014-02-26 13:45:00.000000`` (taken as UTC, like the series); a
-    window may not start after it ends.
+    are strings like ``2014-02-26 13:45:00.000000`` (taken as UTC, like the
+    series); a window may not start after it ends.
 
     Raises:
         ValueError: not that format; the message names the file and the key.
@@ -1103,6 +1103,11 @@ def load_label_windows(
         raise ValueError(f"{name}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{name}: not JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(
+            f"{name}: nested too deeply to be read; expected an object of "
+            "file -> windows"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{name}: expected an object of file -> windows")
 
@@ -1117,9 +1122,16 @@ def load_label_windows(
                 raise ValueError(
                     f"{name}: {series}: expected [start, end], got {shown(span)}"
                 )
+            for stamp in span:
+                if not isinstance(stamp, str):
+                    raise ValueError(
+                        f"{name}: {series}: bad time in {shown(span)}: expected a "
+                        "string such as '2014-02-26 13:45:00.000000', got "
+                        f"{shown(stamp)}"
+                    )
             try:
                 start, end = parse_timestamp(span[0]), parse_timestamp(span[1])
-            except (TypeError, AttributeError, ValueError) as err:
+            except ValueError as err:
                 raise ValueError(
                     f"{name}: {series}: bad time in {shown(span)}: {err}"
                 ) from None

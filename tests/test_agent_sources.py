@@ -798,6 +798,37 @@ def test_a_file_given_twice_is_replayed_once(tmp_path: Path) -> None:
     assert source.total == 1
 
 
+def test_a_labels_file_nested_too_deeply_is_refused_naming_it(tmp_path: Path) -> None:
+    """JSON nested deeper than the parser goes is a clear error, not a crash."""
+    path = tmp_path / "windows.json"
+    path.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", encoding="utf-8")
+
+    with pytest.raises(ValueError) as caught:
+        load_label_windows(path)
+
+    assert str(caught.value) == (
+        f"{path}: nested too deeply to be read; expected an object of file -> windows"
+    )
+
+
+@pytest.mark.parametrize("span", [[1, 2], ["2024-01-01 00:00:00", None]])
+def test_a_label_window_time_that_is_not_text_is_refused(
+    span: list[object], tmp_path: Path
+) -> None:
+    """Window times are strings, as in NAB's files; the message says so."""
+    path = tmp_path / "windows.json"
+    path.write_text(json.dumps({"sys/m.csv": [span]}), encoding="utf-8")
+
+    with pytest.raises(ValueError) as caught:
+        load_label_windows(path)
+
+    bad = span[0] if not isinstance(span[0], str) else span[1]
+    assert str(caught.value) == (
+        f"{path}: 'sys/m.csv': bad time in {span!r}: expected a string such as "
+        f"'2014-02-26 13:45:00.000000', got {bad!r}"
+    )
+
+
 def test_a_label_window_that_starts_after_it_ends_is_refused(tmp_path: Path) -> None:
     """The message names the file and the series."""
     path = tmp_path / "windows.json"
