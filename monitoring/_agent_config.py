@@ -213,7 +213,8 @@ def parse_duration(value: object) -> float | None:
         Seconds (``None`` for ``"off"``).
 
     Raises:
-        ValueError: not a duration, or negative.
+        ValueError: not a duration (NaN included), negative, or too large to
+            be a number of seconds (``1e400``, infinity).
     """
     if isinstance(value, bool):
         raise ValueError(f"must be a duration such as '5m', got {value!r}")
@@ -226,7 +227,11 @@ def parse_duration(value: object) -> float | None:
         seconds = _parse_duration_text(text, value)
     else:
         raise ValueError(f"must be a duration such as '5m', got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds):
+        raise ValueError(f"must be a duration such as '5m', got {value!r}")
+    if seconds == math.inf:
+        raise ValueError(f"is too large, got {value!r}")
+    if seconds < 0:
         raise ValueError(f"must be a duration of 0 or more, got {value!r}")
     return seconds
 

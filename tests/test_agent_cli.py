@@ -162,6 +162,7 @@ def test_a_bad_config_exits_2_naming_file_line_and_key(
         (["--interval", "1e300"], "--interval must be more than 0 and at most 1 day"),
         (["--interval", "2d"], "--interval must be more than 0 and at most 1 day"),
         (["--duration", "1e300"], "--duration must be at most 100 years"),
+        (["--duration", "1e400"], "--duration is too large, got '1e400'"),
         (
             ["--scrape", "http://127.0.0.1:abc/m"],
             "--scrape 'http://127.0.0.1:abc/m': the port must be a number from 1",

@@ -123,6 +123,25 @@ def test_bad_durations_are_refused(text: object) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1e400", "is too large, got '1e400'"),
+        (math.inf, "is too large, got inf"),
+        ("nan", "must be a duration such as '5m', got 'nan'"),
+        ("-1e400", "must be a duration of 0 or more, got '-1e400'"),
+    ],
+)
+def test_durations_that_are_no_finite_number_say_what_is_wrong(
+    text: object, message: str
+) -> None:
+    """Too large is told apart from negative and from not a number."""
+    with pytest.raises(ValueError) as caught:
+        parse_duration(text)
+
+    assert str(caught.value) == message
+
+
 def test_a_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
     """The TOML parser's position is kept."""
     path = write(tmp_path, "[agent]\ninterval = \n")
