@@ -14,7 +14,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -906,6 +906,7 @@ class Runtime:
         )
         if bus is not None:
             self.metrics.add_bus_metrics(bus)
+            bus.on_too_large(self._keep_unpublished)
 
     # -- definitions ----------------------------------------------------------
 
@@ -1808,6 +1809,12 @@ class Runtime:
         logger.info("replayed %d dead letters", len(replay))
         return len(replay)
 
+    def _keep_unpublished(self, change: EntityChanged, error: Exception) -> None:
+        # A change the bus will never publish is a dead letter of no group.
+        self._record_dead_letter(
+            DeadLetter("", "bus", change, str(error), 0, datetime.now(UTC))
+        )
+
     def _record_dead_letter(self, letter: DeadLetter) -> None:
         with self._dead_lock:
             self._dead_letters.append(letter)
@@ -2430,9 +2437,19 @@ class Runtime:
     def _publish_to_bus(self, bus: RedisBus, change: EntityChanged) -> None:
         try:
             bus.publish(change)
-        except Exception:
+        except Exception as err:
             # The change is committed and cannot be undone: the bus's
             # failure must not reach the writer or the kind's actor.
+            from runtime._redis_bus import ChangeTooLargeError
+
+            if isinstance(err, ChangeTooLargeError):
+                logger.error(
+                    "%s; the change is committed here and kept in dead_letters(); "
+                    "other instances will not see it",
+                    err,
+                )
+                self._keep_unpublished(change, err)
+                return
             logger.exception(
                 "%s/%s seq=%d is committed but could not be published to the "
                 "bus; other instances will not see it",

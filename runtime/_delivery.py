@@ -143,6 +143,9 @@ def _is_pause(value: Any) -> bool:
 class DeadLetter:
     """A change that a work-queue handler failed on every attempt.
 
+    With a bus, also a change the bus never published because it is too large
+    (``worker_group`` empty, ``subscriber`` ``"bus"``, ``attempts`` 0).
+
     Attributes:
         worker_group: the group whose handler failed.
         subscriber: the handler's name.

@@ -408,10 +408,10 @@ class RuntimeMetrics:
         """Expose a change bus's counters, read from ``bus`` at scrape time.
 
         Adds ``entity_runtime_bus_published_total``, ``..._queued_total``,
-        ``..._dropped_total``, ``..._reconnects_total`` (counters),
-        ``entity_runtime_bus_outbox`` (changes waiting for the bus server) and
-        ``entity_runtime_bus_connected`` (1 or 0). Does nothing when metrics
-        are off.
+        ``..._dropped_total``, ``..._too_large_total``, ``..._reconnects_total``
+        (counters), ``entity_runtime_bus_outbox`` (changes waiting for the bus
+        server) and ``entity_runtime_bus_connected`` (1 or 0). Does nothing
+        when metrics are off.
         """
         if not self.enabled:
             return
@@ -461,6 +461,7 @@ class BusCounters(Protocol):
     published: int
     queued: int
     dropped: int
+    too_large: int
     reconnects: int
 
     @property
@@ -480,6 +481,10 @@ _BUS_COUNTERS = (
     (
         "dropped",
         "Changes dropped from the full outbox, never seen by other instances.",
+    ),
+    (
+        "too_large",
+        "Changes too large to be a stream entry, never seen by other instances.",
     ),
     ("reconnects", "Times the bus server became reachable again after an outage."),
 )

@@ -96,6 +96,15 @@ ChangeHandler = Callable[[EntityChanged, "Delivery"], object]
 _MARKER_TTL_SECONDS = 86_400
 _GAP_CHECK_SECONDS = 5.0
 
+DEFAULT_MAX_ENTRY_BYTES = 64 * 1024 * 1024
+"""The default ``max_entry_bytes``: an eighth of Redis's default argument limit."""
+
+_SMALLEST_SERVER_LIMIT = 1024 * 1024
+"""The lowest ``proto-max-bulk-len`` Redis accepts: no smaller entry is refused."""
+
+_BATCH_BYTES = 4 * 1024 * 1024
+"""A batch is cut before its entries pass this size; a larger entry goes alone."""
+
 # Appends a batch to the streams, skipping entries this bus (instance and
 # incarnation) already appended: a batch whose reply was lost is sent again.
 # KEYS: the marker, then one stream per entry; ARGV: maxlen, origin, marker
@@ -160,6 +169,38 @@ class UnencodableChangeError(EntityRuntimeError, ValueError):
         super().__init__(
             f"{change.kind}/{change.id} seq={change.seq}: cannot be encoded for "
             f"the bus ({reason}); nothing published"
+        )
+
+
+class ChangeTooLargeError(EntityRuntimeError, ValueError):
+    """A change is too large to be a stream entry; it was never published.
+
+    Attributes:
+        kind: the entity kind.
+        entity_id: the entity id.
+        seq: the change's sequence number.
+        size: the size of its encoded entry, in bytes.
+        limit: the bus's ``max_entry_bytes``, or ``None`` when the server
+            itself refused the entry.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        entity_id: str,
+        seq: int,
+        size: int,
+        limit: int | None,
+        why: str,
+    ) -> None:
+        self.kind = kind
+        self.entity_id = entity_id
+        self.seq = seq
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{kind}/{entity_id} seq={seq}: its bus entry is {size:,} bytes, {why}; "
+            "nothing published"
         )
 
 
@@ -432,7 +473,19 @@ class RedisBus:
     - ``published``: changes appended to Redis.
     - ``queued``: changes that had to wait because Redis was unreachable.
     - ``dropped``: changes dropped from a full outbox, never published.
+    - ``too_large``: changes never published because they are too large (see
+      ``max_entry_bytes``).
     - ``reconnects``: times Redis became reachable again after an outage.
+
+    A change too large to be an entry is set aside, never published, and the
+    changes before and after it are published as usual. Most are refused by
+    :meth:`publish` itself (over ``max_entry_bytes``). One that passes that
+    limit but not the server's (``proto-max-bulk-len``, or a connection lost
+    while sending it) is sent alone, twice; if it fails again while the
+    server still answers ``PING``, it is logged at ERROR, counted and passed
+    to the :meth:`on_too_large` callbacks. An entry under 1 MiB, the smallest
+    limit Redis accepts, is never taken for too large: its failures are
+    outages, retried.
 
     Args:
         url: the Redis URL, e.g. ``redis://127.0.0.1:6379/0``; never logged
@@ -447,7 +500,12 @@ class RedisBus:
             instance. Longer than any handler may take.
         block_ms: how long a reader waits for new entries in one call; also
             bounds how long closing a reader takes.
-        batch_size: the most changes appended in one round trip.
+        batch_size: the most changes appended in one round trip (a batch is
+            also cut before its entries pass 4 MiB).
+        max_entry_bytes: the largest encoded change :meth:`publish` accepts.
+            Keep it under the server's ``proto-max-bulk-len`` (512 MiB by
+            default): a larger entry costs the publisher a lost connection
+            before it is set aside.
         retry_backoff: the first pause after Redis failed, in seconds.
         max_retry_backoff: the longest pause between two tries.
         socket_timeout: seconds to wait for Redis to answer (on top of
@@ -468,6 +526,7 @@ class RedisBus:
         claim_idle_ms: int = 30_000,
         block_ms: int = 1000,
         batch_size: int = 500,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
         retry_backoff: float = 0.05,
         max_retry_backoff: float = 5.0,
         socket_timeout: float = 5.0,
@@ -486,6 +545,7 @@ class RedisBus:
             ("claim_idle_ms", claim_idle_ms),
             ("block_ms", block_ms),
             ("batch_size", batch_size),
+            ("max_entry_bytes", max_entry_bytes),
         ):
             if not isinstance(value, int) or value < 1:
                 raise DefinitionError(f"{name} must be 1 or more, got {value!r}")
@@ -503,6 +563,7 @@ class RedisBus:
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.batch_size = batch_size
+        self.max_entry_bytes = max_entry_bytes
         self.retry_backoff = retry_backoff
         self.max_retry_backoff = max_retry_backoff
         self.socket_timeout = socket_timeout
@@ -512,6 +573,7 @@ class RedisBus:
         self.published = 0
         self.queued = 0
         self.dropped = 0
+        self.too_large = 0
         self.reconnects = 0
 
         self._client = self.new_client()
@@ -529,6 +591,9 @@ class RedisBus:
         self._abandon = False
         self._closed = False
         self._readers: list[_Reader] = []
+        self._too_large_callbacks: list[
+            Callable[[EntityChanged, ChangeTooLargeError], object]
+        ] = []
 
         self._thread = threading.Thread(
             target=self._publish_loop,
@@ -607,9 +672,23 @@ class RedisBus:
         Raises:
             UnencodableChangeError: the change holds a value MessagePack
                 cannot carry; nothing is queued.
+            ChangeTooLargeError: the encoded change is over
+                ``max_entry_bytes``; nothing is queued (counted in
+                ``too_large``).
             BusClosedError: the bus is closing or closed.
         """
         payload = encode_change(change)
+        if len(payload) > self.max_entry_bytes:
+            with self._cond:
+                self.too_large += 1
+            raise ChangeTooLargeError(
+                change.kind,
+                change.id,
+                change.seq,
+                len(payload),
+                self.max_entry_bytes,
+                f"over the bus's max_entry_bytes of {self.max_entry_bytes:,}",
+            )
         outgoing = _Outgoing(
             0, self.stream_key(change.kind), payload, change.kind, change.id, change.seq
         )
@@ -704,6 +783,18 @@ class RedisBus:
         except redis.RedisError:
             return False
 
+    def on_too_large(
+        self, callback: Callable[[EntityChanged, ChangeTooLargeError], object]
+    ) -> None:
+        """Call ``callback(change, error)`` for each queued change the server refused.
+
+        Covers the changes set aside by the publisher thread, which runs the
+        callbacks (exceptions are logged); a change over ``max_entry_bytes``
+        is refused by :meth:`publish` instead, to its caller.
+        """
+        with self._cond:
+            self._too_large_callbacks.append(callback)
+
     def dead_letters(self, worker_group: str, limit: int = 1000) -> list[DeadLetter]:
         """Return the oldest ``limit`` dead letters of a worker group.
 
@@ -780,32 +871,119 @@ class RedisBus:
                 )
                 if self._abandon or not self._outbox:
                     return
-                take = min(len(self._outbox), self.batch_size)
-                batch = [self._outbox.popleft() for _ in range(take)]
+                batch = self._take_batch()
                 self._in_flight = len(batch)
 
-            try:
-                self._send(batch)
-            except redis.RedisError as err:
-                with self._cond:
-                    self._outbox.extendleft(reversed(batch))
-                    self._in_flight = 0
-                    while len(self._outbox) > self.outbox_limit:
-                        self._drop_oldest()
-                    self._unreachable(err)
-                    self._cond.wait_for(lambda: self._abandon, delay)
-                delay = min(max(delay * 2, 0.01), self.max_retry_backoff)
-                continue
+            done, refused, error = self._send_batch(batch)
+            for item in refused:
+                self._set_aside(item)
 
             with self._cond:
                 self._in_flight = 0
-                self.published += len(batch)
-                if self._outage is not None:
-                    self._reachable()
-                if not self._outbox and self._drops is not None:
-                    self._report_drops()
-                self._cond.notify_all()
-            delay = self.retry_backoff
+                self.published += done - len(refused)
+                self.too_large += len(refused)
+                if error is not None:
+                    self._outbox.extendleft(reversed(batch[done:]))
+                    while len(self._outbox) > self.outbox_limit:
+                        self._drop_oldest()
+                    self._unreachable(error)
+                    self._cond.wait_for(lambda: self._abandon, delay)
+                else:
+                    if self._outage is not None:
+                        self._reachable()
+                    if not self._outbox and self._drops is not None:
+                        self._report_drops()
+                    self._cond.notify_all()
+
+            if error is not None:
+                delay = min(max(delay * 2, 0.01), self.max_retry_backoff)
+            else:
+                delay = self.retry_backoff
+
+    def _take_batch(self) -> list[_Outgoing]:
+        # NOTE: called with self._cond held and the outbox not empty.
+        outbox = self._outbox
+        first = outbox.popleft()
+        batch = [first]
+        size = len(first.payload)
+        while outbox and len(batch) < self.batch_size:
+            size += len(outbox[0].payload)
+            if size > _BATCH_BYTES:
+                break
+            batch.append(outbox.popleft())
+        return batch
+
+    def _send_batch(
+        self, batch: list[_Outgoing]
+    ) -> tuple[int, list[_Outgoing], redis.RedisError | None]:
+        # Returns how many changes of the batch are dealt with (published or
+        # refused), the refused ones, and the error that stopped the rest.
+        try:
+            self._send(batch)
+        except redis.RedisError as err:
+            if not _may_be_too_large(err) or not any(
+                len(item.payload) >= _SMALLEST_SERVER_LIMIT for item in batch
+            ):
+                return 0, [], err
+            return self._send_apart(batch, err)
+        return len(batch), [], None
+
+    def _send_apart(
+        self, batch: list[_Outgoing], error: redis.RedisError
+    ) -> tuple[int, list[_Outgoing], redis.RedisError | None]:
+        # The server cuts the connection on an argument over its limit, which
+        # an outage does too: only a server that still answers tells them
+        # apart. Each change is then sent alone (the client tries twice), so
+        # one refused change takes no other with it.
+        if not self.ping():
+            return 0, [], error
+        refused: list[_Outgoing] = []
+        for done, item in enumerate(batch):
+            try:
+                self._send([item])
+            except redis.RedisError as err:
+                if (
+                    len(item.payload) < _SMALLEST_SERVER_LIMIT
+                    or not _may_be_too_large(err)
+                    or not self.ping()
+                ):
+                    return done, refused, err
+                refused.append(item)
+        return len(batch), refused, None
+
+    def _set_aside(self, item: _Outgoing) -> None:
+        error = ChangeTooLargeError(
+            item.kind,
+            item.id,
+            item.seq,
+            len(item.payload),
+            None,
+            f"which redis at {self.where} refused (it dropped the connection "
+            "while the entry was sent alone, twice, and then answered PING; "
+            "is the entry over its proto-max-bulk-len?)",
+        )
+        logger.error(
+            "redis bus %s set a change aside: %s; other instances will not see it",
+            self.instance_id,
+            error,
+        )
+
+        with self._cond:
+            callbacks = list(self._too_large_callbacks)
+        if not callbacks:
+            return
+        change = decode_change(item.payload)
+        for callback in callbacks:
+            try:
+                callback(change, error)
+            except Exception:
+                logger.exception(
+                    "redis bus %s: a too-large callback raised on %s/%s seq=%d",
+                    self.instance_id,
+                    item.kind,
+                    item.id,
+                    item.seq,
+                )
 
     def _send(self, batch: list[_Outgoing]) -> None:
         keys = [self._marker, *(item.stream for item in batch)]
@@ -1768,6 +1946,14 @@ def _read_entries(reply: Any) -> list[tuple[str, Fields]]:
         for _stream, entries in reply or ()
         for raw_id, fields in entries
     ]
+
+
+def _may_be_too_large(err: redis.RedisError) -> bool:
+    # What a client sees when Redis refuses an argument over its limit: the
+    # reply to the command, or the connection closed under the write.
+    if isinstance(err, redis.ConnectionError | redis.TimeoutError):
+        return True
+    return isinstance(err, redis.ResponseError) and "Protocol error" in str(err)
 
 
 def _failure(err: redis.RedisError) -> str:

@@ -31,6 +31,7 @@ from runtime import DeadLetter, EntityChanged, EntityRuntimeError, ReadOnlyDict
 from runtime._redis_bus import (
     BroadcastReader,
     BusClosedError,
+    ChangeTooLargeError,
     Delivery,
     NotOwnerError,
     PartitionMap,
@@ -701,6 +702,106 @@ def test_a_full_outbox_drops_the_oldest_changes_and_logs_an_error(
     assert re.search(
         r"outbox drained; 2 changes were dropped while it was full", errors[-1]
     )
+
+
+# -- oversized changes --------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def test_change_over_the_servers_argument_limit_is_set_aside_and_the_rest_published(
+    make_bus: Callable[..., RedisBus],
+    client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 1 MiB is the smallest limit Redis accepts; the bus's own limit is higher.
+    client.config_set("proto-max-bulk-len", MIB)
+    bus = make_bus()
+    big = make_change(2, next={"status": "working", "blob": "x" * (2 * MIB)})
+
+    with caplog.at_level(logging.ERROR, logger="runtime._redis_bus"):
+        for change in (make_change(1), big, make_change(3)):
+            bus.publish(change)
+        flushed = bus.flush(timeout=10)
+
+    assert flushed
+    assert stream_seqs(client, bus.stream_key(KIND)) == [1, 3]
+    assert (bus.published, bus.too_large, bus.queued) == (2, 1, 0)
+    assert bus.connected
+    (record,) = [r for r in caplog.records if "seq=2" in r.getMessage()]
+    assert re.search(
+        r"ticket/t-2 seq=2: its bus entry is 4,194,\d{3} bytes, which redis at "
+        r"127\.0\.0\.1:\d+/0 refused",
+        record.getMessage(),
+    )
+
+
+def test_change_over_the_servers_limit_is_passed_to_the_too_large_listeners(
+    make_bus: Callable[..., RedisBus], client: redis.Redis
+) -> None:
+    client.config_set("proto-max-bulk-len", MIB)
+    bus = make_bus()
+    refused: list[tuple[EntityChanged, EntityRuntimeError]] = []
+    bus.on_too_large(lambda change, err: refused.append((change, err)))
+    big = make_change(1, next={"blob": "y" * (3 * MIB)})
+
+    bus.publish(big)
+    bus.publish(make_change(2))
+    assert bus.flush(timeout=10)
+
+    ((change, err),) = refused
+    assert change == big
+    assert (err.kind, err.entity_id, err.seq) == ("ticket", "t-1", 1)
+    assert err.size > 3 * MIB
+    assert stream_seqs(client, bus.stream_key(KIND)) == [2]
+
+
+def test_change_over_max_entry_bytes_is_refused_at_publish_naming_its_size(
+    make_bus: Callable[..., RedisBus], client: redis.Redis
+) -> None:
+    bus = make_bus(max_entry_bytes=2000)
+
+    bus.publish(make_change(1))
+    with pytest.raises(
+        ChangeTooLargeError,
+        match=r"^ticket/t-2 seq=2: its bus entry is 6,\d{3} bytes, over the bus's "
+        r"max_entry_bytes of 2,000; nothing published$",
+    ) as refused:
+        bus.publish(make_change(2, next={"blob": "z" * 3000}))
+    bus.publish(make_change(3))
+    assert bus.flush()
+
+    assert refused.value.limit == 2000
+    assert stream_seqs(client, bus.stream_key(KIND)) == [1, 3]
+    assert (bus.published, bus.too_large) == (2, 1)
+
+
+def test_max_entry_bytes_must_be_a_positive_int(server: RedisServer) -> None:
+    with pytest.raises(
+        EntityRuntimeError, match=r"^max_entry_bytes must be 1 or more, got 0$"
+    ):
+        RedisBus(server.url, instance_id="alpha", max_entry_bytes=0)
+
+
+def test_large_change_published_while_redis_is_down_waits_and_arrives(
+    server: RedisServer, client: redis.Redis, make_bus: Callable[..., RedisBus]
+) -> None:
+    bus = make_bus()
+    server.stop()
+
+    for change in (
+        make_change(1),
+        make_change(2, next={"blob": "w" * (2 * MIB)}),
+        make_change(3),
+    ):
+        bus.publish(change)
+    wait_until(lambda: not bus.connected, 5, "the outage to be noticed")
+    server.start()
+    flushed = bus.flush(timeout=10)
+
+    assert flushed
+    assert stream_seqs(client, bus.stream_key(KIND)) == [1, 2, 3]
+    assert (bus.published, bus.too_large, bus.queued) == (3, 0, 3)
 
 
 def test_publish_is_refused_after_close_and_close_stops_every_thread(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -345,6 +346,81 @@ def test_changes_committed_while_redis_restarts_are_all_delivered_afterwards() -
         "outbox": 0.0,
     }
     assert [report.unpublished for report in reports] == [0, 0]
+
+
+# -- oversized changes -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Blob:
+    """A state that can be made as large as a test needs."""
+
+    n: int
+    data: str
+
+
+def test_change_too_large_for_the_server_is_a_dead_letter_and_the_rest_flows(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    # 1 MiB is the smallest argument limit Redis accepts; the bus's own
+    # max_entry_bytes is higher, so the server is what refuses the entry.
+    client.config_set("proto-max-bulk-len", 1024 * 1024)
+    writer, reader = make_runtime(server.url, "alpha"), make_runtime(server.url, "beta")
+    blobs = writer.define_entity("blob", Blob)
+    reader.define_entity("blob", Blob)
+    seen = Recorder("beta")
+    reader.on_entity_changed("blob", seen, name="audit")
+    big = "x" * (2 * 1024 * 1024)
+
+    with writer, reader:
+        blobs.mutate("b-1", lambda prev: {"n": 1, "data": "small"})
+        blobs.mutate("b-2", lambda prev: {"n": 2, "data": big})
+        blobs.mutate("b-3", lambda prev: {"n": 3, "data": "small"})
+        seen.wait_for(2)
+        letters = writer.dead_letters()
+        too_large = writer.metrics_registry.get_sample_value(
+            "entity_runtime_bus_too_large_total"
+        )
+
+    assert seen.items == [("beta", "b-1", 1), ("beta", "b-3", 3)]
+    (letter,) = letters
+    assert (letter.worker_group, letter.change.id, letter.change.seq) == ("", "b-2", 2)
+    assert letter.change.next == {"n": 2, "data": big}
+    assert letter.error.startswith("blob/b-2 seq=2: its bus entry is 4,194,")
+    assert "refused" in letter.error
+    assert too_large == 1.0
+
+
+def test_change_over_max_entry_bytes_is_a_dead_letter_and_the_write_succeeds(
+    server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = Runtime(
+        bus=RedisBus(
+            server.url, instance_id="alpha", max_entry_bytes=1000, **BUS_OPTIONS
+        )
+    )
+    blobs = rt.define_entity("blob", Blob)
+
+    with caplog.at_level(logging.ERROR), rt:
+        blobs.mutate("b-1", lambda prev: {"n": 1, "data": "small"})
+        state = blobs.mutate("b-2", lambda prev: {"n": 2, "data": "y" * 2000})
+        blobs.mutate("b-3", lambda prev: {"n": 3, "data": "small"})
+        assert rt.bus is not None
+        assert rt.bus.flush()
+        letters = rt.dead_letters()
+
+    assert state == {"n": 2, "data": "y" * 2000}
+    assert client.xlen("entity-runtime:changes:blob") == 2
+    (letter,) = letters
+    assert letter.change.id == "b-2"
+    assert re.fullmatch(
+        r"blob/b-2 seq=2: its bus entry is 4,\d{3} bytes, over the bus's "
+        r"max_entry_bytes of 1,000; nothing published",
+        letter.error,
+    )
+    (record,) = [r for r in caplog.records if "b-2" in r.getMessage()]
+    assert "kept in dead_letters()" in record.getMessage()
+    assert record.exc_info is None
 
 
 # -- separate processes ------------------------------------------------------
