@@ -299,10 +299,13 @@ class StateSchema:
             functools.partial(_validate_with, check) if quick is None else quick
         )
         """:meth:`validate` as a plain function (generated for flat schemas)."""
-        self.restore_validator: _Validator = functools.partial(
-            _validate_with, check if stored is None else stored
+        self.restore_validator: _Validator = (
+            self.validator
+            if stored is None
+            else functools.partial(_validate_with, stored)
         )
-        """Checks a state as recorded (restored from a data dir).
+        """Checks a state as recorded (restored from a data dir, or read from
+        the bus).
 
         It must accept every state :attr:`validator` returned and leave it
         as it is: the dataclass check does (it is the same check), but a
@@ -676,9 +679,18 @@ def _stored_check(
     has one: a field added since it was written).
     """
 
+    known = frozenset(names)
+
     def check(value: Any) -> ReadOnlyDict:
-        _check_fields(value, names)
-        missing = [name for name in names if name not in value]
+        # A plain dict of exactly the schema's fields needs neither step, and
+        # one of plain scalars is stored as it is.
+        if type(value) is not dict or value.keys() != known:
+            _check_fields(value, names)
+            missing = [name for name in names if name not in value]
+        elif _plain_scalars(value):
+            return ReadOnlyDict(value)
+        else:
+            missing = []
         if missing:
             for name in missing:
                 if required(name):
@@ -689,6 +701,31 @@ def _stored_check(
         return state
 
     return check
+
+
+def _plain_scalars(value: dict[str, Any]) -> bool:
+    """Whether :func:`check_json_value` keeps every key and value as it is.
+
+    That is: keys of type ``str``, and values each an ASCII ``str``, a 64-bit
+    ``int``, a finite ``float``, a ``bool`` or ``None``; anything else
+    (non-ASCII text included) is left to the full check.
+    """
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                return False
+        elif kind is int:
+            if not _INT_MIN <= item <= _INT_MAX:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif item is not None and kind is not bool:
+            return False
+    return True
 
 
 _CONTAINERS = (dict, list, tuple, set, frozenset)
