@@ -1794,8 +1794,10 @@ class Runtime:
                 keep: list[tuple[DeadLetter, Any]] = []
                 replay: list[tuple[DeadLetter, Any]] = []
                 for letter in self._dead_letters:
-                    group = self._kinds[letter.change.kind].groups.get(
-                        letter.worker_group
+                    # A bus's dead letter may hold a kind not defined here.
+                    entry = self._kinds.get(letter.change.kind)
+                    group = (
+                        None if entry is None else entry.groups.get(letter.worker_group)
                     )
                     wanted = worker_group is None or letter.worker_group == worker_group
                     (replay if wanted and group is not None else keep).append(
@@ -2076,6 +2078,7 @@ class Runtime:
         bus = self.bus
         assert bus is not None
         kind = entry.definition.kind
+        check_state = entry.definition.schema.restore_validator
         group = entry.bus_groups.get(spec.worker_group)
         if group is None:
             group = _BusWorkGroup(kind, spec, self.metrics, self._secrets)
@@ -2096,6 +2099,7 @@ class Runtime:
                     name=group.name,
                     on_dead_letter=on_dead_letter,
                     batch_size=1,
+                    check_state=check_state,
                 )
 
             group.feed = _Feed(group.name, make)
@@ -2133,6 +2137,7 @@ class Runtime:
         assert bus is not None
         name = mailbox.name
         take = functools.partial(_take_remote, mailbox)
+        check_state = self._kinds[kind].definition.schema.restore_validator
 
         def make() -> BroadcastReader:
             return BroadcastReader(
@@ -2142,6 +2147,7 @@ class Runtime:
                 take,
                 state_key=f"{bus.instance_id}:{name}",
                 include_own=False,
+                check_state=check_state,
             )
 
         feed = _Feed(name, make)

@@ -143,7 +143,9 @@ def _is_pause(value: Any) -> bool:
 class DeadLetter:
     """A change that a work-queue handler failed on every attempt.
 
-    With a bus, also a change the bus never published because it is too large
+    With a bus, also a change another instance sent that a bus work queue
+    refused on arrival (``attempts`` 0, its kind not necessarily defined here),
+    or a change the bus never published because it is too large
     (``worker_group`` empty, ``subscriber`` ``"bus"``, ``attempts`` 0).
 
     Attributes:

@@ -29,7 +29,9 @@ Delivery guarantees:
   record and the ``dropped`` counter; writes are never refused, because
   :meth:`RedisBus.publish` runs after the local commit, which cannot be undone.
   A batch whose reply was lost is sent again but not appended twice: a small
-  server-side script skips what this bus already appended.
+  server-side script skips what this bus already appended. A change too large
+  to be an entry is set aside (``too_large``), not retried; see
+  :class:`RedisBus`.
 - Broadcast and work queues: **at least once**. A reader that crashes after its
   handler returned but before it stored its offset (broadcast) or acknowledged
   the entry (work queue) sees the entry again, and a work-queue handler slower
@@ -37,13 +39,17 @@ Delivery guarantees:
   :class:`Delivery` (stream entry id, origin instance, attempt) next to the
   change so they can be idempotent: the entry id orders the changes of a kind
   and, with one writer per id, those of one id.
+- Readers hand on only what :func:`check_entry` accepts: a change the runtime
+  could have written to that stream. Anything else is skipped (broadcast) or
+  dead-lettered (work queue), and the entries after it are read on.
 
 Logging contract: a handler that raised is logged at ERROR with the traceback
 (broadcast) or at WARNING while it will be retried and ERROR when the entry is
 dead-lettered (work queue); Redis becoming unreachable and reachable again is
 logged at WARNING once per outage, with how many changes waited and were
-dropped; a dropped change at ERROR. Messages name the kind, id and sequence,
-and the reader.
+dropped; a dropped change, a change set aside as too large and an entry a
+reader refuses at ERROR. Messages name the kind, id and sequence, and the
+reader.
 
 Limitations:
 
@@ -81,8 +87,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runtime._delivery import Backoff, DeadLetter, work_queue
-from runtime._errors import DefinitionError, EntityRuntimeError
-from runtime._events import EntityChanged, freeze
+from runtime._diff import same_value
+from runtime._engine import check_entity_id
+from runtime._errors import (
+    DefinitionError,
+    EntityRuntimeError,
+    InvalidIdError,
+    SchemaError,
+)
+from runtime._events import EntityChanged, ReadOnlyDict, freeze
+from runtime._secrets import MASK
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +106,8 @@ FORMAT_VERSION = 1
 Start = Literal["latest", "earliest"]
 Fields = Mapping[bytes, bytes]
 ChangeHandler = Callable[[EntityChanged, "Delivery"], object]
+StateCheck = Callable[[Any, str, str], ReadOnlyDict]
+"""Checks a state ``(state, kind, id)``: returns it read-only or raises ValueError."""
 
 _MARKER_TTL_SECONDS = 86_400
 _GAP_CHECK_SECONDS = 5.0
@@ -208,6 +224,22 @@ class UndecodableEntryError(EntityRuntimeError, ValueError):
     """A stream entry is not a change this code can read."""
 
 
+class InvalidEntryError(UndecodableEntryError):
+    """A stream entry holds a change a reader refuses (see :func:`check_entry`).
+
+    Attributes:
+        change: the change as decoded, states read-only and unchecked.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, change: EntityChanged, reason: str) -> None:
+        self.change = change
+        self.reason = reason
+        super().__init__(
+            f"{change.kind}/{change.id} seq={change.seq}: refused: {reason}"
+        )
+
+
 # -- encoding -----------------------------------------------------------------
 
 
@@ -280,6 +312,14 @@ def decode_change(data: bytes) -> EntityChanged:
         UndecodableEntryError: the bytes are not an encoded change of a known
             format version; the message says why.
     """
+    wire, occurred_at = _decode_wire(data)
+    try:
+        return _from_wire(wire, occurred_at, freeze(wire.prev), freeze(wire.next))
+    except RecursionError:
+        raise UndecodableEntryError(_TOO_DEEP) from None
+
+
+def _decode_wire(data: bytes) -> tuple[_WireChange, datetime]:
     try:
         wire = _DECODER.decode(data)
         occurred_at = datetime.fromisoformat(wire.occurred_at)
@@ -292,12 +332,20 @@ def decode_change(data: bytes) -> EntityChanged:
         )
     if occurred_at.tzinfo is None:
         occurred_at = occurred_at.replace(tzinfo=UTC)
+    return wire, occurred_at
 
+
+_TOO_DEEP = "not an encoded change: a value nests too deeply"
+
+
+def _from_wire(
+    wire: _WireChange, occurred_at: datetime, prev: Any, next: Any
+) -> EntityChanged:
     return EntityChanged(
         kind=wire.kind,
         id=wire.id,
-        prev=freeze(wire.prev),
-        next=freeze(wire.next),
+        prev=prev,
+        next=next,
         delta=freeze(wire.delta),
         changed_fields=tuple(wire.changed_fields),
         actor=wire.actor,
@@ -305,6 +353,164 @@ def decode_change(data: bytes) -> EntityChanged:
         seq=wire.seq,
         run_id=wire.run_id,
     )
+
+
+def check_entry(
+    data: bytes, kind: str, check_state: StateCheck | None = None
+) -> EntityChanged:
+    """Decode an entry of ``kind``'s stream, refusing what the runtime never writes.
+
+    Besides decoding (:func:`decode_change`), refuses a change whose kind is
+    not ``kind``, whose id the write path refuses (empty, too long, not
+    printable), whose seq is below 1, whose actor or run id is empty or not
+    printable, or whose ``delta`` and ``changed_fields`` are not the diff of
+    its ``prev`` and ``next`` (a create lists every field of ``next``, a
+    removal every field of ``prev``; a change of nothing is refused too).
+    With ``check_state``, ``prev`` and ``next`` must also pass it and come
+    back as it returns them (a schema's check of recorded states fills in
+    defaults).
+
+    A change with a run id may hold secrets masked as ``***``, which need
+    not fit the schema or the diff: when its states or delta hold the mask,
+    only the first checks apply. Costs one diff of the states plus the state
+    checks: a few microseconds for a small flat state.
+
+    Raises:
+        UndecodableEntryError: the bytes are not an encoded change.
+        InvalidEntryError: the change is refused; the error holds it and
+            names what is wrong.
+    """
+    wire, occurred_at = _decode_wire(data)
+    try:
+        return _checked(wire, occurred_at, kind, check_state)
+    except RecursionError:
+        raise UndecodableEntryError(_TOO_DEEP) from None
+
+
+def _checked(
+    wire: _WireChange,
+    occurred_at: datetime,
+    kind: str,
+    check_state: StateCheck | None,
+) -> EntityChanged:
+    problem = _identity_problem(wire, kind)
+    if problem is not None:
+        raise InvalidEntryError(
+            _from_wire(wire, occurred_at, freeze(wire.prev), freeze(wire.next)),
+            problem,
+        )
+
+    prev, next = wire.prev, wire.next
+    problem = _diff_problem(wire)
+    if problem is None and check_state is not None and prev is not None:
+        try:
+            prev = check_state(prev, kind, wire.id)
+        except ValueError as err:
+            problem = _schema_problem("prev", err)
+    if problem is None and check_state is not None and next is not None:
+        try:
+            next = check_state(next, kind, wire.id)
+        except ValueError as err:
+            problem = _schema_problem("next", err)
+    if problem is None:
+        return _from_wire(wire, occurred_at, freeze(prev), freeze(next))
+
+    change = _from_wire(wire, occurred_at, freeze(wire.prev), freeze(wire.next))
+    if wire.run_id is not None and _holds_mask((wire.prev, wire.next, wire.delta)):
+        return change
+    raise InvalidEntryError(change, problem)
+
+
+def _schema_problem(state: str, err: ValueError) -> str:
+    if isinstance(err, SchemaError):
+        where = f"field {err.field!r} " if err.field else ""
+        return f"{state} does not fit this instance's schema: {where}{err.reason}"
+    return f"{state} does not fit this instance's schema: {err}"
+
+
+def _identity_problem(wire: _WireChange, kind: str) -> str | None:
+    if wire.kind != kind:
+        return f"it is of kind {wire.kind!r:.60}, not of this stream's kind {kind!r}"
+    try:
+        check_entity_id(kind, wire.id)
+    except InvalidIdError as err:
+        return f"its id {err.reason}"
+    if wire.seq < 1:
+        return f"seq must be 1 or more, got {wire.seq}"
+    if not wire.actor or not wire.actor.isprintable():
+        return f"actor {wire.actor!r:.60} is not a non-empty printable string"
+    run_id = wire.run_id
+    if run_id is not None and (not run_id or not run_id.isprintable()):
+        return f"run id {run_id!r:.60} is not a non-empty printable string"
+    return None
+
+
+def _diff_problem(wire: _WireChange) -> str | None:
+    # The write path's diff (diff_states): a create lists every field of
+    # next, with next as its delta; a removal every field of prev, with an
+    # empty delta; an update the fields whose values differ, with next's.
+    prev, next = wire.prev, wire.next
+    if next is None:
+        if prev is None:
+            return "prev and next are both null"
+        fields = list(prev)
+        delta: dict[str, Any] = {}
+    elif prev is None:
+        fields = list(next)
+        delta = next
+    else:
+        fields = _changed_fields(prev, next)
+        delta = {field: next.get(field) for field in fields}
+    if not fields:
+        return "prev and next are the same state"
+    if wire.changed_fields != fields:
+        return (
+            f"changed_fields {wire.changed_fields!r:.120} are not the fields prev "
+            f"and next differ in, {fields!r:.120}"
+        )
+    # Equal encodings: the same keys in the same order, and values equal
+    # strictly by type (1, 1.0 and True differ), cheaper than comparing.
+    if _ENCODER.encode(wire.delta) != _ENCODER.encode(delta):
+        return "delta does not hold next's values of the changed fields"
+    return None
+
+
+_MISSING = object()
+_EXACT_EQ = frozenset((str, int, bool))
+
+
+def _changed_fields(prev: dict[str, Any], next: dict[str, Any]) -> list[str]:
+    # The fields diff_states() lists, in its order. Two values that encode
+    # alike are the same value; only values that do not (a mapping with its
+    # keys in another order, say) are compared by same_value().
+    encode = _ENCODER.encode
+    fields = []
+    added = 0
+    for field, value in next.items():
+        old = prev.get(field, _MISSING)
+        kind = type(value)
+        if kind is type(old) and kind in _EXACT_EQ:
+            if old != value:
+                fields.append(field)
+        elif old is _MISSING:
+            fields.append(field)
+            added += 1
+        elif encode(old) != encode(value) and not same_value(old, value):
+            fields.append(field)
+    if len(prev) > len(next) - added:
+        fields.extend(field for field in prev if field not in next)
+    return fields
+
+
+def _holds_mask(value: Any) -> bool:
+    # Whether a masked secret shows anywhere in value (keys included).
+    if isinstance(value, str):
+        return MASK in value
+    if isinstance(value, dict):
+        return any(_holds_mask(k) or _holds_mask(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_mask(item) for item in value)
+    return False
 
 
 def entry_position(entry_id: str) -> tuple[int, int]:
@@ -1102,17 +1308,35 @@ class Delivery:
 
 
 class _Reader:
-    """The thread, client and reconnect logic shared by the readers."""
+    """The thread, client and reconnect logic shared by the readers.
+
+    Every entry goes through :func:`check_entry` before its handler: one that
+    cannot be decoded, or holds a change the runtime would never have written
+    to this kind's stream (``check_state`` adds the kind's schema), is not
+    handed to the handler.
+    """
 
     role = "reader"
 
-    def __init__(self, bus: RedisBus, kind: str, label: str, batch_size: int) -> None:
+    def __init__(
+        self,
+        bus: RedisBus,
+        kind: str,
+        label: str,
+        batch_size: int,
+        check_state: StateCheck | None,
+    ) -> None:
         if not isinstance(kind, str) or not kind:
             raise DefinitionError(f"kind must be a non-empty string, got {kind!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DefinitionError(f"batch_size must be 1 or more, got {batch_size!r}")
+        if check_state is not None and not callable(check_state):
+            raise DefinitionError(
+                f"{kind}: check_state must be callable, got {check_state!r}"
+            )
         self.bus = bus
         self.kind = kind
+        self._check_state = check_state
         self.stream = bus.stream_key(kind)
         self.label = label
         self._batch_size = batch_size
@@ -1309,7 +1533,7 @@ class _Reader:
         payload = fields.get(b"change")
         if payload is None:
             raise UndecodableEntryError(f"entry {entry_id} has no 'change' field")
-        return decode_change(payload)
+        return check_entry(payload, self.kind, self._check_state)
 
 
 class BroadcastReader(_Reader):
@@ -1328,8 +1552,9 @@ class BroadcastReader(_Reader):
 
     A handler that raises is logged at ERROR with the traceback and counted in
     ``failed``; the entry counts as processed and is not retried, as with a
-    local ``broadcast()`` subscriber. An entry that cannot be decoded is
-    logged, counted in ``failed`` and skipped.
+    local ``broadcast()`` subscriber. An entry that cannot be decoded or is
+    refused by :func:`check_entry` is logged at ERROR, counted in ``failed``
+    and skipped.
 
     Counters: ``handled``, ``failed``, ``skipped`` (own changes, see
     ``include_own``), ``reconnects``, ``gaps``.
@@ -1350,6 +1575,10 @@ class BroadcastReader(_Reader):
             published (the runtime already delivered them locally); they still
             advance the position.
         batch_size: the most entries read, handled and stored per round trip.
+        check_state: checks each ``prev`` and ``next`` as ``check_state(state,
+            kind, id)``, returning the state to deliver or raising
+            ``ValueError`` (the runtime passes the kind's schema check of
+            recorded states); ``None`` checks no schema.
     """
 
     role = "broadcast"
@@ -1365,6 +1594,7 @@ class BroadcastReader(_Reader):
         start: Start = "latest",
         include_own: bool = True,
         batch_size: int = 100,
+        check_state: StateCheck | None = None,
     ) -> None:
         if not callable(handler):
             raise DefinitionError(f"{kind}: handler must be callable, got {handler!r}")
@@ -1375,7 +1605,7 @@ class BroadcastReader(_Reader):
         key = (
             state_key if state_key is not None else f"{bus.instance_id}:{consumer_name}"
         )
-        super().__init__(bus, kind, key, batch_size)
+        super().__init__(bus, kind, key, batch_size, check_state)
         self.consumer_name = consumer_name
         self.state_key = key
         self.skipped = 0
@@ -1488,9 +1718,12 @@ class WorkQueueReader(_Reader):
       first takes back the entries it was given before a restart.
     - When attempt ``max_attempts`` fails, or an entry arrives with a delivery
       count above it (its consumers kept crashing), or it cannot be decoded,
-      the entry is appended to ``<prefix>:dead:<worker_group>`` and
-      acknowledged in one transaction, logged at ERROR, counted in
-      ``dead_lettered`` and passed to ``on_dead_letter``.
+      or :func:`check_entry` refuses it, the entry is appended to
+      ``<prefix>:dead:<worker_group>`` and acknowledged in one transaction,
+      logged at ERROR and counted in ``dead_lettered``. Each such entry that
+      holds a change is passed to ``on_dead_letter`` (a refused one with
+      ``attempts`` 0); one that cannot be decoded holds none, so it is only
+      in the stream, with its bytes and the reason.
 
     Delivery is at least once: a consumer that crashes between its handlers'
     return and the acknowledgement of their batch, or a handler slower than
@@ -1520,6 +1753,8 @@ class WorkQueueReader(_Reader):
             :class:`~runtime.DeadLetter`; exceptions are logged.
         batch_size: entries taken per read; entries taken wait in this
             reader, their idle time running, so keep it small.
+        check_state: checks each ``prev`` and ``next``; see
+            :class:`BroadcastReader`.
     """
 
     role = "work_queue"
@@ -1539,6 +1774,7 @@ class WorkQueueReader(_Reader):
         name: str | None = None,
         on_dead_letter: Callable[[DeadLetter], object] | None = None,
         batch_size: int = 10,
+        check_state: StateCheck | None = None,
     ) -> None:
         if not callable(handler):
             raise DefinitionError(f"{kind}: handler must be callable, got {handler!r}")
@@ -1547,7 +1783,7 @@ class WorkQueueReader(_Reader):
                 f"start must be 'latest' or 'earliest', got {start!r}"
             )
         spec = work_queue(worker_group, max_attempts, backoff, max_backoff)
-        super().__init__(bus, kind, worker_group, batch_size)
+        super().__init__(bus, kind, worker_group, batch_size, check_state)
         self.worker_group = worker_group
         self.consumer = consumer if consumer is not None else bus.instance_id
         self.name: str = name or str(getattr(handler, "__qualname__", handler))
@@ -1746,6 +1982,10 @@ class WorkQueueReader(_Reader):
             return
         try:
             change = self._decode(entry_id, fields)
+        except InvalidEntryError as err:
+            error = f"refused: {err.reason}"
+            self._dead_letter(err.change, entry_id, fields, origin, 0, error)
+            return
         except UndecodableEntryError as err:
             self._dead_letter_raw(entry_id, fields, origin, attempt, str(err))
             return

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from child_processes import ChildProcesses
@@ -29,15 +30,20 @@ from redis_server import RedisServer, find_redis_server
 
 from runtime import DeadLetter, EntityChanged, EntityRuntimeError, ReadOnlyDict
 from runtime._redis_bus import (
+    FORMAT_VERSION,
     BroadcastReader,
     BusClosedError,
     ChangeTooLargeError,
     Delivery,
+    InvalidEntryError,
     NotOwnerError,
     PartitionMap,
     RedisBus,
+    UndecodableEntryError,
     WorkQueueReader,
+    check_entry,
     decode_change,
+    encode_change,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -440,6 +446,256 @@ def test_entry_that_cannot_be_decoded_is_dead_lettered(
     ((_, fields),) = client.xrange(bus.dead_letter_key("mailer"))
     assert fields[b"error"].startswith(b"not an encoded change")
     assert fields[b"origin"] == b"x"
+
+
+def wire(**fields: Any) -> bytes:
+    """Encode a change entry by hand, as another program could write one.
+
+    Starts from a valid update of ticket ``t-1`` and applies ``fields``.
+    """
+    entry: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "kind": KIND,
+        "id": "t-1",
+        "prev": {"status": "open", "n": 1},
+        "next": {"status": "open", "n": 2},
+        "delta": {"n": 2},
+        "changed_fields": ["n"],
+        "actor": "tester",
+        "occurred_at": "2024-05-01T12:00:00+00:00",
+        "seq": 1,
+        "run_id": None,
+        **fields,
+    }
+    return msgspec.msgpack.encode(entry)
+
+
+REFUSED_ENTRIES = {
+    "another kind": (
+        {"kind": "other"},
+        "it is of kind 'other', not of this stream's kind 'ticket'",
+    ),
+    "an empty id": ({"id": ""}, "its id must not be empty"),
+    "an id with a newline": (
+        {"id": "t-1\nforged"},
+        "its id contains control or other non-printable characters",
+    ),
+    "seq 0": ({"seq": 0}, "seq must be 1 or more, got 0"),
+    "a negative seq": ({"seq": -5}, "seq must be 1 or more, got -5"),
+    "an empty actor": ({"actor": ""}, "actor '' is not a non-empty printable string"),
+    "an empty run id": (
+        {"run_id": ""},
+        "run id '' is not a non-empty printable string",
+    ),
+    "no states": (
+        {"prev": None, "next": None, "delta": {}, "changed_fields": []},
+        "prev and next are both null",
+    ),
+    "no change": (
+        {"next": {"status": "open", "n": 1}, "delta": {}, "changed_fields": []},
+        "prev and next are the same state",
+    ),
+    "a field listed that did not change": (
+        {"delta": {"status": "open", "n": 2}, "changed_fields": ["status", "n"]},
+        "changed_fields ['status', 'n'] are not the fields prev and next differ "
+        "in, ['n']",
+    ),
+    "a changed field left out": (
+        {"next": {"status": "done", "n": 2}},
+        "changed_fields ['n'] are not the fields prev and next differ in, "
+        "['status', 'n']",
+    ),
+    "a delta value that is not next's": (
+        {"delta": {"n": 999}},
+        "delta does not hold next's values of the changed fields",
+    ),
+    "a delta value of another type": (
+        {"delta": {"n": 2.0}},
+        "delta does not hold next's values of the changed fields",
+    ),
+    "a create whose delta is not next": (
+        {"prev": None, "delta": {"n": 2}, "changed_fields": ["status", "n"]},
+        "delta does not hold next's values of the changed fields",
+    ),
+    "a removal with a delta": (
+        {"next": None, "delta": {"n": 1}, "changed_fields": ["status", "n"]},
+        "delta does not hold next's values of the changed fields",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_ENTRIES)
+def test_entry_the_runtime_would_never_write_is_refused_with_its_reason(
+    case: str,
+) -> None:
+    fields, reason = REFUSED_ENTRIES[case]
+
+    with pytest.raises(InvalidEntryError) as refused:
+        check_entry(wire(**fields), KIND)
+
+    assert refused.value.reason == reason
+    change = refused.value.change
+    assert str(refused.value) == f"{change.kind}/{change.id} seq={change.seq}: " + (
+        f"refused: {reason}"
+    )
+
+
+def test_entry_checks_accept_what_the_bus_publishes() -> None:
+    changes = [
+        make_change(1),
+        make_change(2, prev=None, next={"status": "open", "tags": ["a", "b"]}),
+        make_change(3, prev={"status": "open", "gone": 1}, next=None),
+        make_change(
+            4, prev={"a": {"x": 1, "y": 2}}, next={"a": {"y": 2, "x": 1}, "b": 0}
+        ),
+        make_change(5, prev={"a": 1, "b": 0.0}, next={"a": True, "b": -0.0}),
+        make_change(6, prev={"a": 1, "gone": "x"}, next={"a": 1, "new": "y"}),
+    ]
+
+    decoded = [check_entry(encode_change(change), KIND) for change in changes]
+
+    assert decoded == changes
+    assert decoded[3].changed_fields == ("b",)
+    assert decoded[4].changed_fields == ("a", "b")
+    assert decoded[5].delta == {"new": "y", "gone": None}
+
+
+def test_entry_states_are_checked_and_returned_by_check_state() -> None:
+    def check_state(state: Any, kind: str, entity_id: str) -> ReadOnlyDict:
+        if type(state["n"]) is not int:
+            raise ValueError(f"{kind}/{entity_id}: n must be an int")
+        return ReadOnlyDict({**state, "checked": True})
+
+    accepted = check_entry(wire(), KIND, check_state)
+    with pytest.raises(InvalidEntryError) as refused:
+        check_entry(
+            wire(next={"status": "open", "n": "2"}, delta={"n": "2"}),
+            KIND,
+            check_state,
+        )
+
+    assert accepted.prev == {"status": "open", "n": 1, "checked": True}
+    assert accepted.next == {"status": "open", "n": 2, "checked": True}
+    assert accepted.delta == {"n": 2}
+    assert refused.value.reason == (
+        "next does not fit this instance's schema: ticket/t-1: n must be an int"
+    )
+
+
+def test_entry_with_a_run_id_and_masked_values_is_accepted_unchecked() -> None:
+    def status_check(state: Any, kind: str, entity_id: str) -> ReadOnlyDict:
+        if state["status"] not in ("open", "done"):
+            raise ValueError(f"status must be open or done, got {state['status']!r}")
+        return ReadOnlyDict(state)
+
+    # Two secrets masked alike make a changed field look unchanged; a masked
+    # value need not fit the schema.
+    masked = {"status": "***", "n": 1}
+    alike = {"prev": masked, "next": masked, "delta": {"status": "***"}}
+    alike["changed_fields"] = ["status"]
+    unfit = {"prev": {"status": "open", "n": 1}, "next": masked}
+    unfit.update(delta={"status": "***"}, changed_fields=["status"])
+
+    accepted = [
+        check_entry(wire(**fields, run_id="run-1"), KIND, status_check)
+        for fields in (alike, unfit)
+    ]
+    with pytest.raises(InvalidEntryError, match="prev and next are the same state"):
+        check_entry(wire(**alike), KIND, status_check)
+    with pytest.raises(InvalidEntryError, match="status must be open or done"):
+        check_entry(wire(**unfit), KIND, status_check)
+
+    assert [change.next for change in accepted] == [masked, masked]
+    assert [change.changed_fields for change in accepted] == [("status",)] * 2
+
+
+def nested(depth: int) -> Any:
+    """A list nested ``depth`` levels: near Python's recursion limit at 950."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+TOO_DEEP = r"a value nests too deeply|maximum recursion depth exceeded"
+
+
+def test_entry_nested_too_deeply_is_undecodable() -> None:
+    deep = nested(950)
+
+    with pytest.raises(UndecodableEntryError, match=TOO_DEEP) as refused:
+        check_entry(wire(next={"status": "open", "n": deep}, delta={"n": deep}), KIND)
+
+    assert not isinstance(refused.value, InvalidEntryError)
+
+
+def test_broadcast_reader_skips_entries_it_refuses_and_reads_on(
+    make_bus: Callable[..., RedisBus],
+    client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = make_bus()
+    received = Collector()
+    deep = nested(950)
+    stream = bus.stream_key(KIND)
+
+    with (
+        caplog.at_level(logging.ERROR, logger="runtime._redis_bus"),
+        BroadcastReader(bus, KIND, "audit", received) as reader,
+    ):
+        client.xadd(stream, {"change": wire(kind="other", seq=1), "origin": "x"})
+        client.xadd(stream, {"change": wire(id="", seq=2), "origin": "x"})
+        client.xadd(stream, {"change": wire(seq=3, delta={"n": 9}), "origin": "x"})
+        deep_entry = wire(seq=4, next={"n": deep}, delta={"n": deep})
+        client.xadd(stream, {"change": deep_entry, "origin": "x"})
+        bus.publish(make_change(5))
+        received.wait_for(1)
+
+    assert received.seqs == [5]
+    assert reader.failed == 4
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4
+    assert re.search(
+        r"skipped entry \S+ of x: other/t-1 seq=1: refused: it is of kind", errors[0]
+    )
+    assert "ticket/ seq=2: refused: its id must not be empty" in errors[1]
+    assert "ticket/t-1 seq=3: refused: delta does not hold" in errors[2]
+    assert re.search(TOO_DEEP, errors[3])
+
+
+def test_work_queue_dead_letters_entries_it_refuses_with_the_change_and_reason(
+    make_bus: Callable[..., RedisBus], client: redis.Redis
+) -> None:
+    bus = make_bus()
+    received = Collector()
+    letters: list[DeadLetter] = []
+    stream = bus.stream_key(KIND)
+
+    with WorkQueueReader(
+        bus, KIND, "mailer", received, name="send_mail", on_dead_letter=letters.append
+    ) as reader:
+        client.xadd(stream, {"change": wire(seq=-1), "origin": "x"})
+        client.xadd(stream, {"change": b"\xc1garbage", "origin": "x"})
+        bus.publish(make_change(2))
+        received.wait_for(1)
+        wait_until(lambda: reader.dead_lettered == 2, 5, "two dead letters")
+
+    assert received.seqs == [2]
+    (letter,) = letters
+    assert (letter.change.id, letter.change.seq) == ("t-1", -1)
+    assert letter.error == "refused: seq must be 1 or more, got -1"
+    assert (letter.attempts, letter.subscriber, letter.worker_group) == (
+        0,
+        "send_mail",
+        "mailer",
+    )
+    refused, garbage = (
+        fields for _, fields in client.xrange(bus.dead_letter_key("mailer"))
+    )
+    assert refused[b"error"] == b"refused: seq must be 1 or more, got -1"
+    assert refused[b"attempts"] == b"0"
+    assert garbage[b"error"].startswith(b"not an encoded change")
+    assert client.xpending(stream, "mailer")["pending"] == 0
 
 
 def test_restarted_consumer_takes_back_the_entries_it_was_given(

@@ -32,7 +32,13 @@ from runtime import (
     broadcast,
     work_queue,
 )
-from runtime._redis_bus import Delivery, NotOwnerError, PartitionMap, RedisBus
+from runtime._redis_bus import (
+    Delivery,
+    NotOwnerError,
+    PartitionMap,
+    RedisBus,
+    encode_change,
+)
 
 pytestmark = pytest.mark.skipif(
     find_redis_server() is None,
@@ -346,6 +352,125 @@ def test_changes_committed_while_redis_restarts_are_all_delivered_afterwards() -
         "outbox": 0.0,
     }
     assert [report.unpublished for report in reports] == [0, 0]
+
+
+# -- what other instances send -----------------------------------------------
+
+
+@dataclasses.dataclass
+class Labelled:
+    """A newer version of :class:`Counter`, with a field that has a default."""
+
+    n: int
+    label: str = "none"
+
+
+@dataclasses.dataclass
+class Note:
+    """A state with a text field that may hold a run's secret."""
+
+    note: str
+
+
+def _entry(
+    entity_id: str, prev: Any, next: Any, seq: int, kind: str = KIND
+) -> dict[str, Any]:
+    # A stream entry as another program could write it: a change whose delta
+    # matches its states.
+    change = EntityChanged(kind=kind, id=entity_id, prev=prev, next=next, seq=seq)
+    return {"change": encode_change(change), "origin": "elsewhere"}
+
+
+def test_remote_change_breaking_the_schema_is_a_dead_letter_and_the_rest_arrives(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    writer, reader = make_runtime(server.url, "alpha"), make_runtime(server.url, "beta")
+    tickets = writer.define_entity(KIND, Counter)
+    reader.define_entity(KIND, Counter)
+    seen, worked = Recorder("beta"), Recorder("beta")
+    reader.on_entity_changed(KIND, seen, name="audit")
+    reader.on_entity_changed(KIND, worked, work_queue("mailer"), name="mailer")
+    stream = f"entity-runtime:changes:{KIND}"
+
+    with writer, reader:
+        client.xadd(stream, _entry("t-1", None, {"n": "one"}, 1))
+        client.xadd(stream, _entry("t-2", {"n": 1}, {"n": 2, "extra": True}, 2))
+        client.xadd(stream, _entry("o-1", None, {"n": 1}, 3, kind="other"))
+        tickets.mutate("t-3", lambda prev: {"n": 3})
+        seen.wait_for(1)
+        worked.wait_for(1)
+        wait_until(lambda: len(reader.dead_letters()) == 3, 10, "three dead letters")
+        replayed = reader.replay_dead_letters()
+        letters = reader.dead_letters("mailer")
+
+    assert seen.items == worked.items == [("beta", "t-3", 3)]
+    assert replayed == 0
+    assert [(letter.change.id, letter.error) for letter in letters] == [
+        (
+            "t-1",
+            "refused: next does not fit this instance's schema: field 'n' must be "
+            "an integer, got 'one' (str)",
+        ),
+        (
+            "t-2",
+            "refused: next does not fit this instance's schema: field 'extra' is "
+            "not in the schema (expected fields: n)",
+        ),
+        ("o-1", "refused: it is of kind 'other', not of this stream's kind 'ticket'"),
+    ]
+    assert [letter.attempts for letter in letters] == [0, 0, 0]
+
+
+def test_instances_with_two_versions_of_a_schema_fill_defaults_and_refuse_the_rest(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = make_runtime(server.url, "alpha"), make_runtime(server.url, "beta")
+    old_tickets = old.define_entity(KIND, Counter)
+    new_tickets = new.define_entity(KIND, Labelled)
+    at_old, at_new = Recorder("alpha"), Recorder("beta")
+    got_at_new: list[EntityChanged] = []
+    old.on_entity_changed(KIND, at_old, name="audit")
+    new.on_entity_changed(KIND, at_new, name="audit")
+    new.on_entity_changed(KIND, got_at_new.append, name="keep")
+
+    with caplog.at_level(logging.ERROR, logger="runtime._redis_bus"), old, new:
+        old_tickets.mutate("t-1", lambda prev: {"n": 1})
+        new_tickets.mutate("t-2", lambda prev: {"n": 2, "label": "new"})
+        at_new.wait_for(2)
+        at_old.wait_for(1)
+        wait_until(
+            lambda: any("t-2" in r.getMessage() for r in caplog.records),
+            10,
+            "the old instance to refuse the new state",
+        )
+        wait_until(lambda: len(got_at_new) == 2, 10, "both changes at the new one")
+
+    assert at_old.items == [("alpha", "t-1", 1)]
+    (from_old,) = [c for c in got_at_new if c.id == "t-1"]
+    assert from_old.next == {"n": 1, "label": "none"}
+    assert from_old.delta == {"n": 1}
+    (refusal,) = [r.getMessage() for r in caplog.records if "t-2" in r.getMessage()]
+    assert "field 'label' is not in the schema (expected fields: n)" in refusal
+
+
+def test_remote_change_with_masked_run_secrets_still_arrives(
+    server: RedisServer,
+) -> None:
+    first, second = "s3cr3t-first", "s3cr3t-second"
+    writer, reader = make_runtime(server.url, "alpha"), make_runtime(server.url, "beta")
+    notes = writer.define_entity(KIND, Note)
+    reader.define_entity(KIND, Note)
+    got: list[EntityChanged] = []
+    reader.on_entity_changed(KIND, got.append, name="audit")
+    writer.register_run_secrets("run-1", [first, second])
+
+    with writer, reader:
+        notes.mutate("t-1", lambda prev: {"note": first}, run_id="run-1")
+        notes.mutate("t-1", lambda prev: {"note": second}, run_id="run-1")
+        wait_until(lambda: len(got) == 2, 10, "both changes")
+
+    assert [change.next for change in got] == [{"note": "***"}, {"note": "***"}]
+    assert got[1].changed_fields == ("note",)
 
 
 # -- oversized changes -------------------------------------------------------
