@@ -1004,6 +1004,10 @@ class RedisBus:
     def dead_letters(self, worker_group: str, limit: int = 1000) -> list[DeadLetter]:
         """Return the oldest ``limit`` dead letters of a worker group.
 
+        Entries that hold no change (one a reader could not decode) are left
+        out: a :class:`~runtime.DeadLetter` holds a change. The stream keeps
+        their bytes and the reason; they count towards ``limit``.
+
         Raises:
             redis.RedisError: Redis is unreachable.
         """
@@ -1011,8 +1015,17 @@ class RedisBus:
             self.dead_letter_key(worker_group), count=limit
         )
         letters = []
-        for _entry_id, fields in reply:
-            change = decode_change(fields[b"change"])
+        for entry_id, fields in reply:
+            try:
+                change = decode_change(fields.get(b"change", b""))
+            except UndecodableEntryError:
+                logger.debug(
+                    "redis bus %s: dead letter %s of %s holds no change; left out",
+                    self.instance_id,
+                    _text(entry_id),
+                    worker_group,
+                )
+                continue
             letters.append(
                 DeadLetter(
                     worker_group=_text(fields[b"worker_group"]),

@@ -698,6 +698,23 @@ def test_work_queue_dead_letters_entries_it_refuses_with_the_change_and_reason(
     assert client.xpending(stream, "mailer")["pending"] == 0
 
 
+def test_bus_dead_letters_leave_out_entries_that_hold_no_change(
+    make_bus: Callable[..., RedisBus], client: redis.Redis
+) -> None:
+    bus = make_bus()
+    always_fails = Collector(fail=lambda _change, _delivery: True)
+
+    with WorkQueueReader(bus, KIND, "mailer", always_fails, max_attempts=1) as reader:
+        client.xadd(bus.stream_key(KIND), {"change": b"\xc1garbage", "origin": "x"})
+        bus.publish(make_change(2))
+        wait_until(lambda: reader.dead_lettered == 2, 5, "two dead letters")
+
+    assert client.xlen(bus.dead_letter_key("mailer")) == 2
+    (letter,) = bus.dead_letters("mailer")
+    assert letter.change.seq == 2
+    assert letter.error == "RuntimeError: handler refused seq=2"
+
+
 def test_restarted_consumer_takes_back_the_entries_it_was_given(
     make_bus: Callable[..., RedisBus], client: redis.Redis
 ) -> None:
