@@ -718,7 +718,9 @@ class Runtime:
             runtime closes the bus in ``stop()``.
         partitions: a ``runtime.PartitionMap`` naming the bus's instance:
             writes for ids another instance owns are refused with
-            ``NotOwnerError`` before anything is queued. Needs ``bus``.
+            ``NotOwnerError`` before anything is queued. Needs ``bus``. At
+            ``start()`` it is compared with the maps the other instances
+            recorded on the bus (``RedisBus.record_partition_map``).
         handler_timeout: seconds a subscriber or trigger handler call may run
             before it is treated as failed, for subscriptions that give no
             ``timeout`` of their own; ``None`` (the default) sets no limit.
@@ -1214,11 +1216,16 @@ class Runtime:
 
         Raises:
             RuntimeStoppedError: the runtime was stopped (create a new one).
+            PartitionMapMismatchError: with ``partitions``, another instance
+                on the bus runs with a different partition count; nothing
+                started (``stop()`` closes the bus).
         """
         with self._lock:
             if self._state == _RUNNING:
                 return self
             self._check_usable("start")
+            if self.bus is not None and self.partitions is not None:
+                self.bus.record_partition_map(self.partitions)
             if self._data_dir is not None:
                 self._restore(self._data_dir)
 

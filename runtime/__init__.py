@@ -52,9 +52,11 @@ _BUS_NAMES = frozenset(
     {
         "BroadcastReader",
         "BusClosedError",
+        "ChangeTooLargeError",
         "Delivery",
         "NotOwnerError",
         "PartitionMap",
+        "PartitionMapMismatchError",
         "RedisBus",
         "WorkQueueReader",
     }

@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -167,6 +168,41 @@ class NotOwnerError(EntityRuntimeError, RuntimeError):
             f"{kind}/{entity_id}: owned by instance {owner!r} (partition "
             f"{partition}), not by this instance {instance!r}; nothing recorded; "
             f"send the write to {owner!r}"
+        )
+
+
+class PartitionMapMismatchError(DefinitionError):
+    """Another instance on the bus runs with a different number of partitions.
+
+    The two would compute different owners for most ids and both take writes
+    for them, so this instance refuses to start.
+
+    Attributes:
+        instance: this instance.
+        partitions: this instance's partition count.
+        other: the instance whose record disagrees.
+        other_partitions: its partition count.
+    """
+
+    def __init__(
+        self,
+        instance: str,
+        partitions: int,
+        other: str,
+        other_partitions: int,
+        key: str,
+        recorded_at: str,
+    ) -> None:
+        self.instance = instance
+        self.partitions = partitions
+        self.other = other
+        self.other_partitions = other_partitions
+        super().__init__(
+            f"instance {other!r} runs with {other_partitions} partitions (recorded "
+            f"at {recorded_at} in {key}), this instance {instance!r} with "
+            f"{partitions}: both would take writes for most ids; give every "
+            f"instance the same PartitionMap (if {other!r} no longer runs, remove "
+            f"its record: HDEL {key} {other}); not started"
         )
 
 
@@ -800,6 +836,7 @@ class RedisBus:
         self._too_large_callbacks: list[
             Callable[[EntityChanged, ChangeTooLargeError], object]
         ] = []
+        self._recorded_map = False
 
         self._thread = threading.Thread(
             target=self._publish_loop,
@@ -839,6 +876,11 @@ class RedisBus:
     def offsets_key(self) -> str:
         """The hash of broadcast readers' last processed entry ids."""
         return f"{self.stream_prefix}:offsets"
+
+    @property
+    def partition_maps_key(self) -> str:
+        """The hash of the partition map each running instance uses."""
+        return f"{self.stream_prefix}:partition-maps"
 
     def new_client(self) -> redis.Redis:
         """Return a new client on the bus's server; the caller closes it.
@@ -946,6 +988,8 @@ class RedisBus:
             self._cond.notify_all()
 
         flushed = self.flush(timeout)
+        if self._recorded_map and flushed:
+            self._forget_partition_map()
         with self._cond:
             self._abandon = True
             self._cond.notify_all()
@@ -988,6 +1032,122 @@ class RedisBus:
             return bool(self._client.ping())
         except redis.RedisError:
             return False
+
+    def record_partition_map(self, partitions: PartitionMap) -> bool:
+        """Record the partition map this instance runs with; refuse a conflict.
+
+        Each instance records its map (partition count and instance list)
+        under its instance id in the hash :attr:`partition_maps_key`, and
+        :meth:`close` removes the record. A record of another instance with a
+        different partition count is a conflict: most ids would have two
+        owners. A different instance list with the same count is what a
+        restart onto a new list looks like while the others still run the old
+        one: logged at WARNING with how many partitions both instances claim.
+        A record left by an instance that died stays until it starts again
+        (or is removed by hand, as the error says).
+
+        Returns:
+            ``True`` when recorded and compared; ``False`` when Redis could
+            not be reached (logged at WARNING; nothing compared).
+
+        Raises:
+            PartitionMapMismatchError: another instance recorded a different
+                partition count; this instance's record is removed again.
+        """
+        key = self.partition_maps_key
+        mine = {
+            "partitions": partitions.partitions,
+            "instances": sorted(partitions.instances),
+            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(key, self.instance_id, json.dumps(mine))
+            pipe.hgetall(key)
+            records: Any = pipe.execute()[1]
+        except redis.RedisError as err:
+            logger.warning(
+                "redis bus %s: could not compare partition maps with the other "
+                "instances (redis at %s: %s: %s); started without",
+                self.instance_id,
+                self.where,
+                type(err).__name__,
+                err,
+            )
+            return False
+        self._recorded_map = True
+
+        for raw_name, raw_record in records.items():
+            name = _text(raw_name)
+            if name == self.instance_id:
+                continue
+            try:
+                theirs = json.loads(raw_record)
+                count = int(theirs["partitions"])
+                instances = [str(i) for i in theirs["instances"]]
+                recorded_at = str(theirs.get("recorded_at", "?"))
+            except (ValueError, TypeError, KeyError):
+                logger.warning(
+                    "redis bus %s: the partition map recorded by %r in %s cannot be "
+                    "read; not compared",
+                    self.instance_id,
+                    name,
+                    key,
+                )
+                continue
+            if count != partitions.partitions:
+                self._forget_partition_map()
+                raise PartitionMapMismatchError(
+                    self.instance_id,
+                    partitions.partitions,
+                    name,
+                    count,
+                    key,
+                    recorded_at,
+                )
+            if instances != mine["instances"]:
+                self._warn_other_instances(partitions, name, instances, recorded_at)
+        return True
+
+    def _warn_other_instances(
+        self,
+        partitions: PartitionMap,
+        other: str,
+        instances: list[str],
+        recorded_at: str,
+    ) -> None:
+        try:
+            theirs = PartitionMap(instances, partitions=partitions.partitions)
+        except DefinitionError:
+            return  # an instance list no PartitionMap accepts: nothing to say
+        both = [
+            p
+            for p, (here, there) in partitions.moved(theirs).items()
+            if here == self.instance_id and there == other
+        ]
+        logger.warning(
+            "redis bus %s: instance %r runs with the instances %s (recorded at %s), "
+            "this one with %s; until they agree both take writes for the ids of %d "
+            "partitions (see PartitionMap.moved())",
+            self.instance_id,
+            other,
+            ", ".join(instances),
+            recorded_at,
+            ", ".join(sorted(partitions.instances)),
+            len(both),
+        )
+
+    def _forget_partition_map(self) -> None:
+        try:
+            self._client.hdel(self.partition_maps_key, self.instance_id)
+        except redis.RedisError as err:
+            logger.debug(
+                "redis bus %s: its partition map record stays in %s (%s)",
+                self.instance_id,
+                self.partition_maps_key,
+                err,
+            )
+        self._recorded_map = False
 
     def on_too_large(
         self, callback: Callable[[EntityChanged, ChangeTooLargeError], object]

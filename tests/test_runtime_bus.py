@@ -36,6 +36,7 @@ from runtime._redis_bus import (
     Delivery,
     NotOwnerError,
     PartitionMap,
+    PartitionMapMismatchError,
     RedisBus,
     encode_change,
 )
@@ -296,6 +297,88 @@ def test_write_for_an_id_another_instance_owns_is_refused_and_nothing_recorded(
     assert states == (None, {"n": 3})
     assert history == []
     assert client.xlen(f"entity-runtime:changes:{KIND}") == 1
+
+
+def test_instance_with_another_partition_count_refuses_to_start(
+    server: RedisServer, client: redis.Redis
+) -> None:
+    names = ["alpha", "beta"]
+    alpha = make_runtime(
+        server.url, "alpha", partitions=PartitionMap(names, partitions=64)
+    )
+    beta = make_runtime(
+        server.url, "beta", partitions=PartitionMap(names, partitions=65)
+    )
+    alpha.define_entity(KIND, Counter)
+    beta.define_entity(KIND, Counter)
+
+    with alpha:
+        with pytest.raises(PartitionMapMismatchError) as refused:
+            beta.start()
+        recorded = client.hkeys("entity-runtime:partition-maps")
+        beta.stop()
+
+    assert (refused.value.other, refused.value.other_partitions) == ("alpha", 64)
+    assert re.fullmatch(
+        r"instance 'alpha' runs with 64 partitions \(recorded at \S+ in "
+        r"entity-runtime:partition-maps\), this instance 'beta' with 65: both would "
+        r"take writes for most ids; give every instance the same PartitionMap \(if "
+        r"'alpha' no longer runs, remove its record: HDEL "
+        r"entity-runtime:partition-maps alpha\); not started",
+        str(refused.value),
+    )
+    assert recorded == [b"alpha"]
+    assert client.hkeys("entity-runtime:partition-maps") == []
+
+
+def test_partition_count_may_change_once_the_instances_stopped(
+    server: RedisServer,
+) -> None:
+    names = ["alpha", "beta"]
+    larger = PartitionMap(names, partitions=65)
+    before = make_runtime(
+        server.url, "alpha", partitions=PartitionMap(names, partitions=64)
+    )
+    before.define_entity(KIND, Counter)
+    with before:
+        pass
+    after = make_runtime(server.url, "beta", partitions=larger)
+    tickets = after.define_entity(KIND, Counter)
+    own = next(
+        i for i in (f"t-{n}" for n in range(50)) if larger.owner(KIND, i) == "beta"
+    )
+
+    with after:
+        state = tickets.mutate(own, lambda prev: {"n": 1})
+
+    assert state == {"n": 1}
+
+
+def test_instance_started_on_a_new_instance_list_warns_of_the_shared_partitions(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = PartitionMap(["alpha", "beta"], partitions=64)
+    new = PartitionMap(["alpha", "beta", "gamma"], partitions=64)
+    shared = [p for p, pair in new.moved(old).items() if pair == ("gamma", "alpha")]
+    alpha = make_runtime(server.url, "alpha", partitions=old)
+    gamma = make_runtime(server.url, "gamma", partitions=new)
+
+    with caplog.at_level(logging.WARNING, logger="runtime._redis_bus"), alpha, gamma:
+        pass
+
+    (warning,) = [
+        r.getMessage()
+        for r in caplog.records
+        if "runs with the instances" in r.getMessage()
+    ]
+    assert len(shared) > 0
+    assert re.fullmatch(
+        r"redis bus gamma: instance 'alpha' runs with the instances alpha, beta "
+        r"\(recorded at \S+\), this one with alpha, beta, gamma; until they agree "
+        rf"both take writes for the ids of {len(shared)} partitions \(see "
+        r"PartitionMap\.moved\(\)\)",
+        warning,
+    )
 
 
 # -- outages -----------------------------------------------------------------
