@@ -108,7 +108,7 @@ Start = Literal["latest", "earliest"]
 Fields = Mapping[bytes, bytes]
 ChangeHandler = Callable[[EntityChanged, "Delivery"], object]
 StateCheck = Callable[[Any, str, str], ReadOnlyDict]
-"""Checks a state ``(state, kind, id)``: returns it read-only or raises ValueError."""
+"""Checks a state ``(state, kind, id)``: returns it read-only, or raises to refuse."""
 
 _MARKER_TTL_SECONDS = 86_400
 _GAP_CHECK_SECONDS = 5.0
@@ -441,12 +441,12 @@ def _checked(
     if problem is None and check_state is not None and prev is not None:
         try:
             prev = check_state(prev, kind, wire.id)
-        except ValueError as err:
+        except Exception as err:
             problem = _schema_problem("prev", err)
     if problem is None and check_state is not None and next is not None:
         try:
             next = check_state(next, kind, wire.id)
-        except ValueError as err:
+        except Exception as err:
             problem = _schema_problem("next", err)
     if problem is None:
         return _from_wire(wire, occurred_at, freeze(prev), freeze(next))
@@ -457,11 +457,18 @@ def _checked(
     raise InvalidEntryError(change, problem)
 
 
-def _schema_problem(state: str, err: ValueError) -> str:
+def _schema_problem(state: str, err: Exception) -> str:
+    # Whatever the check raised refuses the entry: a reader must not stop on
+    # one entry its check cannot handle.
     if isinstance(err, SchemaError):
         where = f"field {err.field!r} " if err.field else ""
         return f"{state} does not fit this instance's schema: {where}{err.reason}"
-    return f"{state} does not fit this instance's schema: {err}"
+    if isinstance(err, ValueError):
+        return f"{state} does not fit this instance's schema: {err}"
+    return (
+        f"{state} could not be checked against this instance's schema: "
+        f"{type(err).__name__}: {err}"
+    )
 
 
 def _identity_problem(wire: _WireChange, kind: str) -> str | None:
@@ -1749,9 +1756,10 @@ class BroadcastReader(_Reader):
             advance the position.
         batch_size: the most entries read, handled and stored per round trip.
         check_state: checks each ``prev`` and ``next`` as ``check_state(state,
-            kind, id)``, returning the state to deliver or raising
-            ``ValueError`` (the runtime passes the kind's schema check of
-            recorded states); ``None`` checks no schema.
+            kind, id)``, returning the state to deliver or raising (a
+            ``ValueError`` such as ``SchemaError``; anything it raises refuses
+            the entry); the runtime passes the kind's schema check of recorded
+            states. ``None`` checks no schema.
     """
 
     role = "broadcast"

@@ -582,6 +582,18 @@ def test_entry_states_are_checked_and_returned_by_check_state() -> None:
     )
 
 
+def test_entry_whose_state_check_raises_something_else_is_refused_too() -> None:
+    def broken_check(state: Any, kind: str, entity_id: str) -> ReadOnlyDict:
+        raise KeyError("status")
+
+    with pytest.raises(InvalidEntryError) as refused:
+        check_entry(wire(), KIND, broken_check)
+
+    assert refused.value.reason == (
+        "prev could not be checked against this instance's schema: KeyError: 'status'"
+    )
+
+
 def test_entry_with_a_run_id_and_masked_values_is_accepted_unchecked() -> None:
     def status_check(state: Any, kind: str, entity_id: str) -> ReadOnlyDict:
         if state["status"] not in ("open", "done"):
