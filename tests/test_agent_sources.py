@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import itertools
 import json
 import math
@@ -204,29 +203,9 @@ def test_bad_selectors_are_refused_with_the_selector_quoted(text: str) -> None:
 
 @contextlib.contextmanager
 def serve(payload: bytes) -> Iterator[str]:
-    """Serve one payload on a free 127.0.0.1 port; yield its URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    """Serve one payload at /metrics on a free 127.0.0.1 port; yield its URL."""
+    with serve_paths({"/metrics": payload}) as base:
+        yield f"{base}/metrics"
 
 
 @needs_payloads

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from bench._compare import RATIO_NAMES
 from bench.bench_threads import ROLES as THREAD_ROLES
 from bench.bench_threads import thread_cpu
 
@@ -35,16 +36,7 @@ MODES = {
     "runtime_mutate_async",
 }
 
-RATIOS = {
-    "pipelined_vs_limit",
-    "batched_vs_limit",
-    "blocking_vs_pykka_ask",
-    "bytes_per_row",
-    "runtime_vs_eventsourcing",
-    "pipelined_vs_home_assistant",
-    "pipelined_vs_python_stages",
-    "batched_vs_python_stages",
-}
+RATIOS = set(RATIO_NAMES)
 
 HAS_EVENTSOURCING = importlib.util.find_spec("eventsourcing") is not None
 NO_EVENTSOURCING = (
