@@ -15,6 +15,7 @@ Measured side by side in one process, on the same workload (pipelined
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,37 +109,37 @@ def _through_bus(url: str, changes: int) -> float:
         return changes / (time.perf_counter() - started)
 
 
-def run(changes: int) -> dict[str, Any]:
-    """Start a private Redis, measure both paths, return ops/s and the ratio."""
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """Start a redis-server of its own on 127.0.0.1 (no persistence); yield its URL.
+
+    Raises:
+        SystemExit: no ``redis-server`` is installed.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found; install it (Debian: redis-server)")
     port = _free_port()
+
     with tempfile.TemporaryDirectory() as directory:
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", directory]
         server = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             _wait_for_port(port)
-            local = _local(changes)
-            bus = _through_bus(f"redis://127.0.0.1:{port}/0", changes)
+            yield f"redis://127.0.0.1:{port}/0"
         finally:
             server.terminate()
             server.wait(10)
+
+
+def run(changes: int) -> dict[str, Any]:
+    """Start a private Redis, measure both paths, return ops/s and the ratio."""
+    with private_redis() as url:
+        local = _local(changes)
+        bus = _through_bus(url, changes)
     return {"changes": changes, "local": local, "bus": bus, "bus_vs_local": bus / local}
 
 

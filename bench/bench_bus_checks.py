@@ -19,10 +19,6 @@ process, and print the best round of each in microseconds per entry:
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +28,7 @@ from typing import Any, Literal
 import msgspec
 import pydantic
 
+from bench.bench_bus import private_redis
 from runtime import EntityChanged, compile_schema
 from runtime._redis_bus import (
     BroadcastReader,
@@ -182,47 +179,20 @@ def _drain(bus: RedisBus, reader: type[BroadcastReader], entries: int) -> float:
 
 def measure_readers(entries: int, rounds: int) -> tuple[float, float]:
     """Return (decoding reader µs, checking reader µs) per entry, best rounds."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found; install it (Debian: redis-server)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-
-    with tempfile.TemporaryDirectory() as directory:
-        command = [binary, "--port", str(port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", directory]
-        server = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            _wait_for_port(port)
-            url = f"redis://127.0.0.1:{port}/0"
-            with RedisBus(url, instance_id="bench", maxlen=entries * 2) as bus:
-                for payload in _entries(_CHECK_PREV, _CHECK_NEXT, entries):
-                    bus.publish(decode_change(payload))
-                if not bus.flush(60):
-                    raise RuntimeError("the entries were not all published")
-                plain: list[float] = []
-                checked: list[float] = []
-                for _ in range(rounds):
-                    plain.append(_drain(bus, _DecodingReader, entries))
-                    checked.append(_drain(bus, BroadcastReader, entries))
-        finally:
-            server.terminate()
-            server.wait(10)
+    with (
+        private_redis() as url,
+        RedisBus(url, instance_id="bench", maxlen=entries * 2) as bus,
+    ):
+        for payload in _entries(_CHECK_PREV, _CHECK_NEXT, entries):
+            bus.publish(decode_change(payload))
+        if not bus.flush(60):
+            raise RuntimeError("the entries were not all published")
+        plain: list[float] = []
+        checked: list[float] = []
+        for _ in range(rounds):
+            plain.append(_drain(bus, _DecodingReader, entries))
+            checked.append(_drain(bus, BroadcastReader, entries))
     return min(plain), min(checked)
-
-
-def _wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{port}")
 
 
 def main() -> None:

@@ -242,6 +242,31 @@ def test_the_bus_benchmark_still_runs() -> None:
     assert "through the bus to another runtime" in done.stdout
 
 
+def test_the_bus_entry_check_benchmark_still_runs() -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server binary (.ci/run installs Debian's redis-server)")
+
+    done = _run_bench_module(
+        "bench_bus_checks", "--entries", "200", "--rounds", "1", timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "shape",
+        "decode",
+        "µs",
+        "check",
+        "µs",
+        "ratio",
+        "added",
+    ]
+    assert lines[-1].startswith("reader, flat updates")
+    assert all(float(line.split()[-2]) > 0 for line in lines[1:])
+
+
 PYTEST_QUICK_BENCH = (
     sys.executable,
     "-m",
