@@ -2107,6 +2107,7 @@ class Runtime:
                     on_dead_letter=on_dead_letter,
                     batch_size=1,
                     check_state=check_state,
+                    state_fields=entry.definition.schema.fields,
                 )
 
             group.feed = _Feed(group.name, make)
@@ -2155,6 +2156,7 @@ class Runtime:
                 state_key=f"{bus.instance_id}:{name}",
                 include_own=False,
                 check_state=check_state,
+                state_fields=self._kinds[kind].definition.schema.fields,
             )
 
         feed = _Feed(name, make)

@@ -77,7 +77,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -392,7 +392,10 @@ def _from_wire(
 
 
 def check_entry(
-    data: bytes, kind: str, check_state: StateCheck | None = None
+    data: bytes,
+    kind: str,
+    check_state: StateCheck | None = None,
+    state_fields: Collection[str] | None = None,
 ) -> EntityChanged:
     """Decode an entry of ``kind``'s stream, refusing what the runtime never writes.
 
@@ -407,8 +410,12 @@ def check_entry(
     defaults).
 
     A change with a run id may hold secrets masked as ``***``, which need
-    not fit the schema or the diff: when its states or delta hold the mask,
-    only the first checks apply. Costs one diff of the states plus the state
+    not fit the schema or the diff (two secrets masked alike look equal):
+    when its states or delta hold the mask, the identity checks still apply,
+    and masking cannot add, drop or rename fields, so its states must hold
+    exactly ``state_fields`` (the schema's fields, when given), its
+    ``changed_fields`` must name some of their fields and its delta exactly
+    those (none for a removal). Costs one diff of the states plus the state
     checks: a few microseconds for a small flat state.
 
     Raises:
@@ -418,7 +425,7 @@ def check_entry(
     """
     wire, occurred_at = _decode_wire(data)
     try:
-        return _checked(wire, occurred_at, kind, check_state)
+        return _checked(wire, occurred_at, kind, check_state, state_fields)
     except RecursionError:
         raise UndecodableEntryError(_TOO_DEEP) from None
 
@@ -428,6 +435,7 @@ def _checked(
     occurred_at: datetime,
     kind: str,
     check_state: StateCheck | None,
+    state_fields: Collection[str] | None,
 ) -> EntityChanged:
     problem = _identity_problem(wire, kind)
     if problem is not None:
@@ -453,8 +461,39 @@ def _checked(
 
     change = _from_wire(wire, occurred_at, freeze(wire.prev), freeze(wire.next))
     if wire.run_id is not None and _holds_mask((wire.prev, wire.next, wire.delta)):
-        return change
+        masked = _masked_shape_problem(wire, state_fields)
+        if masked is None:
+            return change
+        problem = f"{problem}, and as a change with masked secrets: {masked}"
     raise InvalidEntryError(change, problem)
+
+
+def _masked_shape_problem(
+    wire: _WireChange, state_fields: Collection[str] | None
+) -> str | None:
+    # What masking cannot explain: fields added, dropped or renamed, a change
+    # of no field, a delta of other fields than the changed ones.
+    held = [state for state in (wire.prev, wire.next) if state is not None]
+    if state_fields is not None:
+        expected = set(state_fields)
+        for state in held:
+            if set(state) != expected:
+                return (
+                    f"its fields {sorted(state)!r:.120} are not the schema's "
+                    f"{sorted(expected)!r:.120}"
+                )
+    changed = wire.changed_fields
+    if not changed:
+        return "it changes no field"
+    known = set().union(*held)
+    if not set(changed) <= known:
+        return f"changed_fields {changed!r:.120} name fields its states lack"
+    delta = set(wire.delta)
+    if (wire.next is None and delta) or (
+        wire.next is not None and delta != set(changed)
+    ):
+        return "its delta holds other fields than the changed ones"
+    return None
 
 
 def _schema_problem(state: str, err: Exception) -> str:
@@ -1505,6 +1544,7 @@ class _Reader:
         label: str,
         batch_size: int,
         check_state: StateCheck | None,
+        state_fields: Collection[str] | None = None,
     ) -> None:
         if not isinstance(kind, str) or not kind:
             raise DefinitionError(f"kind must be a non-empty string, got {kind!r}")
@@ -1517,6 +1557,7 @@ class _Reader:
         self.bus = bus
         self.kind = kind
         self._check_state = check_state
+        self._state_fields = None if state_fields is None else tuple(state_fields)
         self.stream = bus.stream_key(kind)
         self.label = label
         self._batch_size = batch_size
@@ -1713,7 +1754,7 @@ class _Reader:
         payload = fields.get(b"change")
         if payload is None:
             raise UndecodableEntryError(f"entry {entry_id} has no 'change' field")
-        return check_entry(payload, self.kind, self._check_state)
+        return check_entry(payload, self.kind, self._check_state, self._state_fields)
 
 
 class BroadcastReader(_Reader):
@@ -1760,6 +1801,8 @@ class BroadcastReader(_Reader):
             ``ValueError`` such as ``SchemaError``; anything it raises refuses
             the entry); the runtime passes the kind's schema check of recorded
             states. ``None`` checks no schema.
+        state_fields: the fields every state of the kind holds; a change with
+            masked secrets (see :func:`check_entry`) must hold exactly these.
     """
 
     role = "broadcast"
@@ -1776,6 +1819,7 @@ class BroadcastReader(_Reader):
         include_own: bool = True,
         batch_size: int = 100,
         check_state: StateCheck | None = None,
+        state_fields: Collection[str] | None = None,
     ) -> None:
         if not callable(handler):
             raise DefinitionError(f"{kind}: handler must be callable, got {handler!r}")
@@ -1786,7 +1830,7 @@ class BroadcastReader(_Reader):
         key = (
             state_key if state_key is not None else f"{bus.instance_id}:{consumer_name}"
         )
-        super().__init__(bus, kind, key, batch_size, check_state)
+        super().__init__(bus, kind, key, batch_size, check_state, state_fields)
         self.consumer_name = consumer_name
         self.state_key = key
         self.skipped = 0
@@ -1936,6 +1980,7 @@ class WorkQueueReader(_Reader):
             reader, their idle time running, so keep it small.
         check_state: checks each ``prev`` and ``next``; see
             :class:`BroadcastReader`.
+        state_fields: see :class:`BroadcastReader`.
     """
 
     role = "work_queue"
@@ -1956,6 +2001,7 @@ class WorkQueueReader(_Reader):
         on_dead_letter: Callable[[DeadLetter], object] | None = None,
         batch_size: int = 10,
         check_state: StateCheck | None = None,
+        state_fields: Collection[str] | None = None,
     ) -> None:
         if not callable(handler):
             raise DefinitionError(f"{kind}: handler must be callable, got {handler!r}")
@@ -1964,7 +2010,7 @@ class WorkQueueReader(_Reader):
                 f"start must be 'latest' or 'earliest', got {start!r}"
             )
         spec = work_queue(worker_group, max_attempts, backoff, max_backoff)
-        super().__init__(bus, kind, worker_group, batch_size, check_state)
+        super().__init__(bus, kind, worker_group, batch_size, check_state, state_fields)
         self.worker_group = worker_group
         self.consumer = consumer if consumer is not None else bus.instance_id
         self.name: str = name or str(getattr(handler, "__qualname__", handler))

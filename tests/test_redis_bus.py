@@ -621,6 +621,65 @@ def test_entry_with_a_run_id_and_masked_values_is_accepted_unchecked() -> None:
     assert [change.changed_fields for change in accepted] == [("status",)] * 2
 
 
+MASKED_BUT_MALFORMED = {
+    "a field the schema lacks": (
+        {"next": {"status": "open", "n": 2, "extra": "***"}},
+        "its fields ['extra', 'n', 'status'] are not the schema's ['n', 'status']",
+    ),
+    "a field renamed": (
+        {"next": {"bogus": "***", "n": [1]}},
+        "its fields ['bogus', 'n'] are not the schema's ['n', 'status']",
+    ),
+    "a change of no field": (
+        {"next": {"status": "***", "n": 1}, "delta": {}, "changed_fields": []},
+        "it changes no field",
+    ),
+    "a delta of another field": (
+        {"next": {"status": "***", "n": 1}, "delta": {"n": 1}},
+        "its delta holds other fields than the changed ones",
+    ),
+    "a changed field no state has": (
+        {
+            "next": {"status": "***", "n": 1},
+            "delta": {"x": 1},
+            "changed_fields": ["x"],
+        },
+        "changed_fields ['x'] name fields its states lack",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MASKED_BUT_MALFORMED)
+def test_a_masked_entry_must_still_hold_the_schema_s_fields_and_a_change(
+    case: str,
+) -> None:
+    # Masking makes values equal or ill-typed; it never adds, drops or
+    # renames fields, nor makes a change of nothing.
+    fields, reason = MASKED_BUT_MALFORMED[case]
+    changed = {"changed_fields": ["status"], "delta": {"status": "***"}, **fields}
+
+    with pytest.raises(InvalidEntryError) as caught:
+        check_entry(wire(**changed, run_id="run-1"), KIND, state_fields=("status", "n"))
+
+    assert str(caught.value).endswith(f"as a change with masked secrets: {reason}")
+
+
+def test_a_masked_entry_of_the_schema_s_fields_is_still_accepted() -> None:
+    masked = {"status": "***", "n": 1}
+    entry = wire(
+        prev={"status": "***", "n": 1},
+        next=masked,
+        delta={"status": "***"},
+        changed_fields=["status"],
+        run_id="run-1",
+    )
+
+    change = check_entry(entry, KIND, state_fields=("status", "n"))
+
+    assert change.next == masked
+    assert change.changed_fields == ("status",)
+
+
 def nested(depth: int) -> Any:
     """A list nested ``depth`` levels: near Python's recursion limit at 950."""
     value: Any = 1
