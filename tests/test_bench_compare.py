@@ -313,3 +313,17 @@ def test_an_unusable_output_path_is_refused_before_running_anything(
     assert message in done.stderr
     assert "bench: limit" not in done.stderr
     assert not target.is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("full.json", "full"), ("quick.json", "quick")]
+)
+def test_the_committed_baselines_are_usable_and_hold_every_ratio(
+    name: str, size: str
+) -> None:
+    from bench._compare import RATIO_NAMES
+
+    report = load_baseline(ROOT / "bench" / "baselines" / name, size)
+
+    assert set(report["ratios"]) == set(RATIO_NAMES)
+    assert report["checks"] == {"ok": True, "problems": []}
