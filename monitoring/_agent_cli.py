@@ -378,7 +378,12 @@ def _run(
         if timer is not None:
             timer.cancel()
 
-    for line in summary_lines(summary):
+    kept = [f"  data dir    {args.data_dir} (checks and incidents carry over)"]
+    if args.metrics_port:
+        kept.append(
+            f"  metrics     were served on http://127.0.0.1:{args.metrics_port}/metrics"
+        )
+    for line in [*summary_lines(summary), *kept]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if args.report:
         try:

@@ -233,6 +233,26 @@ def test_a_scrape_url_with_a_password_exits_2_without_showing_it(
     assert not (tmp_path / "d").exists()
 
 
+def test_the_summary_says_where_state_was_kept_and_metrics_were_served(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+
+    code = agent_cli(
+        "--duration",
+        "0.3s",
+        "--metrics-port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"  data dir    {tmp_path / 'd'} (checks and incidents carry over)" in out
+    assert f"  metrics     were served on http://127.0.0.1:{port}/metrics" in out
+
+
 def test_a_locked_data_dir_exits_1(tmp_path: Path) -> None:
     """A second agent on the same data directory is a runtime failure."""
     data_dir = tmp_path / "state"
@@ -388,6 +408,10 @@ def test_a_replay_with_labels_prints_the_summary_and_writes_the_report(
     assert code == 0
     assert "windows hit" in out
     assert "mean time to resolve" in out
+    assert (
+        f"  data dir    {tmp_path / 'state'} (checks and incidents carry over)" in out
+    )
+    assert "  metrics " not in out  # --metrics-port 0 serves none
     assert data["samples"] + data["skipped_out_of_order"] == 69_561
     assert data["checks"] == 7
     assert data["windows_total"] == 19
