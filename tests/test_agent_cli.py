@@ -82,6 +82,21 @@ def _run_reporting(data_dir: Path, *argv: str) -> tuple[int, dict[str, Any]]:
     return code, json.loads(report.read_text(encoding="utf-8"))
 
 
+def _replay_reporting_to(target: Path, tmp_path: Path) -> int:
+    """Replay a short series with ``--report target`` and the state in ``d``."""
+    csv = write_series(tmp_path / "sys" / "m.csv", 3)
+    return agent_cli(
+        "--replay",
+        str(csv),
+        "--report",
+        str(target),
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+
+
 def spawn(*argv: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", AGENT_MAIN, "agent", *argv],
@@ -698,18 +713,8 @@ def test_a_report_path_that_is_not_a_regular_file_exits_2_untouched(
     """--report replaces a regular file only; anything else is refused up front."""
     target = _special_file(kind, tmp_path)
     before = os.lstat(target)
-    csv = write_series(tmp_path / "sys" / "m.csv", 3)
 
-    code = agent_cli(
-        "--replay",
-        str(csv),
-        "--report",
-        str(target),
-        "--metrics-port",
-        "0",
-        "--data-dir",
-        str(tmp_path / "d"),
-    )
+    code = _replay_reporting_to(target, tmp_path)
 
     err = capsys.readouterr().err
     assert code == 2
@@ -725,18 +730,8 @@ def test_a_report_replaces_an_existing_regular_file(tmp_path: Path) -> None:
     """An earlier report at the path is replaced as a whole."""
     target = tmp_path / "r.json"
     target.write_text("old and longer than the new report\n", encoding="utf-8")
-    csv = write_series(tmp_path / "sys" / "m.csv", 3)
 
-    code = agent_cli(
-        "--replay",
-        str(csv),
-        "--report",
-        str(target),
-        "--metrics-port",
-        "0",
-        "--data-dir",
-        str(tmp_path / "d"),
-    )
+    code = _replay_reporting_to(target, tmp_path)
 
     assert code == 0
     assert json.loads(target.read_text(encoding="utf-8"))["samples"] == 3

@@ -55,6 +55,13 @@ def _refused(rt: Runtime, kind: str, state: dict[str, Any]) -> SchemaError:
     return caught.value
 
 
+def _write_first_doc(rt: Runtime) -> None:
+    """Define the ``doc`` kind, start ``rt`` and write ``e-1``."""
+    docs = rt.define_entity("doc", _Doc)
+    rt.start()
+    docs.mutate("e-1", lambda prev: {"count": 1})
+
+
 def _written_back(rt: Runtime, kind: str, entity_id: str = "e-1") -> Any:
     """Write the state back unchanged; check that no change was recorded."""
     handle = rt.handle(kind)
@@ -164,9 +171,7 @@ def test_a_free_form_slot_holding_a_value_msgspec_would_change_is_refused(
 def test_guard_a_tuple_in_a_free_form_slot_is_refused(
     rt: Runtime, state: dict[str, Any], field: str
 ) -> None:
-    docs = rt.define_entity("doc", _Doc)
-    rt.start()
-    docs.mutate("e-1", lambda prev: {"count": 1})
+    _write_first_doc(rt)
 
     error = _refused(rt, "doc", state)
 
@@ -299,9 +304,7 @@ def _shared_rows(levels: int) -> list[Any]:
 def test_a_free_form_value_past_the_value_limit_is_refused(
     rt: Runtime, state: dict[str, Any], field: str
 ) -> None:
-    docs = rt.define_entity("doc", _Doc)
-    rt.start()
-    docs.mutate("e-1", lambda prev: {"count": 1})
+    _write_first_doc(rt)
 
     error = _refused(rt, "doc", state)
 
