@@ -245,6 +245,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, float | None]:
         raise _UsageError(f"--metrics-port must be 0 to 65535, got {args.metrics_port}")
     if args.report is not None:
         _check_report_path(args.report)
+        _refuse_report_over_inputs(args)
 
     try:
         if args.replay:
@@ -297,6 +298,28 @@ def _check_report_path(path: str) -> None:
         ) from None
     os.close(handle)
     os.unlink(probe)
+
+
+def _refuse_report_over_inputs(args: argparse.Namespace) -> None:
+    # The report replaces its file: never one the agent reads or keeps.
+    report = Path(os.path.realpath(args.report))
+    data_dir = Path(os.path.realpath(args.data_dir))
+    if report.is_relative_to(data_dir):
+        raise _UsageError(
+            f"--report {args.report}: is inside --data-dir {args.data_dir}, whose "
+            "files hold the agent's state; write the report elsewhere"
+        )
+
+    inputs = [("--config", args.config), ("--labels", args.labels)]
+    inputs += [("--replay", path) for path in args.replay]
+    for option, given in inputs:
+        if given is None:
+            continue
+        if report == Path(os.path.realpath(given)):
+            raise _UsageError(
+                f"--report {args.report}: would replace {option} {given}, which the "
+                "agent reads; write the report elsewhere"
+            )
 
 
 def _special_kind(path: Path) -> str | None:

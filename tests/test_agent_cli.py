@@ -738,6 +738,41 @@ def test_a_report_replaces_an_existing_regular_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "r.json", "sys"]
 
 
+def test_a_report_over_the_agent_s_state_or_inputs_is_refused_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _replay_reporting_to(tmp_path / "first.json", tmp_path) == 0
+    state = tmp_path / "d"
+    kept = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    config = tmp_path / "agent.toml"
+    config.write_text("[families.cpu]\ndegraded_above = 80\n", encoding="utf-8")
+    capsys.readouterr()
+
+    over_state = _replay_reporting_to(sorted(kept)[0], tmp_path)
+    state_err = capsys.readouterr().err
+    over_config = agent_cli(
+        "--replay",
+        str(tmp_path / "sys" / "m.csv"),
+        "--config",
+        str(config),
+        "--report",
+        str(config),
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(state),
+    )
+    config_err = capsys.readouterr().err
+
+    assert over_state == over_config == 2
+    assert f"is inside --data-dir {state}, whose files hold the agent's state" in (
+        state_err
+    )
+    assert f"would replace --config {config}, which the agent reads" in config_err
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == kept
+    assert config.read_text(encoding="utf-8") == "[families.cpu]\ndegraded_above = 80\n"
+
+
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 def test_a_report_is_not_written_over_a_special_file_made_during_the_run(
     kind: str, tmp_path: Path
